@@ -1,0 +1,477 @@
+"""Message dataclasses: what a drafter and a verifier say to each other.
+
+Each message validates itself in `__post_init__`, on the sender when it is built and on the
+receiver when it is decoded, so a bad value fails with a typed `ProtocolError` on both sides
+and never reaches model code. Indices and token ids are normalised to tuples of Python ints:
+they are small, msgpack packs them natively, and tuples compare and hash. The one bulky field,
+`CandidateTree.draft_probs`, stays a numpy array or torch tensor and travels as a tensor frame
+(see codec.py).
+
+Every message carries `version`, `session_id` and `step`. Steps only move forward within a
+session; the channel drops a message whose step is older than one it already admitted.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from protocol.errors import ErrorCode, InvalidMessage, InvalidTree, ProtocolError, error_class_for
+
+PROTOCOL_VERSION = 1
+
+MAX_SESSION_ID_CHARS = 128
+MAX_STEP = 2**63 - 1
+MAX_TOKEN_ID = 2**31 - 1  # no tokenizer comes near; bounds what an embedding lookup will see
+MAX_TEXT_CHARS = 4096  # error details and shutdown reasons are for humans, keep them bounded
+MAX_TENSOR_NDIM = 8
+
+# Session id used by an `Error` that answers bytes we could not even decode: we do not know
+# which session they belonged to. Channels admit it without a session check.
+NO_SESSION = "-"
+
+
+class Role(str, enum.Enum):
+    DRAFTER = "drafter"
+    VERIFIER = "verifier"
+    PEER = "peer"  # role-agnostic actors that take turns (ensembles); pairs only with PEER
+
+
+_COMPATIBLE_ROLES = {
+    (Role.DRAFTER, Role.VERIFIER),
+    (Role.VERIFIER, Role.DRAFTER),
+    (Role.PEER, Role.PEER),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks (raise InvalidMessage so sender and receiver fail the same, typed way)
+
+
+def _as_int(name: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int:
+        # numpy / torch integer scalars are fine; bools and floats are not.
+        if isinstance(value, (bool, float)) or not hasattr(value, "__index__"):
+            raise InvalidMessage(f"{name} must be an int, got {type(value).__name__}")
+        value = value.__index__()
+    if not low <= value <= high:
+        raise InvalidMessage(f"{name}={value} outside [{low}, {high}]")
+    return value
+
+
+def _as_int_tuple(name: str, values: Any, low: int, high: int) -> tuple[int, ...]:
+    if type(values) is not tuple:
+        if hasattr(values, "tolist"):  # numpy array / torch tensor: one C call, yields ints
+            values = values.tolist()
+        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+            raise InvalidMessage(f"{name} must be a sequence of ints, got {type(values).__name__}")
+        values = tuple(values)
+    if values:
+        if not set(map(type, values)) <= {int}:
+            raise InvalidMessage(f"{name} must contain only ints")
+        if min(values) < low or max(values) > high:
+            raise InvalidMessage(f"{name} has a value outside [{low}, {high}]")
+    return values
+
+
+def _as_text(name: str, value: Any, min_chars: int, max_chars: int) -> str:
+    if type(value) is not str:
+        raise InvalidMessage(f"{name} must be a str, got {type(value).__name__}")
+    if not min_chars <= len(value) <= max_chars:
+        raise InvalidMessage(f"{name} must have {min_chars}..{max_chars} characters")
+    return value
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    # Checked by module name so that this module never imports torch.
+    return type(value).__module__.startswith("torch") and hasattr(value, "dtype")
+
+
+def check_tree_parents(parents: tuple[int, ...]) -> None:
+    """Node 0 is the root (parent -1); every other node's parent precedes it.
+
+    "parents[i] < i" gives topological order and rules out cycles, so the parent array of
+    any N nodes passing this check is a tree rooted at node 0.
+    """
+    if not parents:
+        raise InvalidTree("a candidate tree needs at least its root node")
+    if parents[0] != -1:
+        raise InvalidTree(f"parents[0] must be -1 (node 0 is the root), got {parents[0]}")
+    for node, parent in enumerate(parents):
+        if node and not 0 <= parent < node:
+            raise InvalidTree(f"parents[{node}]={parent}; need 0 <= parent < {node}")
+
+
+# ---------------------------------------------------------------------------------------------
+# model fingerprint
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What two peers must agree on to exchange token ids: vocabulary size and tokenizer."""
+
+    vocab_size: int
+    tokenizer_hash: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vocab_size", _as_int("vocab_size", self.vocab_size, 1, MAX_TOKEN_ID))
+        _as_text("tokenizer_hash", self.tokenizer_hash, 1, 128)
+
+
+def model_fingerprint(vocab_size: int, vocab: Mapping[str | bytes, int]) -> ModelFingerprint:
+    """Fingerprint from a vocab size and a tokenizer's vocabulary (`tokenizer.get_vocab()`).
+
+    SHA-256 over the (token, id) pairs sorted by id then token, each length-prefixed so that
+    no two vocabularies serialise alike. Takes a plain mapping: no transformers import here.
+    """
+    pairs = []
+    for token, token_id in vocab.items():
+        raw = token.encode("utf-8", "surrogatepass") if isinstance(token, str) else bytes(token)
+        pairs.append((int(token_id), raw))
+    pairs.sort()
+    digest = hashlib.sha256(b"specray-vocab-v1")
+    for token_id, raw in pairs:
+        digest.update(token_id.to_bytes(8, "little", signed=True))
+        digest.update(len(raw).to_bytes(4, "little"))
+        digest.update(raw)
+    return ModelFingerprint(vocab_size=vocab_size, tokenizer_hash=digest.hexdigest())
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------------------------
+# messages
+
+
+@dataclass(kw_only=True)
+class Message:
+    """Fields every message carries. Subclasses add theirs and a wire type id."""
+
+    session_id: str
+    step: int
+    version: int = PROTOCOL_VERSION
+
+    TYPE_ID: ClassVar[int] = 0
+    # Positions in the wire body that hold tensors; the codec moves them to frames.
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self._check_common()
+
+    def _check_common(self) -> None:
+        _as_text("session_id", self.session_id, 1, MAX_SESSION_ID_CHARS)
+        self.step = _as_int("step", self.step, 0, MAX_STEP)
+        self.version = _as_int("version", self.version, 0, 2**16)
+
+    # Wire body: a tuple of msgpack-native values (tensors at TENSOR_FIELDS positions).
+    def to_wire(self) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls, session_id: str, step: int, version: int, body: tuple) -> "Message":
+        raise NotImplementedError
+
+
+def _body(body: tuple, cls: type[Message], n_fields: int) -> tuple:
+    if type(body) is not tuple or len(body) != n_fields:
+        raise InvalidMessage(f"{cls.__name__} body needs {n_fields} fields")
+    return body
+
+
+@dataclass(kw_only=True)
+class Handshake(Message):
+    """First message of a session, both ways: the verifier answers with its own handshake."""
+
+    role: Role
+    fingerprint: ModelFingerprint
+
+    TYPE_ID: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        try:
+            self.role = Role(self.role)
+        except ValueError:
+            raise InvalidMessage(f"unknown role {self.role!r}") from None
+        if not isinstance(self.fingerprint, ModelFingerprint):
+            raise InvalidMessage("fingerprint must be a ModelFingerprint")
+
+    def to_wire(self) -> tuple:
+        return (self.role.value, self.fingerprint.vocab_size, self.fingerprint.tokenizer_hash)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        role, vocab_size, tokenizer_hash = _body(body, cls, 3)
+        fingerprint = ModelFingerprint(vocab_size=vocab_size, tokenizer_hash=tokenizer_hash)
+        return cls(session_id=session_id, step=step, version=version, role=role, fingerprint=fingerprint)
+
+    def refusal_reason(self, other: "Handshake") -> str | None:
+        """Why `other` may not talk to us, or None if it may."""
+        if other.version != self.version:
+            return f"protocol version {other.version} != {self.version}"
+        if other.fingerprint != self.fingerprint:
+            return f"model fingerprint {other.fingerprint} != {self.fingerprint}"
+        if (other.role, self.role) not in _COMPATIBLE_ROLES:
+            return f"role {other.role.value} cannot pair with {self.role.value}"
+        return None
+
+
+@dataclass(kw_only=True)
+class ContextUpdate(Message):
+    """Tokens the receiver must add to its context: the prompt, or newly committed tokens.
+
+    `position` is the index of token_ids[0] in the full sequence, so after applying it the
+    committed length is `position + len(token_ids)`.
+    """
+
+    token_ids: tuple[int, ...]
+    position: int
+    is_prompt: bool = False
+
+    TYPE_ID: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
+        self.position = _as_int("position", self.position, 0, MAX_STEP)
+        if type(self.is_prompt) is not bool:
+            raise InvalidMessage("is_prompt must be a bool")
+        if self.is_prompt and self.position != 0:
+            raise InvalidMessage("a prompt starts at position 0")
+
+    @property
+    def committed_length(self) -> int:
+        return self.position + len(self.token_ids)
+
+    def to_wire(self) -> tuple:
+        return (self.token_ids, self.position, self.is_prompt)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        token_ids, position, is_prompt = _body(body, cls, 3)
+        return cls(session_id=session_id, step=step, version=version,
+                   token_ids=token_ids, position=position, is_prompt=is_prompt)
+
+
+@dataclass(kw_only=True, eq=False)
+class CandidateTree(Message):
+    """Drafted continuations as a tree of N nodes.
+
+    Node 0 is the root: the newest committed token. `parents[0] == -1` and
+    `0 <= parents[i] < i` otherwise (topological order). `draft_probs`, if given, is a float32
+    numpy array or torch tensor of shape [N] (probability of each node's token) or [N, V]
+    (each node's full draft distribution); it travels as a tensor frame.
+    """
+
+    token_ids: tuple[int, ...]
+    parents: tuple[int, ...]
+    draft_probs: Any = None
+
+    TYPE_ID: ClassVar[int] = 3
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (2,)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
+        try:
+            self.parents = _as_int_tuple("parents", self.parents, -1, MAX_TOKEN_ID)
+        except InvalidMessage as exc:
+            raise InvalidTree(str(exc)) from None
+        if len(self.parents) != len(self.token_ids):
+            raise InvalidTree(f"{len(self.parents)} parents for {len(self.token_ids)} nodes")
+        check_tree_parents(self.parents)
+        if self.draft_probs is not None:
+            self._check_draft_probs()
+
+    def _check_draft_probs(self) -> None:
+        probs = self.draft_probs
+        if isinstance(probs, np.ndarray):
+            dtype_ok = probs.dtype == np.float32
+        elif _is_torch_tensor(probs):
+            dtype_ok = str(probs.dtype) == "torch.float32"
+        else:
+            raise InvalidMessage(f"draft_probs must be a numpy array or torch tensor, got {type(probs).__name__}")
+        if not dtype_ok:
+            raise InvalidMessage(f"draft_probs must be float32, got {probs.dtype}")
+        shape = tuple(probs.shape)
+        if len(shape) not in (1, 2) or shape[0] != len(self.token_ids):
+            raise InvalidMessage(f"draft_probs shape {shape}; need [N] or [N, V] with N={len(self.token_ids)}")
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.token_ids)
+
+    def path_tokens(self, path: Sequence[int]) -> tuple[int, ...]:
+        """Token ids along an accepted path (root excluded), checking it is a chain from the root."""
+        parent = 0
+        for node in path:
+            if not 0 < node < len(self.parents) or self.parents[node] != parent:
+                raise InvalidTree(f"path {tuple(path)} is not a root-down chain of this tree")
+            parent = node
+        return tuple(self.token_ids[node] for node in path)
+
+    def to_wire(self) -> tuple:
+        return (self.token_ids, self.parents, self.draft_probs)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        token_ids, parents, draft_probs = _body(body, cls, 3)
+        return cls(session_id=session_id, step=step, version=version,
+                   token_ids=token_ids, parents=parents, draft_probs=draft_probs)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not CandidateTree:
+            return NotImplemented
+        same = (self.session_id, self.step, self.version, self.token_ids, self.parents) == (
+            other.session_id, other.step, other.version, other.token_ids, other.parents)
+        if not same or (self.draft_probs is None) != (other.draft_probs is None):
+            return False
+        if self.draft_probs is None:
+            return True
+        mine, theirs = np.asarray(self.draft_probs), np.asarray(other.draft_probs)
+        return mine.dtype == theirs.dtype and mine.shape == theirs.shape and bool(
+            np.array_equal(mine, theirs, equal_nan=True))
+
+
+@dataclass(kw_only=True)
+class Verdict(Message):
+    """The verifier's answer to a candidate tree of the same step.
+
+    `accepted_path` lists accepted node indices from depth 1 down (root excluded); each is a
+    child of the previous, so they strictly increase. `bonus_token_id` is the token the target
+    model produced after the last accepted node, and `committed_length` the sequence length
+    once accepted tokens and the bonus token are committed.
+    """
+
+    accepted_path: tuple[int, ...]
+    bonus_token_id: int
+    committed_length: int
+
+    TYPE_ID: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.accepted_path = _as_int_tuple("accepted_path", self.accepted_path, 1, MAX_TOKEN_ID)
+        path = self.accepted_path
+        if any(later <= earlier for earlier, later in zip(path, path[1:])):
+            raise InvalidMessage(f"accepted_path {path} must strictly increase (children follow parents)")
+        self.bonus_token_id = _as_int("bonus_token_id", self.bonus_token_id, 0, MAX_TOKEN_ID)
+        self.committed_length = _as_int("committed_length", self.committed_length, len(path) + 1, MAX_STEP)
+
+    def to_wire(self) -> tuple:
+        return (self.accepted_path, self.bonus_token_id, self.committed_length)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        path, bonus, length = _body(body, cls, 3)
+        return cls(session_id=session_id, step=step, version=version,
+                   accepted_path=path, bonus_token_id=bonus, committed_length=length)
+
+
+@dataclass(kw_only=True)
+class Rollback(Message):
+    """Discard everything after `committed_length` tokens (KV cache and drafts)."""
+
+    committed_length: int
+
+    TYPE_ID: ClassVar[int] = 5
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.committed_length = _as_int("committed_length", self.committed_length, 0, MAX_STEP)
+
+    def to_wire(self) -> tuple:
+        return (self.committed_length,)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        (length,) = _body(body, cls, 1)
+        return cls(session_id=session_id, step=step, version=version, committed_length=length)
+
+
+@dataclass(kw_only=True)
+class Heartbeat(Message):
+    """Liveness; `sent_at_ns` (sender's monotonic clock) lets an echo measure round trips."""
+
+    sent_at_ns: int = 0
+
+    TYPE_ID: ClassVar[int] = 6
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.sent_at_ns = _as_int("sent_at_ns", self.sent_at_ns, 0, 2**64 - 1)
+
+    def to_wire(self) -> tuple:
+        return (self.sent_at_ns,)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        (sent_at_ns,) = _body(body, cls, 1)
+        return cls(session_id=session_id, step=step, version=version, sent_at_ns=sent_at_ns)
+
+
+@dataclass(kw_only=True)
+class Error(Message):
+    """A failure reported to the peer; `code` is an `ErrorCode` (unknown codes are kept)."""
+
+    code: int
+    detail: str = ""
+
+    TYPE_ID: ClassVar[int] = 7
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.code = _as_int("code", self.code, 0, 2**16)
+        _as_text("detail", self.detail, 0, MAX_TEXT_CHARS)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, session_id: str = NO_SESSION, step: int = 0) -> "Error":
+        code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.REMOTE
+        detail = f"{type(exc).__name__}: {exc}"[:MAX_TEXT_CHARS]
+        return cls(session_id=session_id, step=step, code=int(code), detail=detail)
+
+    def to_exception(self) -> ProtocolError:
+        return error_class_for(self.code)(f"peer reported: {self.detail}")
+
+    def to_wire(self) -> tuple:
+        return (self.code, self.detail)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        code, detail = _body(body, cls, 2)
+        return cls(session_id=session_id, step=step, version=version, code=code, detail=detail)
+
+
+@dataclass(kw_only=True)
+class Shutdown(Message):
+    """The sender is ending the session; the receiver frees its state for it."""
+
+    reason: str = ""
+
+    TYPE_ID: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _as_text("reason", self.reason, 0, MAX_TEXT_CHARS)
+
+    def to_wire(self) -> tuple:
+        return (self.reason,)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        (reason,) = _body(body, cls, 1)
+        return cls(session_id=session_id, step=step, version=version, reason=reason)
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE_ID: cls
+    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Rollback, Heartbeat, Error, Shutdown)
+}
