@@ -13,7 +13,7 @@ from protocol.channel import (
     DealerChannel,
     RouterChannel,
 )
-from protocol.codec import INLINE_TENSOR_LIMIT, decode, encode, is_zero_copy
+from protocol.codec import INLINE_TENSOR_LIMIT, decode, encode, is_zero_copy, owning_frame
 from protocol.endpoints import bind_endpoint, ipc_endpoint, tcp_endpoint
 from protocol.errors import (
     AuthenticationError,
@@ -104,5 +104,6 @@ __all__ = [
     "is_zero_copy",
     "model_fingerprint",
     "new_session_id",
+    "owning_frame",
     "tcp_endpoint",
 ]

@@ -30,6 +30,7 @@ import numpy as np
 
 from protocol.auth import SharedSecret
 from protocol.errors import (
+    AuthenticationError,
     InvalidMessage,
     MalformedMessage,
     MessageTooLarge,
@@ -179,7 +180,8 @@ def decode(
     if total > max_message_bytes:
         raise MessageTooLarge(f"message of {total} bytes exceeds the {max_message_bytes}-byte limit")
     if secret is not None:
-        _check(len(views) >= 2, "signed message needs a header and a signature frame")
+        if len(views) < 2:
+            raise AuthenticationError("message carries no signature frame")
         secret.verify(views[:-1], views[-1])
         views = views[:-1]
     _check(len(views) >= 1, "empty message")
@@ -191,11 +193,11 @@ def decode(
         raise MalformedMessage(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
     _check(type(header) is tuple and len(header) >= 2, "header must be an array of fields")
     version, type_id = header[0], header[1]
-    _check(type(version) is int and type(type_id) is int, "version and type must be ints")
+    _check(type(version) is int, "version must be an int")
     # Version first: a peer on another version may use another layout for everything after it.
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}")
-    message_cls = MESSAGE_TYPES.get(type_id)
+    message_cls = MESSAGE_TYPES.get(type_id) if type(type_id) is int else None
     if message_cls is None:
         raise UnknownMessageType(f"unknown message type {type_id}")
     _check(len(header) == _HEADER_FIELDS, f"header must have {_HEADER_FIELDS} fields")
@@ -242,6 +244,15 @@ def buffer_address_range(buffer: Any) -> tuple[int, int]:
     view = np.frombuffer(_frame_view(buffer), dtype=np.uint8)  # frombuffer never copies
     start = view.__array_interface__["data"][0]
     return start, start + view.nbytes
+
+
+def owning_frame(array: np.ndarray) -> Any:
+    """The zmq.Frame (or other buffer) a decoded array views, found through its `.base` chain;
+    None if the array owns its memory (it was copied)."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
 
 
 def is_zero_copy(array: Any, frame: Any) -> bool:

@@ -85,6 +85,11 @@ def _as_text(name: str, value: Any, min_chars: int, max_chars: int) -> str:
         raise InvalidMessage(f"{name} must be a str, got {type(value).__name__}")
     if not min_chars <= len(value) <= max_chars:
         raise InvalidMessage(f"{name} must have {min_chars}..{max_chars} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")  # lone surrogates cannot go on the wire
+        except UnicodeEncodeError:
+            raise InvalidMessage(f"{name} is not encodable as UTF-8") from None
     return value
 
 
@@ -294,7 +299,7 @@ class CandidateTree(Message):
     def _check_draft_probs(self) -> None:
         probs = self.draft_probs
         if isinstance(probs, np.ndarray):
-            dtype_ok = probs.dtype == np.float32
+            dtype_ok = probs.dtype.kind == "f" and probs.dtype.itemsize == 4  # any byte order
         elif _is_torch_tensor(probs):
             dtype_ok = str(probs.dtype) == "torch.float32"
         else:
