@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (the main job on the built-in models) and `make test`.
+# Each creates .venv on first use. torch goes in first: `torch==2.13.0` takes the CPU
+# build on disk; letting pip resolve it through another package pulls GBs of CUDA wheels.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPTS ?= benchmarks/prompts/spec_bench_20.jsonl
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[builtins,test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/specray generate --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --chat \
+		--prompt "Write a Python function that checks whether a number is prime." --max-new-tokens 96
+	$(BIN)/specray bench --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --chat \
+		--prompts $(PROMPTS) --limit 3 --max-new-tokens 64 --out bench-out/demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+.PHONY: install demo test

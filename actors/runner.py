@@ -1,0 +1,127 @@
+"""One model and the KV cache of one sequence. Role-agnostic: it drafts or it verifies.
+
+The cache mirrors `tokens` (committed, or speculative on the drafting side) in slots
+[0, len(tokens)); a verify forward appends a token tree behind them, and `commit_path`
+keeps only the accepted branch. `sync` makes the cache agree with a context by cropping
+to the longest common prefix, which is how a drafter rolls back after a rejection.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from actors.model import Transformer
+from decoding.draft_length import DraftLengthPolicy
+from decoding.sampling import SamplingParams, logits_to_probs
+from decoding.tree import TokenTree
+
+
+@dataclass
+class Proposal:
+    tree: TokenTree  # root = newest committed token, then the drafts
+    draft_probs: torch.Tensor | None  # [N, V]: row i is q for node i's children (sampling only)
+    predicted: float  # expected number of accepted drafts, from the draft's confidence
+    depth: int  # drafted chain length
+    seconds: float
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, max_len: int = 2048):
+        self.model = model
+        self.cache = model.new_cache(max_len)
+        self.tokens: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def reset(self, max_len: int | None = None) -> None:
+        if max_len is not None and max_len > self.cache.max_len:
+            self.cache = self.model.new_cache(max_len)
+        self.cache.crop(0)
+        self.tokens = []
+
+    def sync(self, context: Sequence[int]) -> list[int]:
+        """Drop cached entries that disagree with `context`; return the tokens still to feed."""
+        n = 0
+        limit = min(len(self.tokens), len(context))
+        while n < limit and self.tokens[n] == context[n]:
+            n += 1
+        self.cache.crop(n)
+        del self.tokens[n:]
+        return list(context[n:])
+
+    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append tokens to the cache; return the logits [V] after the last one."""
+        logits = self.model(torch.tensor(tokens, dtype=torch.long), self.cache, last_only=True)
+        self.tokens.extend(tokens)
+        return logits[-1]
+
+    # ---- verifying side -------------------------------------------------------------
+    def score_tree(self, context: Sequence[int], tree: TokenTree) -> torch.Tensor:
+        """Target logits [N, V] for every tree node; `context[-1]` is the tree's root."""
+        pending = self.sync(context[:-1])
+        if pending:
+            self.feed(pending)
+        if tree.is_chain():
+            return self.model(tree.tokens, self.cache)
+        return self.model(
+            tree.tokens, self.cache, positions=tree.positions(self.cache.length), tree_mask=tree.attention_mask()
+        )
+
+    def commit_path(self, tree: TokenTree, accepted: list[int]) -> None:
+        """Keep the root's and the accepted nodes' K/V, in place; forget the other branches."""
+        keep = [0] + accepted
+        self.cache.compact(len(self.tokens), keep)
+        self.tokens.extend(tree.tokens[keep].tolist())
+
+    # ---- drafting side --------------------------------------------------------------
+    def propose(
+        self,
+        context: Sequence[int],
+        params: SamplingParams,
+        policy: DraftLengthPolicy,
+        max_depth: int,
+        width: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        """Draft a chain from `context`, with `width - 1` extra sibling leaves per depth.
+
+        The siblings cost no extra draft forward: they come from the same distribution
+        as the chain token at their depth (the next top-k under greedy; further i.i.d.
+        samples under sampling, which recursive rejection needs to stay lossless).
+        """
+        start = time.perf_counter()
+        logits = self.feed(self.sync(context))
+        tokens, parents, q_rows = [context[-1]], [-1], {}
+        chain_node, accept_probs = 0, []
+        while True:
+            if params.greedy:
+                top = torch.topk(logits, width)
+                picks = top.indices.tolist()
+                confidence = torch.softmax(logits.float(), -1)[picks[0]].item()
+            else:
+                q = logits_to_probs(logits, params)
+                picks = torch.multinomial(q, width, replacement=True, generator=generator).tolist()
+                q_rows[chain_node] = q
+                confidence = q.max().item()
+            accept_probs.append(confidence * (accept_probs[-1] if accept_probs else 1.0))
+            first_child = len(tokens)
+            tokens += picks
+            parents += [chain_node] * width
+            chain_node = first_child
+            depth = len(accept_probs)
+            if depth >= max_depth or not policy.keep_drafting(depth, accept_probs):
+                break
+            logits = self.feed([picks[0]])
+        tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        draft_probs = None
+        if not params.greedy:
+            draft_probs = torch.zeros(len(tokens), logits.shape[-1])
+            for node, q in q_rows.items():
+                draft_probs[node] = q
+        return Proposal(tree, draft_probs, sum(accept_probs), depth, time.perf_counter() - start)

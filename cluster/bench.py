@@ -1,0 +1,211 @@
+"""`specray bench`: every method on the same prompts, interleaved, in one process.
+
+Methods run prompt by prompt in a rotating order, so machine noise (other jobs, thermal
+drift) falls on all of them alike; results are reported as ratios to `hf`. The
+Hugging Face baselines and our engine share the very same weight tensors (our model
+wraps the loaded HF modules), so no model is held twice in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.engine import EngineConfig, LocalEngine, check_models
+from cluster.local import DecodeConfig
+
+METHODS = ("hf", "hf-assisted", "ar", "spec-local")
+
+
+def load_prompts(path: str | Path, limit: int | None) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        text = row.get("prompt") if isinstance(row, dict) else None
+        if text is None and isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"]:
+            text = row["turns"][0]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: needs a `prompt` string or a non-empty `turns` list")
+        prompts.append(text)
+        if limit and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+@dataclass
+class MethodTotals:
+    tokens: int = 0
+    seconds: float = 0.0
+    accepted_per_step: list[float] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+
+
+class Runner:
+    """Runs one method on one prompt; returns (token ids, seconds, mean accepted or None)."""
+
+    def __init__(self, engine: LocalEngine, cfg: DecodeConfig):
+        self.engine, self.cfg, self.max_new = engine, cfg, cfg.max_new_tokens
+
+    def _hf(self, ids: list[int], assistant) -> tuple[list[int], float, float | None]:
+        inputs = torch.tensor([ids])
+        kwargs = dict(max_new_tokens=self.max_new, do_sample=False, attention_mask=torch.ones_like(inputs))
+        if assistant is not None:
+            kwargs["assistant_model"] = assistant
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.engine.target.hf_model.generate(inputs, **kwargs)
+        return out[0, len(ids):].tolist(), time.perf_counter() - start, None
+
+    def run(self, method: str, ids: list[int]) -> tuple[list[int], float, float | None]:
+        if method == "hf":
+            return self._hf(ids, None)
+        if method == "hf-assisted":
+            return self._hf(ids, self.engine.draft.hf_model)
+        result = self.engine.generate(ids, self.cfg, speculative=(method == "spec-local"))
+        return result.token_ids, result.stats.wall_s, result.stats.mean_accepted
+
+
+def bench_from_args(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    methods = parse_methods(args.methods)
+    prompts = load_prompts(args.prompts, args.limit)
+    engine_cfg = EngineConfig(target=args.target, draft=args.draft, draft_dtype=args.draft_dtype)
+    check_models(engine_cfg)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    engine = LocalEngine(engine_cfg)
+    runner = Runner(engine, DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width))
+    encoded = [engine.encode(p, chat=args.chat) for p in prompts]
+    # Warm up every method once (kernels, allocator, learned draft costs), untimed.
+    for method in methods:
+        runner.run(method, encoded[0][:64])
+    totals = {m: MethodTotals() for m in methods}
+    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", file=sys.stderr)
+    for i, ids in enumerate(encoded):
+        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        for method in order:
+            bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)} {method}")
+            tokens, seconds, accepted = runner.run(method, ids)
+            t = totals[method]
+            t.tokens += len(tokens)
+            t.seconds += seconds
+            t.outputs.append(tokens)
+            if accepted is not None:
+                t.accepted_per_step.append(accepted)
+            bar.update()
+    bar.close()
+
+    report = make_report(args, methods, prompts, totals)
+    write_report(report, out_dir)
+    print(render_markdown(report))
+    return report
+
+
+def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, MethodTotals]) -> dict:
+    reference = "hf" if "hf" in totals else methods[0]
+    ref_outputs = totals[reference].outputs
+    hf_rate = totals["hf"].tokens / totals["hf"].seconds if "hf" in totals else None
+    rows = {}
+    for m in methods:
+        t = totals[m]
+        rate = t.tokens / t.seconds if t.seconds else 0.0
+        rows[m] = {
+            "tokens_per_s": round(rate, 4),
+            "mean_accepted": round(sum(t.accepted_per_step) / len(t.accepted_per_step), 4)
+            if t.accepted_per_step
+            else None,
+            "speedup_vs_hf": round(rate / hf_rate, 4) if hf_rate else None,
+            "identical_to_target": t.outputs == ref_outputs,
+            "new_tokens": t.tokens,
+            "seconds": round(t.seconds, 3),
+        }
+    return {
+        "config": {
+            "target": args.target,
+            "draft": args.draft,
+            "prompts": str(args.prompts),
+            "limit": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "methods": methods,
+            "chat": bool(args.chat),
+            "draft_dtype": args.draft_dtype,
+            "tree_width": args.tree_width,
+            "greedy": True,
+            "reference": reference,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch_threads": torch.get_num_threads(),
+            "command": "specray " + " ".join(sys.argv[1:]),
+        },
+        "methods": rows,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [
+        f"# specray bench: {c['target']} with draft {c['draft']}",
+        "",
+        f"{c['limit']} prompts from `{c['prompts']}`, {c['max_new_tokens']} new tokens, greedy, "
+        f"methods interleaved; reference output: `{c['reference']}`.",
+        "",
+        "| method | tokens/s | speedup vs hf | mean accepted | identical to target |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["methods"].items():
+        acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
+        sp = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {acc} | {r['identical_to_target']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    names = list(report["methods"])
+    rates = [report["methods"][n]["tokens_per_s"] for n in names]
+    accepted = [report["methods"][n]["mean_accepted"] or 0 for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.bar(names, rates, color="tab:blue")
+    ax1.set_title("tokens / s (higher is better)")
+    for x, v in enumerate(rates):
+        ax1.text(x, v, f"{v:.2f}", ha="center", va="bottom")
+    ax2.bar(names, accepted, color="tab:green")
+    ax2.set_title("mean accepted tokens per target forward")
+    for x, v in enumerate(accepted):
+        ax2.text(x, v, f"{v:.2f}" if v else "n/a", ha="center", va="bottom")
+    fig.suptitle(f"{report['config']['target']} + {report['config']['draft']}, {report['config']['limit']} prompts")
+    fig.tight_layout()
+    fig.savefig(out_dir / "report.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""`specray generate | bench | bench-protocol`. Flags are a contract (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+PIPELINES = ("local", "sync", "async")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--target", help="built-in alias, local directory or hub id")
+    who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
+    p.add_argument("--draft", help="draft model (same tokenizer as the target)")
+    p.add_argument("--combine", help="ensemble rule: we:LAMBDA or cd:MU")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--pipeline", choices=PIPELINES, default="local")
+    p.add_argument("--draft-length", type=_positive_int, default=None, help="fixed; default adaptive")
+    p.add_argument("--tree-width", type=_positive_int, default=1, help="candidates per depth (1 = chain)")
+    p.add_argument("--dtype", default="float32", help="target dtype")
+    p.add_argument("--draft-dtype", default="bfloat16", help="draft dtype (cannot change the output)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL with a `prompt` string or a `turns` list")
+    p.add_argument("--limit", type=_positive_int, default=20)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--methods", default="hf,hf-assisted,ar,spec-local")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    p.add_argument("--tree-width", type=_positive_int, default=1)
+    p.add_argument("--draft-dtype", default="bfloat16")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specray", description="Lossless speculative decoding on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_generate_args(sub.add_parser("generate", help="generate text"))
+    add_bench_args(sub.add_parser("bench", help="compare methods on a prompt set"))
+    sub.add_parser("bench-protocol", help="benchmark the ZeroMQ wire protocol", add_help=False)
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from cluster.generate import generate_from_args
+
+    result = generate_from_args(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        s = result["stats"]
+        print(
+            f"\n[{s['new_tokens']} tokens, {s['tokens_per_s']:.2f} tok/s, "
+            f"{s['mean_accepted']:.2f} accepted/step, {s['target_forwards']} target forwards]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from cluster.bench import bench_from_args
+
+    bench_from_args(args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench-protocol"]:
+        from benchmarks.protocol_bench import main as bench_protocol
+
+        return bench_protocol(argv[1:])
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return run_generate(args) if args.command == "generate" else run_bench(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"specray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

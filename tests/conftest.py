@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random model pairs (cheap), and one loaded built-in pair per process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors import tiny
+
+# Tiny models are all overhead: one thread avoids OpenMP spin-waits on a busy 2-core box.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(family, **kw) -> path of a seeded tiny model, created once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+
+    def make(family: str = "qwen2", **kw) -> str:
+        name = family + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        return str(tiny.make_tiny(root / name, family, **kw))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def builtin_engine():
+    """The real built-in pair, loaded once per test process (about 5 GB)."""
+    from cluster.engine import EngineConfig, LocalEngine
+
+    return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"))
