@@ -1,0 +1,87 @@
+"""Bad input fails with a clear message and a non-zero exit, before any model loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import actors.loading
+from cluster import cli
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any weight load during the call fails the test: validation must come first."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(actors.loading, "load", refuse)
+    monkeypatch.setattr("cluster.engine.loading.load", refuse)
+
+
+def run(argv, capsys) -> tuple[int, str]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_unknown_alias_names_the_builtins(capsys, no_model_loads):
+    code, err = run(["generate", "--target", "qwen9-huge", "--prompt", "hi"], capsys)
+    assert code != 0
+    assert "qwen9-huge" in err and "qwen2.5-coder-1.5b" in err and "gemma-3-270m" in err
+
+
+def test_missing_path(capsys, no_model_loads, tmp_path):
+    code, err = run(["generate", "--target", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert code != 0 and "nope" in err and "qwen2.5-coder-0.5b" in err
+
+
+@pytest.mark.parametrize(
+    "flags,word",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "-3"], "max_new_tokens"),
+        (["--temperature", "-0.1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+    ],
+)
+def test_bad_numbers_fail_before_models(capsys, no_model_loads, tiny_dir, flags, word):
+    code, err = run(["generate", "--target", tiny_dir("qwen2"), "--prompt", "hi", *flags], capsys)
+    assert code != 0 and word in err
+
+
+def test_prompt_longer_than_context(capsys, no_model_loads, tiny_dir):
+    code, err = run(["generate", "--target", tiny_dir("llama"), "--prompt", "ab" * 400], capsys)
+    assert code != 0 and "context" in err and "800" in err
+
+
+def test_draft_with_other_vocabulary_is_refused(capsys, no_model_loads, tiny_dir):
+    code, err = run(
+        ["generate", "--target", tiny_dir("llama"), "--draft", tiny_dir("llama", vocab_size=80), "--prompt", "hi"],
+        capsys,
+    )
+    assert code != 0 and "vocabulary" in err
+
+
+def test_unavailable_pipeline_is_refused(capsys, no_model_loads, tiny_dir):
+    code, err = run(["generate", "--target", tiny_dir("llama"), "--prompt", "hi", "--pipeline", "async"], capsys)
+    assert code != 0 and "async" in err
+
+
+def test_generate_json_contract(tiny_dir):
+    """The --json line other tools parse: text, token_ids (new tokens only), stats."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--target", tiny_dir("llama"),
+         "--draft", tiny_dir("llama", noise=0.3), "--prompt", "hello", "--max-new-tokens", "12",
+         "--draft-dtype", "float32", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out) == {"text", "token_ids", "stats"}
+    assert len(out["token_ids"]) == out["stats"]["new_tokens"] <= 12
+    assert set(out["stats"]) == {"new_tokens", "target_forwards", "mean_accepted", "tokens_per_s", "wall_s"}
