@@ -117,11 +117,11 @@ def require_curve() -> None:
 class _AllowList:
     """ZAP credentials provider for one channel (one ZAP domain): its clients' public keys."""
 
-    def __init__(self, allowed: frozenset[bytes]) -> None:
+    def __init__(self, allowed: frozenset[bytes] | None) -> None:
         self.allowed = allowed
 
     def callback(self, domain: str, client_public_z85: bytes) -> bool:
-        return client_public_z85 in self.allowed
+        return self.allowed is None or client_public_z85 in self.allowed
 
 
 # libzmq takes one ZAP handler per context, so channels sharing a context share one
@@ -138,8 +138,8 @@ def apply_curve_server(socket: zmq.Socket, auth: CurveServer) -> None:
     socket.curve_server = True
     socket.curve_secretkey = auth.keypair.secret
     socket.curve_publickey = auth.keypair.public
-    if auth.allowed_clients is None:
-        return  # no ZAP handler needed: libzmq admits any client that completes CURVE
+    # Every CURVE server gets its own ZAP domain, also "allow any" ones: once a context has a
+    # ZAP handler, libzmq asks it about every CURVE connection, and an unknown domain is denied.
     from zmq.auth.thread import ThreadAuthenticator
 
     with _authenticators_lock:

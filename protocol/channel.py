@@ -99,7 +99,7 @@ class _ChannelCore:
         return encode(message, secret=self._secret, max_message_bytes=self.config.max_message_bytes)
 
     def _decode(self, frames: Sequence[zmq.Frame], peer: bytes | None) -> Message:
-        self.stats.bytes_received += sum(len(frame) for frame in frames)
+        self.stats.bytes_received += sum(map(len, frames))
         try:
             return decode(frames, secret=self._secret, max_message_bytes=self.config.max_message_bytes,
                           tensor_lib=self.config.tensor_lib)
@@ -125,7 +125,7 @@ class _ChannelCore:
 
     def _count_sent(self, frames: list) -> None:
         self.stats.messages_sent += 1
-        self.stats.bytes_sent += sum(len(frame) for frame in frames)
+        self.stats.bytes_sent += sum(map(len, frames))
 
     # -- timeouts -----------------------------------------------------------------------------
 

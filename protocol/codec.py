@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import msgpack
 import numpy as np
+import zmq
 
 from protocol.auth import SharedSecret
 from protocol.errors import (
@@ -120,7 +121,7 @@ def encode(
 
 def _frame_view(frame: Any) -> memoryview:
     """A flat byte view of a zmq.Frame (its own buffer, no copy), bytes or memoryview."""
-    view = memoryview(getattr(frame, "buffer", frame))
+    view = frame.buffer if type(frame) is zmq.Frame else memoryview(frame)
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     return view
@@ -176,7 +177,7 @@ def decode(
         views = [_frame_view(frame) for frame in frames]
     except TypeError:
         raise MalformedMessage("frames must be bytes-like") from None
-    total = sum(view.nbytes for view in views)
+    total = sum(map(len, views))
     if total > max_message_bytes:
         raise MessageTooLarge(f"message of {total} bytes exceeds the {max_message_bytes}-byte limit")
     if secret is not None:
@@ -184,25 +185,29 @@ def decode(
             raise AuthenticationError("message carries no signature frame")
         secret.verify(views[:-1], views[-1])
         views = views[:-1]
-    _check(len(views) >= 1, "empty message")
+    if not views:
+        raise MalformedMessage("empty message")
 
+    # Checks below are inlined rather than helper calls: this runs for every message.
     try:
         # use_list=False: arrays come back as tuples, the form messages keep indices in.
         header = msgpack.unpackb(views[0], use_list=False, raw=False, strict_map_key=True)
     except Exception as exc:  # any parser failure on untrusted bytes is "malformed"
         raise MalformedMessage(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    _check(type(header) is tuple and len(header) >= 2, "header must be an array of fields")
+    if type(header) is not tuple or len(header) < 2 or type(header[0]) is not int:
+        raise MalformedMessage("header must be an array starting with the version")
     version, type_id = header[0], header[1]
-    _check(type(version) is int, "version must be an int")
     # Version first: a peer on another version may use another layout for everything after it.
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}")
     message_cls = MESSAGE_TYPES.get(type_id) if type(type_id) is int else None
     if message_cls is None:
-        raise UnknownMessageType(f"unknown message type {type_id}")
-    _check(len(header) == _HEADER_FIELDS, f"header must have {_HEADER_FIELDS} fields")
+        raise UnknownMessageType(f"unknown message type {type_id!r}")
+    if len(header) != _HEADER_FIELDS:
+        raise MalformedMessage(f"header must have {_HEADER_FIELDS} fields")
     _, _, session_id, step, body, tensors = header
-    _check(type(body) is tuple and type(tensors) is tuple, "body and tensors must be arrays")
+    if type(body) is not tuple or type(tensors) is not tuple:
+        raise MalformedMessage("body and tensors must be arrays")
 
     next_frame = 1
     if tensors:
@@ -214,7 +219,8 @@ def decode(
         if tensor_lib == "torch":
             _to_torch(body, message_cls.TENSOR_FIELDS)
         body = tuple(body)
-    _check(next_frame == len(views), f"{len(views) - next_frame} unexpected extra frame(s)")
+    if next_frame != len(views):
+        raise MalformedMessage(f"{len(views) - next_frame} unexpected extra frame(s)")
 
     try:
         return message_cls.from_wire(session_id, step, version, body)

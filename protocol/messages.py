@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import operator
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ def _as_int(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def _as_int_tuple(name: str, values: Any, low: int, high: int) -> tuple[int, ...]:
+def _as_int_tuple(name: str, values: Any, low: int | None, high: int | None) -> tuple[int, ...]:
+    """`values` as a tuple of Python ints, each in [low, high] (no range check if low is None)."""
     if type(values) is not tuple:
         if hasattr(values, "tolist"):  # numpy array / torch tensor: one C call, yields ints
             values = values.tolist()
@@ -75,7 +77,7 @@ def _as_int_tuple(name: str, values: Any, low: int, high: int) -> tuple[int, ...
     if values:
         if not set(map(type, values)) <= {int}:
             raise InvalidMessage(f"{name} must contain only ints")
-        if min(values) < low or max(values) > high:
+        if low is not None and (min(values) < low or max(values) > high):
             raise InvalidMessage(f"{name} has a value outside [{low}, {high}]")
     return values
 
@@ -108,9 +110,11 @@ def check_tree_parents(parents: tuple[int, ...]) -> None:
         raise InvalidTree("a candidate tree needs at least its root node")
     if parents[0] != -1:
         raise InvalidTree(f"parents[0] must be -1 (node 0 is the root), got {parents[0]}")
-    for node, parent in enumerate(parents):
-        if node and not 0 <= parent < node:
-            raise InvalidTree(f"parents[{node}]={parent}; need 0 <= parent < {node}")
+    rest = parents[1:]
+    # Fast path in C (this runs for every tree on both sides); find the culprit only on failure.
+    if rest and (min(rest) < 0 or not all(map(operator.lt, rest, range(1, len(parents))))):
+        node = next(i for i, parent in enumerate(parents) if i and not 0 <= parent < i)
+        raise InvalidTree(f"parents[{node}]={parents[node]}; need 0 <= parent < {node}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,8 +177,11 @@ class Message:
 
     def _check_common(self) -> None:
         _as_text("session_id", self.session_id, 1, MAX_SESSION_ID_CHARS)
-        self.step = _as_int("step", self.step, 0, MAX_STEP)
-        self.version = _as_int("version", self.version, 0, 2**16)
+        # Inline fast path for plain ints: this runs for every message on both sides.
+        if type(self.step) is not int or not 0 <= self.step <= MAX_STEP:
+            self.step = _as_int("step", self.step, 0, MAX_STEP)
+        if type(self.version) is not int or self.version != PROTOCOL_VERSION:
+            self.version = _as_int("version", self.version, 0, 2**16)
 
     # Wire body: a tuple of msgpack-native values (tensors at TENSOR_FIELDS positions).
     def to_wire(self) -> tuple:
@@ -287,7 +294,7 @@ class CandidateTree(Message):
         self._check_common()
         self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
         try:
-            self.parents = _as_int_tuple("parents", self.parents, -1, MAX_TOKEN_ID)
+            self.parents = _as_int_tuple("parents", self.parents, None, None)  # range: check_tree_parents
         except InvalidMessage as exc:
             raise InvalidTree(str(exc)) from None
         if len(self.parents) != len(self.token_ids):
@@ -366,7 +373,7 @@ class Verdict(Message):
         self._check_common()
         self.accepted_path = _as_int_tuple("accepted_path", self.accepted_path, 1, MAX_TOKEN_ID)
         path = self.accepted_path
-        if any(later <= earlier for earlier, later in zip(path, path[1:])):
+        if not all(map(operator.lt, path, path[1:])):
             raise InvalidMessage(f"accepted_path {path} must strictly increase (children follow parents)")
         self.bonus_token_id = _as_int("bonus_token_id", self.bonus_token_id, 0, MAX_TOKEN_ID)
         self.committed_length = _as_int("committed_length", self.committed_length, len(path) + 1, MAX_STEP)

@@ -350,3 +350,43 @@ def test_asyncio_channels(endpoint):
             router.close()
 
     assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_curve_allow_any_server_next_to_an_allow_list_server_and_asyncio():
+    """Two CURVE servers on one context (one ZAP handler): each keeps its own policy; also
+    through the asyncio classes."""
+    listed_keys, open_keys, client_keys = CurveKeypair.generate(), CurveKeypair.generate(), CurveKeypair.generate()
+
+    async def main():
+        listed = AsyncRouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
+            recv_timeout_s=2, linger_s=0, auth=CurveServer(listed_keys, allowed_clients=[b"x" * 40])))
+        open_to_all = AsyncRouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
+            recv_timeout_s=2, linger_s=0, auth=CurveServer(open_keys)))
+        stop = asyncio.Event()
+
+        async def handler(peer, message):
+            return verdict_for(message)
+
+        servers = [asyncio.create_task(router.serve(handler, role=Role.VERIFIER, fingerprint=FP,
+                                                    should_stop=stop.is_set, poll_s=0.02))
+                   for router in (listed, open_to_all)]
+        try:
+            ok = AsyncDealerChannel(open_to_all.endpoint, config=ChannelConfig(
+                recv_timeout_s=2, linger_s=0, auth=CurveClient(client_keys, open_keys.public)))
+            await ok.handshake(hello())
+            step = (await ok.request(tree(step=1))).step
+            ok.close()
+            refused = AsyncDealerChannel(listed.endpoint, config=ChannelConfig(
+                recv_timeout_s=0.3, linger_s=0, auth=CurveClient(client_keys, listed_keys.public)))
+            with pytest.raises(ReceiveTimeout):
+                await refused.handshake(hello())
+            refused.close()
+            return step
+        finally:
+            stop.set()
+            await asyncio.gather(*servers)
+            listed.close()
+            open_to_all.close()
+
+    assert asyncio.run(main()) == 1
