@@ -51,6 +51,9 @@ class ChannelConfig:
     tensor_lib: TensorLib = "numpy"  # what received tensors decode into
     auth: Auth | None = None  # None: no authentication (fine on one machine / ipc)
     allow_any_interface: bool = False  # binding tcp://* must be asked for explicitly
+    # ZMTP-level pings so a dead peer's connection is dropped (and a DEALER reconnects) even
+    # while the application is idle; None turns them off.
+    connection_heartbeat_s: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.recv_timeout_s < 0 or self.send_timeout_s < 0:
@@ -70,6 +73,7 @@ class ChannelStats:
     dropped_unknown_session: int = 0
     dropped_stale_step: int = 0
     protocol_errors: int = 0  # messages that failed to decode
+    handler_errors: int = 0  # admitted messages whose handling raised a ProtocolError
     handshakes_refused: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
 
@@ -92,6 +96,11 @@ class _ChannelCore:
         # libzmq drops the connection of a peer sending a larger frame: memory stays bounded
         # even before our own check (which covers the sum of all frames) runs.
         socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        if config.connection_heartbeat_s:
+            interval_ms = int(config.connection_heartbeat_s * 1000)
+            socket.heartbeat_ivl = interval_ms
+            socket.heartbeat_timeout = 3 * interval_ms
+            socket.heartbeat_ttl = 3 * interval_ms
 
     # -- codec and admission ------------------------------------------------------------------
 
@@ -221,7 +230,11 @@ class DealerChannel(_ChannelCore):
         config = config or ChannelConfig()
         socket = (context or zmq.Context.instance()).socket(zmq.DEALER)
         super().__init__(socket, config, sessions)
-        _configure_dealer(socket, endpoint, config)
+        try:
+            _configure_dealer(socket, endpoint, config)
+        except BaseException:
+            socket.close(linger=0)
+            raise
         self.endpoint = endpoint
 
     def send(self, message: Message, *, track: bool = False) -> zmq.MessageTracker | None:
@@ -331,42 +344,44 @@ class RouterChannel(_ChannelCore):
         self.send(peer, answer)
         return accepted
 
-    def reply_error(self, exc: ProtocolError) -> None:
-        """Tell the peer whose message raised `exc` what was wrong (best effort)."""
-        if exc.peer is None:
+    def reply_error(self, peer: bytes | None, exc: ProtocolError, message: Message | None = None) -> None:
+        """Tell `peer` what was wrong with its message (best effort: it may be gone)."""
+        if peer is None:
             return
+        where = {} if message is None else {"session_id": message.session_id, "step": message.step}
         try:
-            self.send(exc.peer, Error.from_exception(exc))
+            self.send(peer, Error.from_exception(exc, **where))
         except ProtocolError as send_exc:
             log.debug("could not report %r to peer: %r", exc, send_exc)
 
     def serve(self, handler: Handler, *, role: Role, fingerprint: ModelFingerprint,
               should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> None:
-        """Receive loop: answers handshakes itself, hands other admitted messages to
-        `handler(peer, message)` and sends back what it returns. Bad input, and ProtocolErrors
-        raised by the handler, are answered with an Error message; the loop keeps serving."""
+        """Receive loop until `should_stop()` or close: answers handshakes itself, hands other
+        admitted messages to `handler(peer, message)` and sends back what it returns. Bad
+        input, and ProtocolErrors raised by the handler, are answered with an Error message;
+        the loop keeps serving."""
         while not should_stop():
             try:
                 peer, message = self.recv(timeout_s=poll_s)
-                if isinstance(message, Handshake):
-                    self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
-                    continue
-                try:
-                    replies = handler(peer, message)
-                except ProtocolError as exc:
-                    exc.peer = peer
-                    self.stats.protocol_errors += 1
-                    raise
-                for reply in _as_replies(replies):
-                    self.send(peer, reply)
             except ReceiveTimeout:
                 continue
-            except (ChannelClosed, PeerUnreachable, Backpressure) as exc:
-                if isinstance(exc, ChannelClosed):
-                    return
-                log.warning("reply not delivered: %r", exc)
+            except ChannelClosed:
+                return
+            except ProtocolError as exc:  # undecodable: we cannot know its session
+                self.reply_error(exc.peer, exc)
+                continue
+            try:
+                if isinstance(message, Handshake):
+                    self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
+                else:
+                    for reply in _as_replies(handler(peer, message)):
+                        self.send(peer, reply)
+            except ChannelClosed:
+                return
             except ProtocolError as exc:
-                self.reply_error(exc)
+                self.stats.handler_errors += 1
+                log.warning("%s step %d from peer failed: %r", type(message).__name__, message.step, exc)
+                self.reply_error(peer, exc, message)
 
     def close(self) -> None:
         if not self._closed:
@@ -400,7 +415,11 @@ class AsyncDealerChannel(_ChannelCore):
         config = config or ChannelConfig()
         socket = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
         super().__init__(socket, config, sessions)
-        _configure_dealer(socket, endpoint, config)
+        try:
+            _configure_dealer(socket, endpoint, config)
+        except BaseException:
+            socket.close(linger=0)
+            raise
         self.endpoint = endpoint
 
     async def send(self, message: Message, *, track: bool = False) -> zmq.MessageTracker | None:
@@ -496,11 +515,12 @@ class AsyncRouterChannel(_ChannelCore):
         await self.send(peer, answer)
         return accepted
 
-    async def reply_error(self, exc: ProtocolError) -> None:
-        if exc.peer is None:
+    async def reply_error(self, peer: bytes | None, exc: ProtocolError, message: Message | None = None) -> None:
+        if peer is None:
             return
+        where = {} if message is None else {"session_id": message.session_id, "step": message.step}
         try:
-            await self.send(exc.peer, Error.from_exception(exc))
+            await self.send(peer, Error.from_exception(exc, **where))
         except ProtocolError as send_exc:
             log.debug("could not report %r to peer: %r", exc, send_exc)
 
@@ -510,25 +530,25 @@ class AsyncRouterChannel(_ChannelCore):
         while not should_stop():
             try:
                 peer, message = await self.recv(timeout_s=poll_s)
-                if isinstance(message, Handshake):
-                    await self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
-                    continue
-                try:
-                    replies = await handler(peer, message)
-                except ProtocolError as exc:
-                    exc.peer = peer
-                    self.stats.protocol_errors += 1
-                    raise
-                for reply in _as_replies(replies):
-                    await self.send(peer, reply)
             except ReceiveTimeout:
                 continue
-            except (ChannelClosed, PeerUnreachable, Backpressure) as exc:
-                if isinstance(exc, ChannelClosed):
-                    return
-                log.warning("reply not delivered: %r", exc)
+            except ChannelClosed:
+                return
             except ProtocolError as exc:
-                await self.reply_error(exc)
+                await self.reply_error(exc.peer, exc)
+                continue
+            try:
+                if isinstance(message, Handshake):
+                    await self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
+                else:
+                    for reply in _as_replies(await handler(peer, message)):
+                        await self.send(peer, reply)
+            except ChannelClosed:
+                return
+            except ProtocolError as exc:
+                self.stats.handler_errors += 1
+                log.warning("%s step %d from peer failed: %r", type(message).__name__, message.step, exc)
+                await self.reply_error(peer, exc, message)
 
     def close(self) -> None:
         if not self._closed:

@@ -90,6 +90,8 @@ def served(endpoint):
     stop = threading.Event()
 
     def handler(peer, message):
+        if isinstance(message, CandidateTree) and message.step == 13:
+            raise InvalidTree("the application found this tree inconsistent")
         if isinstance(message, CandidateTree):
             return verdict_for(message)
         if isinstance(message, Heartbeat):
@@ -109,9 +111,20 @@ def test_handshake_then_tree_and_verdict(served):
     with DealerChannel(served.endpoint, config=FAST) as dealer:
         answer = dealer.handshake(hello())
         assert answer.role is Role.VERIFIER and answer.fingerprint == FP
-        for step in range(1, 20):
+        for step in range(1, 13):
             reply = dealer.request(tree(step=step))
             assert isinstance(reply, Verdict) and reply.step == step and reply.bonus_token_id == 18
+
+
+def test_handler_errors_are_reported_to_the_peer_and_serving_goes_on(served):
+    with DealerChannel(served.endpoint, config=FAST) as dealer:
+        dealer.handshake(hello())
+        reply = dealer.request(tree(step=13))
+        assert isinstance(reply, Error) and reply.code == ErrorCode.INVALID_TREE
+        assert (reply.session_id, reply.step) == ("s1", 13)
+        assert isinstance(reply.to_exception(), InvalidTree)
+        assert dealer.request(tree(step=14)).step == 14
+    assert served.stats.handler_errors == 1
 
 
 def test_mismatched_peers_are_refused_at_connect_time(served):
