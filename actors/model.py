@@ -440,11 +440,11 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """lm_head (+ final softcapping) on final normed hidden states -> float32 [N, V]."""
-        out = linear(hidden, self.output.weight).float()
+        out = linear(hidden, self.output.weight)
         cap = self.config.final_logit_softcapping
-        if cap:
+        if cap:  # in the model dtype, as transformers does
             out = torch.tanh(out / cap) * cap
-        return out
+        return out.float()
 
     @torch.inference_mode()
     def forward_hidden(self, tokens: Tensor, cache: KVCache, positions: Tensor | None = None,

@@ -274,3 +274,38 @@ def test_input_validation():
     with pytest.raises(ValueError, match="does not fit"):
         m(_ids(3, 0), Transformer.from_hf(transformers.AutoModelForCausalLM.from_config(other)).new_cache(8))
     assert cache.length == 0
+
+
+# --------------------------------------------------------------------------- dtypes, devices
+
+
+def test_bf16_matches_hf(pair):
+    import copy
+
+    hf, _ = pair
+    hb = copy.deepcopy(hf).to(torch.bfloat16)
+    mb = Transformer.from_hf(hb)
+    assert mb.new_cache(4).dtype == torch.bfloat16
+    ids = _ids(11, 17)
+    out = mb(ids, mb.new_cache(16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, hf_logits(hb, ids), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tree_matches_cpu(pair):
+    import copy
+
+    hf, m = pair
+    mc = Transformer.from_hf(copy.deepcopy(hf).cuda())
+    prefix, tree_tokens = _ids(9, 4), _ids(14, 5)
+    parents, depth, mask = _tree(14, seed=6)
+    outs = []
+    for model in (m, mc):
+        cache = model.new_cache(64)
+        model(prefix, cache)
+        outs.append(model(tree_tokens, cache, positions=9 + depth, tree_mask=mask).cpu())
+        cache.compact(9, _path(parents, 13))
+        outs.append(model(_ids(3, 9), cache).cpu())
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(outs[3], outs[1], atol=1e-3, rtol=1e-3)
