@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.auth import Auth, CurveClient, CurveServer, SharedSecret, apply_curve_client, apply_curve_server
-from protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, TensorLib, decode, encode
+from protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, INLINE_TENSOR_LIMIT, TensorLib, decode, encode
 from protocol.endpoints import is_loopback, is_wildcard
 from protocol.errors import (
     Backpressure,
@@ -93,6 +93,9 @@ class _ChannelCore:
         socket.rcvhwm = config.recv_hwm
         socket.linger = int(config.linger_s * 1000)
         socket.sndtimeo = int(config.send_timeout_s * 1000)
+        # send(copy=False) still copies frames under this size (cheaper than tracking them);
+        # pin it to the codec's inline limit so every tensor frame goes without a copy.
+        socket.copy_threshold = INLINE_TENSOR_LIMIT
         # libzmq drops the connection of a peer sending a larger frame: memory stays bounded
         # even before our own check (which covers the sum of all frames) runs.
         socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)

@@ -71,7 +71,7 @@ def _as_int_tuple(name: str, values: Any, low: int | None, high: int | None) -> 
     if type(values) is not tuple:
         if hasattr(values, "tolist"):  # numpy array / torch tensor: one C call, yields ints
             values = values.tolist()
-        if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise InvalidMessage(f"{name} must be a sequence of ints, got {type(values).__name__}")
         values = tuple(values)
     if values:
