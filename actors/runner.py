@@ -96,7 +96,8 @@ class ModelRunner:
         samples under sampling, which recursive rejection needs to stay lossless).
         """
         start = time.perf_counter()
-        logits = self.feed(self.sync(context))
+        # Always re-feed the newest token: its logits are where drafting starts.
+        logits = self.feed(self.sync(context[:-1]) + [context[-1]])
         tokens, parents, q_rows = [context[-1]], [-1], {}
         chain_node, accept_probs = 0, []
         while True:
