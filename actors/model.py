@@ -17,7 +17,7 @@ length, so K/V are never expanded.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,6 @@ class ModelConfig:
     rope_local_theta: float | None = None  # RoPE base of sliding layers (gemma3); None = rope_theta
     query_pre_attn_scalar: float | None = None  # gemma3: attention scale = this ** -0.5
     final_logit_softcapping: float | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -188,8 +187,12 @@ USE_ONEDNN_LINEAR = _onednn_linear is not None and torch.backends.mkldnn.is_avai
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x @ w.T + b. On CPU (fp32/bf16) via oneDNN: far faster than MKL for few rows."""
+    """x @ w.T + b. On CPU (fp32/bf16) via oneDNN: 2-4x faster than MKL for few rows,
+    except fp32 with exactly 2 rows, where MKL's w @ x.T (column GEMM) reads the weight fastest."""
     if USE_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if x.shape[0] == 2 and x.dtype == torch.float32 and x.dim() == 2:
+            y = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
+            return y.t().contiguous()
         return _onednn_linear(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)
 

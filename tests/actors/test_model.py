@@ -148,10 +148,16 @@ def test_zero_copy(pair):
 def test_onednn_and_plain_linear_agree(pair, monkeypatch):
     hf, m = pair
     ids = _ids(9, 3)
-    a = m(ids, m.new_cache(16))
+
+    def run():  # T = 9, 2 (MKL column-GEMM path), 1
+        cache = m.new_cache(16)
+        return torch.cat([m(ids[:6], cache), m(ids[6:8], cache), m(ids[8:], cache)])
+
+    a = run()
     monkeypatch.setattr(model_mod, "USE_ONEDNN_LINEAR", False)
-    b = m(ids, m.new_cache(16))
+    b = run()
     torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(a, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- trees
