@@ -65,7 +65,7 @@ class MethodTotals:
     outputs: list[list[int]] = field(default_factory=list)
 
 
-class Runner:
+class MethodRunner:
     """Runs one method on one prompt; returns (token ids, seconds, mean accepted or None)."""
 
     def __init__(self, engine: LocalEngine, cfg: DecodeConfig):
@@ -101,7 +101,7 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     engine = LocalEngine(engine_cfg)
-    runner = Runner(engine, DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width))
+    runner = MethodRunner(engine, DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width))
     encoded = [engine.encode(p, chat=args.chat) for p in prompts]
     # Warm up every method once (kernels, allocator, learned draft costs), untimed.
     for method in methods:

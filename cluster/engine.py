@@ -36,20 +36,21 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
 
 
-def check_models(cfg: EngineConfig) -> None:
-    """Refuse unknown models and mismatched vocabularies before any weights load."""
+def check_models(cfg: EngineConfig):
+    """Refuse unknown models and mismatched vocabularies before any weights load.
+    Returns the target's tokenizer, so callers can check the prompt next."""
     loading.resolve(cfg.target)
-    if cfg.draft is None:
-        return
-    loading.resolve(cfg.draft)
-    t_conf, d_conf = loading.read_config(cfg.target), loading.read_config(cfg.draft)
-    loading.check_same_vocab(
-        loading.load_tokenizer(cfg.target),
-        loading.load_tokenizer(cfg.draft),
-        t_conf.get_text_config().vocab_size,
-        d_conf.get_text_config().vocab_size,
-        (cfg.target, cfg.draft),
-    )
+    tokenizer = loading.load_tokenizer(cfg.target)
+    if cfg.draft is not None:
+        loading.resolve(cfg.draft)
+        loading.check_same_vocab(
+            tokenizer,
+            loading.load_tokenizer(cfg.draft),
+            loading.read_config(cfg.target).get_text_config().vocab_size,
+            loading.read_config(cfg.draft).get_text_config().vocab_size,
+            (cfg.target, cfg.draft),
+        )
+    return tokenizer
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -27,8 +27,8 @@ def generate_from_args(args: argparse.Namespace) -> dict:
         raise NotImplementedError(f"--pipeline {args.pipeline} is not available yet; use --pipeline local")
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
-    check_models(engine_cfg)
-    prompt_ids = encode_prompt(loading.load_tokenizer(args.target), args.prompt, args.chat)
+    tokenizer = check_models(engine_cfg)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
     check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)))
 
     engine = LocalEngine(engine_cfg)
