@@ -101,6 +101,12 @@ class LocalEngine:
             )
             self.draft_runner = ModelRunner(Transformer.from_hf(self.draft.hf_model), max_len)
         self.eos_token_ids = eos_ids(self.target)
+        # Weights arrive memory-mapped: touch them once here, so the first request's
+        # tokens/s measures decoding, not page faults and kernel setup.
+        for runner in (self.target_runner, self.draft_runner):
+            if runner is not None:
+                runner.feed([0, 0])
+                runner.reset()
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}
 
