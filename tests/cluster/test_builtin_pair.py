@@ -40,3 +40,16 @@ def test_builtin_pair_greedy_identical(builtin_engine, expected, draft_length, w
 def test_builtin_ar_matches_hf(builtin_engine, expected):
     ids, ref = expected[0]
     assert builtin_engine.generate(ids, DecodeConfig(max_new_tokens=24), speculative=False).token_ids == ref
+
+
+def test_builtin_gemma3_matches_hf():
+    """Gemma3 family on real weights: our forward (AR and self-speculation) equals HF greedy."""
+    from cluster.engine import EngineConfig, LocalEngine
+
+    engine = LocalEngine(EngineConfig("gemma-3-270m", "gemma-3-270m"), progress=False)
+    ids = engine.encode("def fibonacci(n):")
+    t = torch.tensor([ids])
+    ref = engine.target.hf_model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=24, do_sample=False)
+    ref = ref[0, len(ids):].tolist()
+    assert engine.generate(ids, DecodeConfig(max_new_tokens=24), speculative=False).token_ids == ref
+    assert engine.generate(ids, DecodeConfig(max_new_tokens=24, tree_width=2)).token_ids == ref
