@@ -187,6 +187,17 @@ class _ChannelCore:
     def closed(self) -> bool:
         return self._closed
 
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _configure_dealer(socket: zmq.Socket, endpoint: str, config: ChannelConfig) -> None:
     if isinstance(config.auth, CurveServer):
@@ -284,17 +295,6 @@ class DealerChannel(_ChannelCore):
             raise
         return self._check_handshake_reply(hello, reply)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._socket.close()
-
-    def __enter__(self) -> "DealerChannel":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 Handler = Callable[[bytes, Message], "Message | Sequence[Message] | None"]
 
@@ -386,17 +386,6 @@ class RouterChannel(_ChannelCore):
                 log.warning("%s step %d from peer failed: %r", type(message).__name__, message.step, exc)
                 self.reply_error(peer, exc, message)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._socket.close()
-
-    def __enter__(self) -> "RouterChannel":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
 
 def _as_replies(replies: "Message | Sequence[Message] | None") -> Sequence[Message]:
     if replies is None:
@@ -462,11 +451,6 @@ class AsyncDealerChannel(_ChannelCore):
             self.sessions.close(hello.session_id)
             raise
         return self._check_handshake_reply(hello, reply)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._socket.close()
 
 
 AsyncHandler = Callable[[bytes, Message], Awaitable["Message | Sequence[Message] | None"]]
@@ -552,8 +536,3 @@ class AsyncRouterChannel(_ChannelCore):
                 self.stats.handler_errors += 1
                 log.warning("%s step %d from peer failed: %r", type(message).__name__, message.step, exc)
                 await self.reply_error(peer, exc, message)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._socket.close()
