@@ -25,7 +25,7 @@ import numpy as np
 
 from protocol.errors import ErrorCode, InvalidMessage, InvalidTree, ProtocolError, error_class_for
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: CandidateTree carries the root's `position`
 
 MAX_SESSION_ID_CHARS = 128
 MAX_STEP = 2**63 - 1
@@ -277,15 +277,19 @@ class ContextUpdate(Message):
 class CandidateTree(Message):
     """Drafted continuations as a tree of N nodes.
 
-    Node 0 is the root: the newest committed token. `parents[0] == -1` and
-    `0 <= parents[i] < i` otherwise (topological order). `draft_probs`, if given, is a float32
-    numpy array or torch tensor of shape [N] (probability of each node's token) or [N, V]
-    (each node's full draft distribution); it travels as a tensor frame.
+    Node 0 is the root. `parents[0] == -1` and `0 <= parents[i] < i` otherwise (topological
+    order). `position`, if given, is the root's index in the full sequence: the newest
+    committed token (position = committed length - 1) in the synchronous pipeline, or the
+    last token of the previous tree when an asynchronous drafter streams its speculation in
+    pieces. `draft_probs`, if given, is a float32 numpy array or torch tensor of shape [N]
+    (probability of each node's token) or [N, V] (row i: the draft distribution node i's
+    children were drawn from); it travels as a tensor frame.
     """
 
     token_ids: tuple[int, ...]
     parents: tuple[int, ...]
     draft_probs: Any = None
+    position: int | None = None
 
     TYPE_ID: ClassVar[int] = 3
     TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (2,)
@@ -300,6 +304,8 @@ class CandidateTree(Message):
         if len(self.parents) != len(self.token_ids):
             raise InvalidTree(f"{len(self.parents)} parents for {len(self.token_ids)} nodes")
         check_tree_parents(self.parents)
+        if self.position is not None:
+            self.position = _as_int("position", self.position, 0, MAX_STEP)
         if self.draft_probs is not None:
             self._check_draft_probs()
 
@@ -331,19 +337,19 @@ class CandidateTree(Message):
         return tuple(self.token_ids[node] for node in path)
 
     def to_wire(self) -> tuple:
-        return (self.token_ids, self.parents, self.draft_probs)
+        return (self.token_ids, self.parents, self.draft_probs, self.position)
 
     @classmethod
     def from_wire(cls, session_id, step, version, body):
-        token_ids, parents, draft_probs = _body(body, cls, 3)
+        token_ids, parents, draft_probs, position = _body(body, cls, 4)
         return cls(session_id=session_id, step=step, version=version,
-                   token_ids=token_ids, parents=parents, draft_probs=draft_probs)
+                   token_ids=token_ids, parents=parents, draft_probs=draft_probs, position=position)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not CandidateTree:
             return NotImplemented
-        same = (self.session_id, self.step, self.version, self.token_ids, self.parents) == (
-            other.session_id, other.step, other.version, other.token_ids, other.parents)
+        same = (self.session_id, self.step, self.version, self.token_ids, self.parents, self.position) == (
+            other.session_id, other.step, other.version, other.token_ids, other.parents, other.position)
         if not same or (self.draft_probs is None) != (other.draft_probs is None):
             return False
         if self.draft_probs is None:

@@ -27,6 +27,7 @@ from protocol import (
     InvalidTree,
     MalformedMessage,
     ModelFingerprint,
+    PROTOCOL_VERSION,
     PeerUnreachable,
     ReceiveTimeout,
     Role,
@@ -148,8 +149,9 @@ def test_receive_loop_keeps_serving_after_bad_frames(served):
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.linger = 0
     raw.connect(served.endpoint)
-    garbage = [[b"\xc1\xc1"], [b"not msgpack at all"], [b"\x96\x01\x63\xa1s\x00\x90\x90"],  # type 99
-               [b"\x96\x02\x01\xa1s\x00\x90\x90"]]  # version 2
+    ours, other = bytes([PROTOCOL_VERSION]), bytes([PROTOCOL_VERSION + 1])
+    garbage = [[b"\xc1\xc1"], [b"not msgpack at all"], [b"\x96" + ours + b"\x63\xa1s\x00\x90\x90"],  # type 99
+               [b"\x96" + other + b"\x01\xa1s\x00\x90\x90"]]  # another version
     expected = [ErrorCode.MALFORMED, ErrorCode.MALFORMED, ErrorCode.UNKNOWN_MESSAGE_TYPE, ErrorCode.VERSION_MISMATCH]
     with DealerChannel(served.endpoint, config=FAST) as dealer:
         dealer.handshake(hello())

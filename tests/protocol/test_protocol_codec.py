@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    PROTOCOL_VERSION,
     INLINE_TENSOR_LIMIT,
     MESSAGE_TYPES,
     NO_SESSION,
@@ -242,10 +243,10 @@ def test_unknown_type_and_wrong_version():
     with pytest.raises(UnknownMessageType):
         decode(repack(frames, lambda h: h.__setitem__(1, 99)))
     with pytest.raises(VersionMismatch):
-        decode(repack(frames, lambda h: h.__setitem__(0, 2)))
+        decode(repack(frames, lambda h: h.__setitem__(0, PROTOCOL_VERSION + 1)))
     # a future version may change everything after the version field: still VersionMismatch
     with pytest.raises(VersionMismatch):
-        decode([msgpack.packb([2, "whatever", {"new": "layout"}])])
+        decode([msgpack.packb([PROTOCOL_VERSION + 1, "whatever", {"new": "layout"}])])
 
 
 def test_parents_that_are_not_a_tree_raise_invalid_tree_at_the_receiver():
@@ -269,7 +270,7 @@ def test_pickle_and_ext_types_are_not_messages():
     with pytest.raises(MalformedMessage):
         decode([pickle.dumps(TREE)])
     with pytest.raises(MalformedMessage):
-        decode([msgpack.packb([1, 3, "s", 0, msgpack.ExtType(1, b"x"), []])])
+        decode([msgpack.packb([PROTOCOL_VERSION, 3, "s", 0, msgpack.ExtType(1, b"x"), []])])
     with pytest.raises(MalformedMessage):
         decode([msgpack.packb({"version": 1})])
 

@@ -195,3 +195,11 @@ def test_no_pickle_in_protocol_sources():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
                 assert not any("pickle" in name or name == "marshal" for name in names), path
+
+
+def test_tree_position_is_a_non_negative_int():
+    assert tree(position=7).position == 7
+    assert tree().position is None
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(InvalidMessage):
+            tree(position=bad)

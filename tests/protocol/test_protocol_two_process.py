@@ -92,7 +92,7 @@ def test_two_processes(transport, tmp_path):
             raw = zmq.Context.instance().socket(zmq.DEALER)
             raw.linger = 0
             raw.connect(endpoint)
-            raw.send_multipart([b"\x96\x01\x03\xa1s\x00\x93\x92\x01\x02\x92\x00\x05\xc0\x90"])  # parents (0, 5)
+            raw.send_multipart([b"\x96\x02\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"])  # v2, parents (0, 5)
             assert raw.poll(20_000)
             error = decode(raw.recv_multipart())
             assert isinstance(error, Error) and error.code == ErrorCode.INVALID_TREE
