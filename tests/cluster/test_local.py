@@ -3,11 +3,8 @@ sampled output follows the target's distribution (chi-squared over 10,000 sample
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import decoding.acceptance as acceptance
 from actors import loading
@@ -17,6 +14,7 @@ from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
 from decoding.draft_length import DraftLengthPolicy
 from decoding.sampling import SamplingParams
+from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -58,54 +56,6 @@ def test_eos_stops_generation(tiny_dir):
 
 
 # ---- sampling: the distribution of whole sequences -----------------------------------
-VOCAB, NEW, SAMPLES = 4, 4, 10_000
-PROMPT = [2, 3]
-
-
-def runners(tiny_dir):
-    def runner(**kw):
-        path = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, **kw)
-        return ModelRunner(Transformer.from_hf(loading.load(path, progress=False).hf_model), 64)
-
-    # A heavily perturbed copy: agrees sometimes (multi-token accepts happen) and
-    # disagrees often (rejections and residual sampling happen).
-    return runner(), runner(noise=0.3)
-
-
-def exact_sequence_probs(target: ModelRunner, params: SamplingParams) -> dict[tuple[int, ...], float]:
-    from decoding.sampling import logits_to_probs
-
-    probs = {}
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
-        target.reset()
-        logits = target.model(torch.tensor(PROMPT + list(seq[:-1])), target.cache)
-        p = logits_to_probs(logits[len(PROMPT) - 1:], params)
-        probs[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
-    return probs
-
-
-def chi2_pvalue(samples: list[tuple[int, ...]], probs: dict[tuple[int, ...], float]) -> float:
-    counts = {s: 0 for s in probs}
-    for s in samples:
-        counts[s] += 1
-    # Pool the rare sequences into one cell so every expected count is >= 5.
-    n = len(samples)
-    obs, exp, rare_o, rare_e = [], [], 0, 0.0
-    for s, p in probs.items():
-        if p * n >= 5:
-            obs.append(counts[s])
-            exp.append(p * n)
-        else:
-            rare_o, rare_e = rare_o + counts[s], rare_e + p * n
-    if rare_e > 0:
-        obs.append(rare_o)
-        exp.append(rare_e)
-    elif rare_o:
-        return 0.0  # a sequence the target can never produce was produced
-    total = sum(exp)
-    return chisquare(obs, [e * n / total for e in exp]).pvalue
-
-
 def sample_sequences(target, draft, params, width, n=SAMPLES) -> list[tuple[int, ...]]:
     policy = DraftLengthPolicy(fixed=NEW - 1, tokens_per_node=width)
     cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=1234, tree_width=width, draft_length=NEW - 1)

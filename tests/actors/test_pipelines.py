@@ -1,0 +1,138 @@
+"""The sync and async pipelines over real ZeroMQ sockets, drafter and verifier in two
+threads of this process (the Ray tests put them in separate actors): greedy output is the
+target's own, sampled output follows the target's distribution."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import decoding.acceptance as acceptance
+from actors import loading
+from actors.model import Transformer
+from actors.proposing import propose_request
+from actors.runner import ModelRunner
+from actors.verifying import PipelineOptions, verify_request
+from decoding.request import DecodeConfig
+from decoding.sampling import SamplingParams
+from cluster.local import autoregressive_generate
+from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, ipc_endpoint, new_session_id
+from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
+
+FINGERPRINT = ModelFingerprint(vocab_size=1, tokenizer_hash="t" * 64)
+CHANNEL = ChannelConfig(tensor_lib="torch", recv_timeout_s=10, connection_heartbeat_s=None)
+
+
+class Pair:
+    """A verifier (this thread) and a drafter (a thread per request) joined by ipc sockets."""
+
+    def __init__(self, target: ModelRunner, draft: ModelRunner):
+        self.target, self.draft = target, draft
+        self.router = RouterChannel(ipc_endpoint(), config=CHANNEL)
+        self.dealer: DealerChannel | None = None
+
+    def generate(self, prompt, cfg: DecodeConfig, opts: PipelineOptions, drafter_dies_after: float | None = None):
+        session, box = new_session_id(), {}
+        stop = threading.Event()
+
+        def drafter():
+            with DealerChannel(self.router.endpoint, config=CHANNEL) as dealer:
+                try:
+                    box["stats"] = propose_request(self.draft, dealer, FINGERPRINT, session, cfg, opts,
+                                                   cancelled=stop.is_set)
+                except BaseException as exc:  # noqa: BLE001 - reported to the test
+                    box["error"] = exc
+
+        thread = threading.Thread(target=drafter, daemon=True)
+        thread.start()
+        if drafter_dies_after is not None:
+            threading.Timer(drafter_dies_after, stop.set).start()
+        result = verify_request(self.target, self.router, FINGERPRINT, session, prompt, cfg, opts,
+                                drafter_alive=thread.is_alive)
+        thread.join(10)
+        assert not thread.is_alive()
+        return result, box
+
+
+def tiny_runner(path: str, max_len: int = 256) -> ModelRunner:
+    return ModelRunner(Transformer.from_hf(loading.load(path, progress=False).hf_model), max_len)
+
+
+OPTIONS = [
+    ("sync", PipelineOptions(mode="sync"), {}),
+    ("sync-fixed3", PipelineOptions(mode="sync"), {"draft_length": 3}),
+    ("sync-tree3", PipelineOptions(mode="sync"), {"tree_width": 3}),
+    ("async-1", PipelineOptions(mode="async", lookahead=1), {}),
+    ("async-3", PipelineOptions(mode="async", lookahead=3), {}),
+    ("async-8", PipelineOptions(mode="async", lookahead=8), {}),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_output_is_the_targets_own(tiny_dir, family):
+    pair = Pair(tiny_runner(tiny_dir(family)), tiny_runner(tiny_dir(family, noise=0.3)))
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        prompt = torch.randint(2, 64, (int(torch.randint(1, 20, (), generator=gen)),), generator=gen).tolist()
+        expected = autoregressive_generate(pair.target, prompt, DecodeConfig(max_new_tokens=40)).token_ids
+        for name, opts, extra in OPTIONS:
+            result, box = pair.generate(prompt, DecodeConfig(max_new_tokens=40, **extra), opts)
+            assert "error" not in box, box
+            assert result.token_ids == expected, (trial, name)
+            assert not result.stats.drafter_lost
+            assert result.stats.verify_rounds > 0
+
+
+def test_async_with_a_perfect_drafter_never_rolls_back(tiny_dir):
+    same = tiny_dir("llama")
+    pair = Pair(tiny_runner(same), tiny_runner(same))
+    cfg = DecodeConfig(max_new_tokens=60, eos_token_ids=(-1,))
+    result, box = pair.generate([5, 6, 7], cfg, PipelineOptions(mode="async", lookahead=4))
+    assert box["stats"]["rollbacks"] == 0
+    assert result.stats.accepted_tokens == result.stats.drafted_tokens > 0
+    assert result.stats.mean_accepted > 1.5
+    assert result.token_ids == autoregressive_generate(pair.target, [5, 6, 7], cfg).token_ids
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, mode):
+    pair = Pair(tiny_runner(tiny_dir("llama"), 1024), tiny_runner(tiny_dir("llama", noise=0.3), 1024))
+    cfg = DecodeConfig(max_new_tokens=600, eos_token_ids=(-1,))
+    expected = autoregressive_generate(pair.target, [9, 8], cfg).token_ids
+    result, box = pair.generate([9, 8], cfg, PipelineOptions(mode=mode, lookahead=3), drafter_dies_after=0.3)
+    assert result.stats.drafter_lost and result.stats.verify_rounds > 0
+    assert result.token_ids == expected
+
+
+# ---- sampling -------------------------------------------------------------------------
+
+def sample_sequences(pair: Pair, params: SamplingParams, opts: PipelineOptions, n: int = SAMPLES):
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+    out = []
+    for seed in seeds:
+        cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=seed, draft_length=NEW - 1, eos_token_ids=(-1,))
+        result, box = pair.generate(PROMPT, cfg, opts)
+        assert "error" not in box, box
+        out.append(tuple(result.token_ids))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sampling_follows_the_target_distribution(tiny_dir, mode):
+    target, draft = runners(tiny_dir)
+    params = SamplingParams(temperature=1.0)
+    probs = exact_sequence_probs(target, params)
+    samples = sample_sequences(Pair(target, draft), params, PipelineOptions(mode=mode, lookahead=NEW - 1))
+    assert chi2_pvalue(samples, probs) > 1e-3
+
+
+def test_broken_residual_is_caught_async(tiny_dir, monkeypatch):
+    """Power check: the distribution test above fails when the rejection rule is wrong."""
+    target, draft = runners(tiny_dir)
+    params = SamplingParams(temperature=1.0)
+    probs = exact_sequence_probs(target, params)
+    monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
+    samples = sample_sequences(Pair(target, draft), params, PipelineOptions(mode="async", lookahead=NEW - 1))
+    assert chi2_pvalue(samples, probs) < 1e-6

@@ -1,0 +1,64 @@
+"""Exact sequence distributions of a tiny target, and a chi-squared test against them.
+
+Used by every pipeline's sampling test: vocab 4, 4 new tokens, so all 256 continuations
+can be enumerated and their exact probabilities computed from the target itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from scipy.stats import chisquare
+
+from actors import loading
+from actors.model import Transformer
+from actors.runner import ModelRunner
+from decoding.sampling import SamplingParams, logits_to_probs
+
+VOCAB, NEW, SAMPLES = 4, 4, 10_000
+PROMPT = [2, 3]
+
+
+def runners(tiny_dir):
+    def runner(**kw):
+        path = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, **kw)
+        return ModelRunner(Transformer.from_hf(loading.load(path, progress=False).hf_model), 64)
+
+    # A heavily perturbed copy: agrees sometimes (multi-token accepts happen) and
+    # disagrees often (rejections and residual sampling happen).
+    return runner(), runner(noise=0.3)
+
+
+def exact_sequence_probs(target: ModelRunner, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    probs = {}
+    for seq in itertools.product(range(VOCAB), repeat=NEW):
+        target.reset()
+        logits = target.model(torch.tensor(PROMPT + list(seq[:-1])), target.cache)
+        p = logits_to_probs(logits[len(PROMPT) - 1:], params)
+        probs[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
+    return probs
+
+
+def chi2_pvalue(samples: list[tuple[int, ...]], probs: dict[tuple[int, ...], float]) -> float:
+    counts = {s: 0 for s in probs}
+    for s in samples:
+        counts[s] += 1
+    # Pool the rare sequences into one cell so every expected count is >= 5.
+    n = len(samples)
+    obs, exp, rare_o, rare_e = [], [], 0, 0.0
+    for s, p in probs.items():
+        if p * n >= 5:
+            obs.append(counts[s])
+            exp.append(p * n)
+        else:
+            rare_o, rare_e = rare_o + counts[s], rare_e + p * n
+    if rare_e > 0:
+        obs.append(rare_o)
+        exp.append(rare_e)
+    elif rare_o:
+        return 0.0  # a sequence the target can never produce was produced
+    total = sum(exp)
+    return chisquare(obs, [e * n / total for e in exp]).pvalue
+
+
