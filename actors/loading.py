@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "SPECRAY_CACHE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,15 @@ def load(name: str, dtype: torch.dtype = torch.float32, progress: bool = True) -
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return LoadedModel(name, path, model, tokenizer)
+
+
+def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids = loaded.hf_model.generation_config.eos_token_id
+    if ids is None:
+        ids = loaded.tokenizer.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
 
 
 def check_same_vocab(target_tok, draft_tok, target_vocab: int, draft_vocab: int, names: tuple[str, str]) -> None:

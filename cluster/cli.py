@@ -34,9 +34,20 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", choices=PIPELINES, default="local")
     p.add_argument("--draft-length", type=_positive_int, default=None, help="fixed; default adaptive")
     p.add_argument("--tree-width", type=_positive_int, default=1, help="candidates per depth (1 = chain)")
+    add_pipeline_args(p)
     p.add_argument("--dtype", default="float32", help="target dtype")
     p.add_argument("--draft-dtype", default="bfloat16", help="draft dtype (cannot change the output)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """How the Ray pipelines (sync, async) place and run their two actors."""
+    p.add_argument("--lookahead", type=_positive_int, default=8,
+                   help="async: most drafts the drafter may run ahead of the committed tokens")
+    p.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="actor bundles: GPUs when the cluster has one per actor (auto), or force")
+    p.add_argument("--cpus-per-actor", type=_positive_int, default=1)
+    p.add_argument("--spread", action="store_true", help="place the actors on different nodes")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +61,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     p.add_argument("--tree-width", type=_positive_int, default=1)
     p.add_argument("--draft-dtype", default="bfloat16")
+    add_pipeline_args(p)
 
 
 def parser() -> argparse.ArgumentParser:

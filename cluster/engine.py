@@ -19,7 +19,7 @@ from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, speculative_generate
 from decoding.draft_length import DraftLengthPolicy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = loading.DTYPES
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,6 @@ def check_prompt(n_prompt: int, max_new_tokens: int, context: int) -> None:
         )
 
 
-def eos_ids(loaded: loading.LoadedModel) -> tuple[int, ...]:
-    ids = loaded.hf_model.generation_config.eos_token_id
-    if ids is None:
-        ids = loaded.tokenizer.eos_token_id
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
-
-
 class LocalEngine:
     """Draft and target in this process, sharing weights with their Hugging Face models."""
 
@@ -100,7 +91,7 @@ class LocalEngine:
                 (cfg.target, cfg.draft),
             )
             self.draft_runner = ModelRunner(Transformer.from_hf(self.draft.hf_model), max_len)
-        self.eos_token_ids = eos_ids(self.target)
+        self.eos_token_ids = loading.eos_token_ids(self.target)
         # Weights arrive memory-mapped: touch them once here, so the first request's
         # tokens/s measures decoding, not page faults and kernel setup.
         for runner in (self.target_runner, self.draft_runner):

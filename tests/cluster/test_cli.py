@@ -67,9 +67,21 @@ def test_draft_with_other_vocabulary_is_refused(capsys, no_model_loads, tiny_dir
     assert code != 0 and "vocabulary" in err
 
 
-def test_unavailable_pipeline_is_refused(capsys, no_model_loads, tiny_dir):
+def test_ray_pipeline_without_a_draft_is_refused(capsys, no_model_loads, tiny_dir):
     code, err = run(["generate", "--target", tiny_dir("llama"), "--prompt", "hi", "--pipeline", "async"], capsys)
-    assert code != 0 and "async" in err
+    assert code != 0 and "--pipeline async needs --draft" in err
+
+
+def test_async_pipeline_with_a_tree_is_refused(capsys, no_model_loads, tiny_dir):
+    code, err = run(["generate", "--target", tiny_dir("llama"), "--draft", tiny_dir("llama"), "--prompt", "hi",
+                     "--pipeline", "async", "--tree-width", "2"], capsys)
+    assert code != 0 and "--tree-width" in err
+
+
+def test_lookahead_must_be_positive(capsys, tiny_dir):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--target", tiny_dir("llama"), "--prompt", "hi", "--lookahead", "0"])
+    assert "--lookahead" in capsys.readouterr().err
 
 
 def test_generate_json_contract(tiny_dir):

@@ -1,0 +1,142 @@
+"""A Ray actor that owns one model, its KV cache and its device. Role-agnostic.
+
+The same class verifies (`verify`: owns a request, binds a ROUTER the drafter connects
+to) or proposes (`draft`: connects a DEALER to a verifier); which one is decided per
+request by the pipeline, so ensembles can rotate roles. Ray only creates, places and
+restarts it and carries one call per request each way; every per-step message goes
+over ZeroMQ straight between the two actors (`actors.verifying`, `actors.proposing`).
+
+The actor is threaded (Ray `max_concurrency` > 1) only so that `cancel`, `ping` and
+`info` answer while a request runs; one request at a time uses the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from actors import loading
+from actors.model import Transformer
+from actors.proposing import propose_request
+from actors.runner import ModelRunner
+from actors.verifying import Cancelled, PipelineOptions, verify_request
+from decoding.draft_length import DraftLengthPolicy
+from decoding.request import DecodeConfig
+from protocol import ChannelConfig, DealerChannel, RouterChannel, SharedSecret, bind_endpoint, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    model: str
+    dtype: str = "float32"
+    max_len: int = 4096
+    secret: str | None = None  # hex; signs every frame on tcp links between nodes
+
+    def __post_init__(self) -> None:
+        if self.dtype not in loading.DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(loading.DTYPES)}, got {self.dtype!r}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+
+class ModelActor:
+    def __init__(self, spec: dict):
+        import ray
+
+        from cluster.placement import assigned_cpus, assigned_device
+
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # actor stderr goes to the driver's console
+        self.spec = ActorSpec(**spec)
+        # One thread per assigned core: two actors on a 2-core box must not fight over cores.
+        self.threads = assigned_cpus()
+        torch.set_num_threads(self.threads)
+        self.device = assigned_device()
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        loaded = loading.load(self.spec.model, loading.DTYPES[self.spec.dtype], progress=False)
+        loaded.hf_model.to(self.device)
+        max_len = min(self.spec.max_len, loaded.context_length + 64)
+        self.runner = ModelRunner(Transformer.from_hf(loaded.hf_model), max_len)
+        self.runner.feed([0, 0])  # touch the weights once: the first request measures decoding
+        self.runner.reset()
+        self.eos_token_ids = loading.eos_token_ids(loaded)
+        self.fingerprint = model_fingerprint(self.runner.vocab_size, loaded.tokenizer.get_vocab())
+        self.node_ip = ray.util.get_node_ip_address()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._busy = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._routers: dict[str, RouterChannel] = {}  # transport ("ipc"/"tcp") -> bound socket
+        self._policies: dict[tuple, DraftLengthPolicy] = {}  # learned draft costs carry over
+
+    # ---- control plane (Ray calls) --------------------------------------------------
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "node_ip": self.node_ip, "node_id": self.node_id, "device": self.device,
+                "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model}
+
+    def cancel(self, session: str) -> None:
+        self._cancelled.add(session)
+
+    def _channel_config(self, endpoint: str) -> ChannelConfig:
+        auth = None
+        if endpoint.startswith("tcp://") and self.spec.secret:
+            auth = SharedSecret(bytes.fromhex(self.spec.secret))
+        return ChannelConfig(tensor_lib="torch", auth=auth)
+
+    def listen(self, peer_node_ip: str) -> str:
+        """Where a drafter on `peer_node_ip` should connect: ipc on this node, else tcp."""
+        transport = "ipc" if peer_node_ip == self.node_ip else "tcp"
+        if transport not in self._routers:
+            endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"verifier-{os.getpid()}")
+            self._routers[transport] = RouterChannel(endpoint, config=self._channel_config(endpoint))
+        return self._routers[transport].endpoint
+
+    # ---- requests --------------------------------------------------------------------
+    def verify(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
+               drafter: list) -> dict:
+        """Own the request: decode with the target, verifying what the drafter sends to
+        `endpoint` (from `listen`). `drafter` holds the ObjectRef of the drafter's `draft`
+        call (empty: no drafter), so a dead drafter is noticed within one poll."""
+        import ray
+
+        cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
+        if not cfg.eos_token_ids:  # the caller did not choose: the target's own
+            cfg.eos_token_ids = self.eos_token_ids
+        router = next((r for r in self._routers.values() if r.endpoint == endpoint), None)
+        if router is None:
+            raise ValueError(f"{endpoint} is not one of this actor's sockets; call listen first")
+
+        def drafter_alive() -> bool:
+            return bool(drafter) and not ray.wait(drafter, timeout=0)[0]
+
+        with self._busy:
+            try:
+                result = verify_request(self.runner, router, self.fingerprint, session, prompt, cfg, opts,
+                                        drafter_alive=drafter_alive, cancelled=lambda: session in self._cancelled)
+            finally:
+                self._cancelled.discard(session)
+        return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
+
+    def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
+        cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
+        key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)
+        policy = self._policies.setdefault(key, DraftLengthPolicy(
+            max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width))
+        with self._busy:
+            try:
+                with DealerChannel(endpoint, config=self._channel_config(endpoint)) as channel:
+                    return propose_request(self.runner, channel, self.fingerprint, session, cfg, opts, policy,
+                                           cancelled=lambda: session in self._cancelled)
+            except Cancelled:
+                return {"cancelled": True}
+            finally:
+                self._cancelled.discard(session)

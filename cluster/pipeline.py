@@ -1,0 +1,196 @@
+"""The Ray pipelines, driver side: place a verifier and a drafter actor, run requests.
+
+    pipeline = RayPipeline(PipelineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"))
+    result = pipeline.generate(prompt_ids, DecodeConfig(max_new_tokens=128), PipelineOptions(mode="async"))
+
+Per request the driver makes one Ray call to each actor (`draft`, `verify`) and waits for
+the verifier's answer; the tokens themselves travel between the actors over ZeroMQ.
+
+Faults. Actors restart (Ray `max_restarts`), so:
+- the drafter dies mid-request: the verifier notices (its `draft` call's ObjectRef fails)
+  and finishes target-only, same output; the next request waits for the restarted drafter.
+- the verifier dies: `generate` raises `VerifierFailed` at once (Ray reports the death),
+  the drafter's session is cancelled, and the next request goes to the restarted verifier.
+- nothing waits forever: the request has `request_timeout_s`, the drafter joins within
+  `drafter_ready_s` or the request runs target-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from cluster.placement import Placement, PlacementConfig, place, release
+from decoding.request import DecodeConfig, GenerationResult, GenerationStats
+from protocol import new_session_id
+from actors.verifying import PipelineOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    target: str
+    draft: str
+    dtype: str = "float32"
+    draft_dtype: str = "bfloat16"
+    max_len: int = 4096
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    max_restarts: int = 3
+    load_timeout_s: float = 900.0  # first load may convert a built-in (minutes on a small box)
+    request_timeout_s: float = 1800.0
+    drafter_ready_s: float = 300.0  # how long a request waits for a (re)starting drafter
+
+    def __post_init__(self) -> None:
+        if self.placement.n_actors != 2:
+            raise ValueError(f"a draft/verify pipeline places 2 actors, not {self.placement.n_actors}")
+        for name in ("load_timeout_s", "request_timeout_s", "drafter_ready_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+
+
+class VerifierFailed(RuntimeError):
+    """The verifier actor died during the request. Ray restarts it; retry the request."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request ran past `request_timeout_s` and was cancelled."""
+
+
+def ensure_ray() -> None:
+    """Join the cluster this process belongs to (RAY_ADDRESS, e.g. inside a job, or a local
+    `ray start`), or start a private one with a small object store: models need the RAM."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        return
+    try:
+        ray.init(address="auto", logging_level=logging.WARNING)
+    except ConnectionError:
+        ray.init(object_store_memory=256 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _call_restarting(call, timeout_s: float):
+    """ray.get(call()), retried while the actor is restarting (ActorUnavailableError),
+    for at most `timeout_s` in all. A dead actor or the deadline raises."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call(), timeout=max(0.0, deadline - time.monotonic()))
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise GetTimeoutError(f"actor still restarting after {timeout_s:.0f} s") from None
+            time.sleep(0.2)
+
+
+class RayPipeline:
+    """A verifier actor and a drafter actor, each on its own device bundle."""
+
+    def __init__(self, cfg: PipelineConfig):
+        import ray
+
+        from actors.model_actor import ModelActor
+
+        ensure_ray()
+        self.cfg = cfg
+        self.placement: Placement = place(cfg.placement)
+        secret = secrets.token_hex(32)  # signs the tcp link when the actors sit on two nodes
+        actor_cls = ray.remote(ModelActor)
+
+        def start(index: int, model: str, dtype: str):
+            options = self.placement.actor_options(index)
+            return actor_cls.options(**options, max_restarts=cfg.max_restarts, max_concurrency=4).remote(
+                {"model": model, "dtype": dtype, "max_len": cfg.max_len, "secret": secret})
+
+        try:
+            self.verifier = start(0, cfg.target, cfg.dtype)
+            self.drafter = start(1, cfg.draft, cfg.draft_dtype)
+            self.verifier_info, self.drafter_info = ray.get(
+                [self.verifier.info.remote(), self.drafter.info.remote()], timeout=cfg.load_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def generate(self, prompt: list[int], cfg: DecodeConfig, options: PipelineOptions) -> GenerationResult:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        start = time.perf_counter()
+        session = new_session_id()
+        decode, opts = cfg.to_dict(), options.to_dict()
+        try:
+            endpoint = _call_restarting(lambda: self.verifier.listen.remote(self.drafter_info["node_ip"]),
+                                        self.cfg.drafter_ready_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise VerifierFailed(f"the verifier actor is not available ({type(exc).__name__}); "
+                                 "retry once Ray has restarted it") from exc
+        draft_ref = None
+        if self._drafter_ready():
+            draft_ref = self.drafter.draft.remote(session, endpoint, decode, opts)
+        verify_ref = self.verifier.verify.remote(session, endpoint, prompt, decode, opts,
+                                                 [draft_ref] if draft_ref is not None else [])
+        try:
+            answer = ray.get(verify_ref, timeout=self.cfg.request_timeout_s)
+        except GetTimeoutError:
+            self.verifier.cancel.remote(session)
+            self.drafter.cancel.remote(session)
+            raise RequestTimeout(f"no result within {self.cfg.request_timeout_s:.0f} s; request cancelled") from None
+        except RayActorError as exc:
+            self.drafter.cancel.remote(session)
+            raise VerifierFailed(f"the verifier actor died during the request ({type(exc).__name__}); Ray is "
+                                 "restarting it, retry the request") from exc
+        stats = GenerationStats(**answer["stats"])
+        self._merge_drafter_stats(draft_ref, stats)
+        stats.wall_s = time.perf_counter() - start  # as the caller saw it, Ray calls included
+        return GenerationResult(answer["token_ids"], stats)
+
+    def _drafter_ready(self) -> bool:
+        """Wait for a (re)starting drafter; without one the request runs target-only."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return _call_restarting(self.drafter.ping.remote, self.cfg.drafter_ready_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            log.warning("drafter unavailable (%s); decoding with the target alone", type(exc).__name__)
+            return False
+
+    def _merge_drafter_stats(self, draft_ref, stats: GenerationStats) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        if draft_ref is None:
+            return
+        try:
+            drafted = ray.get(draft_ref, timeout=30)
+        except (RayError, GetTimeoutError) as exc:
+            stats.drafter_lost = True
+            log.warning("drafter failed during the request: %s", type(exc).__name__)
+            return
+        stats.draft_s = drafted.get("draft_s", 0.0)
+        stats.rollbacks = drafted.get("rollbacks", 0)
+
+    def close(self) -> None:
+        import ray
+
+        for name in ("verifier", "drafter"):
+            actor = getattr(self, name, None)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        release(self.placement)
+
+    def __enter__(self) -> "RayPipeline":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
