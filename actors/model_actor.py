@@ -62,6 +62,7 @@ class ModelActor:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         loaded = loading.load(self.spec.model, loading.DTYPES[self.spec.dtype], progress=False)
         loaded.hf_model.to(self.device)
+        self.loaded = loaded
         max_len = min(self.spec.max_len, loaded.context_length + 64)
         self.runner = ModelRunner(Transformer.from_hf(loaded.hf_model), max_len)
         self.runner.feed([0, 0])  # touch the weights once: the first request measures decoding

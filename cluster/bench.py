@@ -1,9 +1,13 @@
-"""`specray bench`: every method on the same prompts, interleaved, in one process.
+"""`specray bench`: every method on the same prompts, interleaved, in one run.
 
 Methods run prompt by prompt in a rotating order, so machine noise (other jobs, thermal
 drift) falls on all of them alike; results are reported as ratios to `hf`. The
 Hugging Face baselines and our engine share the very same weight tensors (our model
 wraps the loaded HF modules), so no model is held twice in memory.
+
+With `spec-sync` / `spec-async` in the run, the models live in the pipeline's two Ray
+actors, and the engine's methods run inside the verifier actor on its copy of the target
+(with the driver's thread count), so the driver never holds a second copy.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from cluster.engine import EngineConfig, LocalEngine, check_models
+from actors.model_actor import ModelActor
+from cluster.engine import EngineConfig, LocalEngine, check_models, encode_prompt
 from cluster.local import DecodeConfig
 
-METHODS = ("hf", "hf-assisted", "ar", "spec-local")
+LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local")
+RAY_METHODS = {"spec-sync": "sync", "spec-async": "async"}
+METHODS = LOCAL_METHODS + tuple(RAY_METHODS)
 
 
 def load_prompts(path: str | Path, limit: int | None) -> list[str]:
@@ -63,15 +70,26 @@ class MethodTotals:
     seconds: float = 0.0
     accepted_per_step: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
+    draft_s: float = 0.0  # Ray pipelines: drafting time, and how much of it the verifier waited for
+    wait_s: float = 0.0
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    seconds: float
+    mean_accepted: float | None = None
+    draft_s: float = 0.0
+    wait_s: float = 0.0
 
 
 class MethodRunner:
-    """Runs one method on one prompt; returns (token ids, seconds, mean accepted or None)."""
+    """Runs one engine method on one prompt, in this process."""
 
     def __init__(self, engine: LocalEngine, cfg: DecodeConfig):
         self.engine, self.cfg, self.max_new = engine, cfg, cfg.max_new_tokens
 
-    def _hf(self, ids: list[int], assistant) -> tuple[list[int], float, float | None]:
+    def _hf(self, ids: list[int], assistant) -> Run:
         inputs = torch.tensor([ids])
         kwargs = dict(max_new_tokens=self.max_new, do_sample=False, attention_mask=torch.ones_like(inputs))
         if assistant is not None:
@@ -79,15 +97,60 @@ class MethodRunner:
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.engine.target.hf_model.generate(inputs, **kwargs)
-        return out[0, len(ids):].tolist(), time.perf_counter() - start, None
+        return Run(out[0, len(ids):].tolist(), time.perf_counter() - start)
 
-    def run(self, method: str, ids: list[int]) -> tuple[list[int], float, float | None]:
+    def run(self, method: str, ids: list[int]) -> Run:
         if method == "hf":
             return self._hf(ids, None)
         if method == "hf-assisted":
             return self._hf(ids, self.engine.draft.hf_model)
         result = self.engine.generate(ids, self.cfg, speculative=(method == "spec-local"))
-        return result.token_ids, result.stats.wall_s, result.stats.mean_accepted
+        return Run(result.token_ids, result.stats.wall_s, result.stats.mean_accepted)
+
+
+class BenchActor(ModelActor):
+    """A verifier actor that can also run the engine's methods on its own target."""
+
+    def run_local(self, method: str, ids: list[int], decode: dict, draft: str, draft_dtype: str,
+                  threads: int) -> dict:
+        if getattr(self, "_methods", None) is None:
+            cfg = EngineConfig(self.spec.model, draft, dtype=self.spec.dtype, draft_dtype=draft_dtype)
+            self._methods = MethodRunner(LocalEngine(cfg, progress=False, target=self.loaded),
+                                         DecodeConfig.from_dict(decode))
+        # The drafter actor idles meanwhile: these methods get the cores the driver would have.
+        torch.set_num_threads(threads)
+        try:
+            return asdict(self._methods.run(method, ids))
+        finally:
+            torch.set_num_threads(self.threads)
+
+
+class PipelineMethods:
+    """Every method of a run that includes spec-sync / spec-async (see the module doc)."""
+
+    def __init__(self, args: argparse.Namespace, cfg: DecodeConfig):
+        from cluster.generate import placement_config
+        from cluster.pipeline import PipelineConfig, RayPipeline
+
+        self.args, self.cfg, self.threads = args, cfg, torch.get_num_threads()
+        self.pipeline = RayPipeline(PipelineConfig(args.target, args.draft, draft_dtype=args.draft_dtype,
+                                                   placement=placement_config(args)), verifier_cls=BenchActor)
+
+    def run(self, method: str, ids: list[int]) -> Run:
+        import ray
+
+        from actors.verifying import PipelineOptions
+
+        if method in RAY_METHODS:
+            options = PipelineOptions(mode=RAY_METHODS[method], lookahead=self.args.lookahead)
+            result = self.pipeline.generate(ids, self.cfg, options)
+            s = result.stats
+            return Run(result.token_ids, s.wall_s, s.mean_accepted, s.draft_s, s.wait_s)
+        return Run(**ray.get(self.pipeline.verifier.run_local.remote(
+            method, ids, self.cfg.to_dict(), self.args.draft, self.args.draft_dtype, self.threads)))
+
+    def close(self) -> None:
+        self.pipeline.close()
 
 
 def bench_from_args(args: argparse.Namespace) -> dict:
@@ -96,31 +159,40 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     methods = parse_methods(args.methods)
     prompts = load_prompts(args.prompts, args.limit)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, draft_dtype=args.draft_dtype)
-    check_models(engine_cfg)
+    tokenizer = check_models(engine_cfg)
+    use_ray = any(m in RAY_METHODS for m in methods)
+    if "spec-async" in methods and args.tree_width != 1:
+        raise ValueError("spec-async drafts a chain; --tree-width must be 1")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    engine = LocalEngine(engine_cfg)
-    runner = MethodRunner(engine, DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width))
-    encoded = [engine.encode(p, chat=args.chat) for p in prompts]
-    # Warm up every method once (kernels, allocator, learned draft costs), untimed.
-    for method in methods:
-        runner.run(method, encoded[0][:64])
-    totals = {m: MethodTotals() for m in methods}
-    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", file=sys.stderr)
-    for i, ids in enumerate(encoded):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        for method in order:
-            bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)} {method}")
-            tokens, seconds, accepted = runner.run(method, ids)
-            t = totals[method]
-            t.tokens += len(tokens)
-            t.seconds += seconds
-            t.outputs.append(tokens)
-            if accepted is not None:
-                t.accepted_per_step.append(accepted)
-            bar.update()
-    bar.close()
+    cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width)
+    runner = PipelineMethods(args, cfg) if use_ray else MethodRunner(LocalEngine(engine_cfg), cfg)
+    try:
+        encoded = [encode_prompt(tokenizer, p, args.chat) for p in prompts]
+        # Warm up every method once (kernels, allocator, learned draft costs), untimed.
+        for method in methods:
+            runner.run(method, encoded[0][:64])
+        totals = {m: MethodTotals() for m in methods}
+        bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", file=sys.stderr)
+        for i, ids in enumerate(encoded):
+            order = methods[i % len(methods):] + methods[: i % len(methods)]
+            for method in order:
+                bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)} {method}")
+                run = runner.run(method, ids)
+                t = totals[method]
+                t.tokens += len(run.tokens)
+                t.seconds += run.seconds
+                t.outputs.append(run.tokens)
+                t.draft_s += run.draft_s
+                t.wait_s += run.wait_s
+                if run.mean_accepted is not None:
+                    t.accepted_per_step.append(run.mean_accepted)
+                bar.update()
+        bar.close()
+    finally:
+        if use_ray:
+            runner.close()
 
     report = make_report(args, methods, prompts, totals)
     write_report(report, out_dir)
@@ -146,6 +218,12 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             "new_tokens": t.tokens,
             "seconds": round(t.seconds, 3),
         }
+        if m in RAY_METHODS:
+            # Drafting the verifier did not have to wait for: ~0 for sync, the point of async.
+            hidden = 1 - t.wait_s / t.draft_s if t.draft_s > 0 else 0.0
+            rows[m]["hidden_draft_fraction"] = round(min(1.0, max(0.0, hidden)), 4)
+            rows[m]["draft_seconds"] = round(t.draft_s, 3)
+            rows[m]["verifier_wait_seconds"] = round(t.wait_s, 3)
     return {
         "config": {
             "target": args.target,
@@ -157,6 +235,7 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             "chat": bool(args.chat),
             "draft_dtype": args.draft_dtype,
             "tree_width": args.tree_width,
+            "lookahead": getattr(args, "lookahead", None),
             "greedy": True,
             "reference": reference,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -175,13 +254,14 @@ def render_markdown(report: dict) -> str:
         f"{c['limit']} prompts from `{c['prompts']}`, {c['max_new_tokens']} new tokens, greedy, "
         f"methods interleaved; reference output: `{c['reference']}`.",
         "",
-        "| method | tokens/s | speedup vs hf | mean accepted | identical to target |",
-        "|---|---|---|---|---|",
+        "| method | tokens/s | speedup vs hf | mean accepted | drafting hidden | identical to target |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in report["methods"].items():
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
         sp = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"
-        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {acc} | {r['identical_to_target']} |")
+        hidden = f"{r['hidden_draft_fraction']:.0%}" if "hidden_draft_fraction" in r else "-"
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {acc} | {hidden} | {r['identical_to_target']} |")
     return "\n".join(lines) + "\n"
 
 

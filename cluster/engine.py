@@ -76,9 +76,10 @@ def check_prompt(n_prompt: int, max_new_tokens: int, context: int) -> None:
 class LocalEngine:
     """Draft and target in this process, sharing weights with their Hugging Face models."""
 
-    def __init__(self, cfg: EngineConfig, progress: bool = True):
+    def __init__(self, cfg: EngineConfig, progress: bool = True, target: loading.LoadedModel | None = None):
+        """`target`: an already loaded target to share (e.g. a verifier actor's), else it loads."""
         self.cfg = cfg
-        self.target = loading.load(cfg.target, DTYPES[cfg.dtype], progress=progress)
+        self.target = target or loading.load(cfg.target, DTYPES[cfg.dtype], progress=progress)
         self.tokenizer = self.target.tokenizer
         self.context_length = self.target.context_length
         max_len = min(cfg.max_len, self.context_length + 64)

@@ -97,7 +97,8 @@ def _call_restarting(call, timeout_s: float):
 class RayPipeline:
     """A verifier actor and a drafter actor, each on its own device bundle."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, verifier_cls: type | None = None):
+        """`verifier_cls`: a ModelActor subclass for the verifier (the bench adds methods)."""
         import ray
 
         from actors.model_actor import ModelActor
@@ -106,10 +107,10 @@ class RayPipeline:
         self.cfg = cfg
         self.placement: Placement = place(cfg.placement)
         secret = secrets.token_hex(32)  # signs the tcp link when the actors sit on two nodes
-        actor_cls = ray.remote(ModelActor)
 
         def start(index: int, model: str, dtype: str):
             options = self.placement.actor_options(index)
+            actor_cls = ray.remote(verifier_cls if index == 0 and verifier_cls else ModelActor)
             return actor_cls.options(**options, max_restarts=cfg.max_restarts, max_concurrency=4).remote(
                 {"model": model, "dtype": dtype, "max_len": cfg.max_len, "secret": secret})
 
