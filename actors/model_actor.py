@@ -141,3 +141,12 @@ class ModelActor:
                 return {"cancelled": True}
             finally:
                 self._cancelled.discard(session)
+
+    # ---- benchmarks ------------------------------------------------------------------
+    def use_oracle(self, reference: list[int], acceptance: float, step_cost_s: float, seed: int) -> None:
+        """Draft with an `actors.oracle.OracleRunner` (controlled acceptance and cost, greedy
+        only) instead of the model; the fingerprint stays the loaded model's."""
+        from actors.oracle import OracleRunner
+
+        with self._busy:
+            self.runner = OracleRunner(reference, self.runner.vocab_size, acceptance, step_cost_s, seed)
