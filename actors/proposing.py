@@ -101,7 +101,7 @@ def propose_request(
     stats = {"draft_s": 0.0, "drafted": 0, "rollbacks": 0, "rounds": 0}
     while not s.prompt and not s.done:
         s.recv(block=True)
-    runner.reset(len(s.prompt) + cfg.max_new_tokens + (cfg.max_draft_length + opts.lookahead + 1) * cfg.tree_width + 1)
+    runner.reset(cfg.cache_room(len(s.prompt), opts.lookahead))
     if s.prompt:
         runner.feed(s.prompt)  # prefill while the target does the same
     if opts.mode == "sync":
@@ -127,17 +127,17 @@ def _draft_sync(runner, s: _Session, cfg: DecodeConfig, policy, gen, stats: dict
         stats["draft_s"] += proposal.seconds
         stats["drafted"] += proposal.depth
         sent = time.perf_counter()
-        s.channel.send(CandidateTree(session_id=s.session, step=step, position=len(context) - 1,
-                                     token_ids=proposal.tree.tokens, parents=proposal.tree.parents,
-                                     draft_probs=proposal.draft_probs))
+        tree = CandidateTree(session_id=s.session, step=step, position=len(context) - 1,
+                             token_ids=proposal.tree.tokens, parents=proposal.tree.parents,
+                             draft_probs=proposal.draft_probs)
+        s.channel.send(tree)
         step += 1
         message = s.recv(block=True)
         while not isinstance(message, (Verdict, Shutdown)):
             message = s.recv(block=True)
         if isinstance(message, Verdict):
             path = message.accepted_path
-            s.committed.extend(CandidateTree(session_id=s.session, step=0, token_ids=proposal.tree.tokens,
-                                             parents=proposal.tree.parents).path_tokens(path))
+            s.committed.extend(tree.path_tokens(path))  # raises if the path is not in our tree
             s.committed.append(message.bonus_token_id)
             if message.committed_length != len(s.committed):
                 raise ProtocolError(f"verdict says {message.committed_length} committed tokens, we have "

@@ -192,7 +192,7 @@ def verify_request(
     stats, out, gen = GenerationStats(), OutputBuffer(cfg), make_generator(cfg.seed)
     start = time.perf_counter()
     link = DrafterLink(router, fingerprint, session, opts, drafter_alive, cancelled)
-    runner.reset(len(prompt) + cfg.max_new_tokens + (cfg.max_draft_length + opts.lookahead + 1) * cfg.tree_width + 1)
+    runner.reset(cfg.cache_room(len(prompt), opts.lookahead))
     step = 0
     try:
         link.accept()

@@ -58,7 +58,7 @@ def speculative_generate(
     )
     stats, out, gen = GenerationStats(), OutputBuffer(cfg), make_generator(cfg.seed)
     start = time.perf_counter()
-    room = len(prompt) + cfg.max_new_tokens + (cfg.max_draft_length + 1) * cfg.tree_width + 1
+    room = cfg.cache_room(len(prompt))
     target.reset(room)
     draft.reset(room)
     out.extend([_first_token(target, prompt, cfg, gen)])

@@ -32,6 +32,10 @@ class DecodeConfig:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         self.eos_token_ids = tuple(self.eos_token_ids)
 
+    def cache_room(self, prompt_len: int, lookahead: int = 0) -> int:
+        """KV slots a request can need: prompt, output, and the widest tree in flight."""
+        return prompt_len + self.max_new_tokens + (max(self.max_draft_length, lookahead) + 1) * self.tree_width + 1
+
     def to_dict(self) -> dict:
         """Plain data (for Ray calls): no custom classes cross a process boundary."""
         return asdict(self)
