@@ -48,10 +48,9 @@ class ActorSpec:
 class ModelActor:
     def __init__(self, spec: dict):
         import ray
+        import transformers
 
         from cluster.placement import assigned_cpus, assigned_device
-
-        import transformers
 
         transformers.utils.logging.disable_progress_bar()  # actor stderr goes to the driver's console
         self.spec = ActorSpec(**spec)
