@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from actors.proposing import propose_request
 from actors.runner import ModelRunner
 from actors.verifying import Cancelled, PipelineOptions, verify_request
 from decoding.draft_length import DraftLengthPolicy
-from decoding.request import DecodeConfig
+from decoding.request import DecodeConfig, TokenSink
 from protocol import ChannelConfig, DealerChannel, RouterChannel, SharedSecret, bind_endpoint, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class ModelActor:
 
     # ---- requests --------------------------------------------------------------------
     def verify(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
-               drafter: list) -> dict:
+               drafter: list, on_tokens: TokenSink | None = None) -> dict:
         """Own the request: decode with the target, verifying what the drafter sends to
         `endpoint` (from `listen`). `drafter` holds the ObjectRef of the drafter's `draft`
         call (empty: no drafter), so a dead drafter is noticed within one poll."""
@@ -121,10 +122,37 @@ class ModelActor:
         with self._busy:
             try:
                 result = verify_request(self.runner, router, self.fingerprint, session, prompt, cfg, opts,
-                                        drafter_alive=drafter_alive, cancelled=lambda: session in self._cancelled)
+                                        drafter_alive=drafter_alive, cancelled=lambda: session in self._cancelled,
+                                        on_tokens=on_tokens)
             finally:
                 self._cancelled.discard(session)
         return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
+
+    def verify_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
+                      drafter: list):
+        """`verify` as a Ray streaming generator: `{"token_ids": [...]}` per commit as the
+        tokens land, then `verify`'s answer. The decode runs on its own thread so a slow
+        reader never stalls verification."""
+        chunks: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            try:
+                answer = self.verify(session, endpoint, prompt, decode, options, drafter,
+                                     on_tokens=lambda tokens: chunks.put(("tokens", list(tokens))))
+                chunks.put(("done", answer))
+            except BaseException as exc:  # handed to the caller below
+                chunks.put(("error", exc))
+
+        threading.Thread(target=run, name=f"verify-{session[:8]}", daemon=True).start()
+        while True:
+            kind, value = chunks.get()
+            if kind == "tokens":
+                yield {"token_ids": value}
+            elif kind == "done":
+                yield value
+                return
+            else:
+                raise value
 
     def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
         cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)

@@ -41,7 +41,15 @@ import torch
 from actors.runner import ModelRunner
 from decoding.acceptance import verify_greedy, verify_sampling
 from decoding.draft_stream import DraftStream
-from decoding.request import DecodeConfig, GenerationResult, GenerationStats, OutputBuffer, make_generator, next_token
+from decoding.request import (
+    DecodeConfig,
+    GenerationResult,
+    GenerationStats,
+    OutputBuffer,
+    TokenSink,
+    make_generator,
+    next_token,
+)
 from decoding.sampling import logits_to_probs
 from decoding.tree import TokenTree
 from protocol import (
@@ -188,8 +196,9 @@ def verify_request(
     opts: PipelineOptions,
     drafter_alive: Callable[[], bool] = lambda: True,
     cancelled: Callable[[], bool] = lambda: False,
+    on_tokens: TokenSink | None = None,
 ) -> GenerationResult:
-    stats, out, gen = GenerationStats(), OutputBuffer(cfg), make_generator(cfg.seed)
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
     link = DrafterLink(router, fingerprint, session, opts, drafter_alive, cancelled)
     runner.reset(cfg.cache_room(len(prompt), opts.lookahead))

@@ -17,6 +17,7 @@ from actors import loading
 from actors.model import Transformer
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, speculative_generate
+from decoding.request import TokenSink
 from decoding.draft_length import DraftLengthPolicy
 
 DTYPES = loading.DTYPES
@@ -108,15 +109,19 @@ class LocalEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def generate(self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True, on_tokens: TokenSink | None = None
+    ) -> GenerationResult:
         check_prompt(len(prompt_ids), cfg.max_new_tokens, self.context_length)
         if not cfg.eos_token_ids:
             cfg = dataclasses.replace(cfg, eos_token_ids=self.eos_token_ids)
         if not speculative or self.draft_runner is None:
-            return autoregressive_generate(self.target_runner, prompt_ids, cfg)
+            return autoregressive_generate(self.target_runner, prompt_ids, cfg, on_tokens)
         key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)
         if key not in self.policies:
             self.policies[key] = DraftLengthPolicy(
                 max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width
             )
-        return speculative_generate(self.target_runner, self.draft_runner, prompt_ids, cfg, self.policies[key])
+        return speculative_generate(
+            self.target_runner, self.draft_runner, prompt_ids, cfg, self.policies[key], on_tokens
+        )

@@ -19,6 +19,7 @@ from decoding.request import (  # noqa: F401  (DecodeConfig etc. are imported fr
     GenerationResult,
     GenerationStats,
     OutputBuffer,
+    TokenSink,
     make_generator,
     next_token,
 )
@@ -29,9 +30,11 @@ def _first_token(target: ModelRunner, prompt: list[int], cfg: DecodeConfig, gen)
     return next_token(target.feed(prompt), cfg.sampling, gen)
 
 
-def autoregressive_generate(target: ModelRunner, prompt: list[int], cfg: DecodeConfig) -> GenerationResult:
+def autoregressive_generate(
+    target: ModelRunner, prompt: list[int], cfg: DecodeConfig, on_tokens: TokenSink | None = None
+) -> GenerationResult:
     """The target alone, one token per forward: the baseline speculation must match."""
-    stats, out, gen = GenerationStats(), OutputBuffer(cfg), make_generator(cfg.seed)
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
     target.reset(len(prompt) + cfg.max_new_tokens + 1)
     out.extend([_first_token(target, prompt, cfg, gen)])
@@ -50,13 +53,14 @@ def speculative_generate(
     prompt: list[int],
     cfg: DecodeConfig,
     policy: DraftLengthPolicy | None = None,
+    on_tokens: TokenSink | None = None,
 ) -> GenerationResult:
     """Lossless speculative decoding: the output follows the target's own distribution
     (token-identical under greedy) whatever the draft proposes."""
     policy = policy or DraftLengthPolicy(
         max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width
     )
-    stats, out, gen = GenerationStats(), OutputBuffer(cfg), make_generator(cfg.seed)
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
     room = cfg.cache_room(len(prompt))
     target.reset(room)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.placement import Placement, PlacementConfig, place, release
-from decoding.request import DecodeConfig, GenerationResult, GenerationStats
+from decoding.request import DecodeConfig, GenerationResult, GenerationStats, TokenSink
 from protocol import new_session_id
 from actors.verifying import PipelineOptions
 
@@ -123,11 +123,16 @@ class RayPipeline:
             self.close()
             raise
 
-    def generate(self, prompt: list[int], cfg: DecodeConfig, options: PipelineOptions) -> GenerationResult:
+    def generate(self, prompt: list[int], cfg: DecodeConfig, options: PipelineOptions,
+                 on_tokens: TokenSink | None = None, speculative: bool = True) -> GenerationResult:
+        """Decode `prompt`. `on_tokens` gets each batch of committed tokens as the verifier
+        commits it (streaming); if it raises, the request is cancelled on both actors and
+        the exception propagates. `speculative=False`: the target alone, drafter idle."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         start = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.request_timeout_s
         session = new_session_id()
         decode, opts = cfg.to_dict(), options.to_dict()
         try:
@@ -137,22 +142,33 @@ class RayPipeline:
             raise VerifierFailed(f"the verifier actor is not available ({type(exc).__name__}); "
                                  "retry once Ray has restarted it") from exc
         draft_ref = None
-        if self._drafter_ready():
+        if speculative and self._drafter_ready():
             draft_ref = self.drafter.draft.remote(session, endpoint, decode, opts)
-        verify_ref = self.verifier.verify.remote(session, endpoint, prompt, decode, opts,
-                                                 [draft_ref] if draft_ref is not None else [])
+        chunks = self.verifier.verify_stream.remote(session, endpoint, prompt, decode, opts,
+                                                    [draft_ref] if draft_ref is not None else [])
         try:
-            answer = ray.get(verify_ref, timeout=self.cfg.request_timeout_s)
-        except GetTimeoutError:
-            self.verifier.cancel.remote(session)
-            self.drafter.cancel.remote(session)
-            raise RequestTimeout(f"no result within {self.cfg.request_timeout_s:.0f} s; request cancelled") from None
+            while True:  # token chunks, then the answer
+                if not ray.wait([chunks], timeout=max(0.0, deadline - time.monotonic()))[0]:
+                    raise RequestTimeout(f"no result within {self.cfg.request_timeout_s:.0f} s; request cancelled")
+                chunk = ray.get(next(chunks))
+                if "stats" in chunk:
+                    answer = chunk
+                    break
+                if on_tokens is not None:
+                    on_tokens(chunk["token_ids"])
         except RayActorError as exc:
             self.drafter.cancel.remote(session)
             raise VerifierFailed(f"the verifier actor died during the request ({type(exc).__name__}); Ray is "
                                  "restarting it, retry the request") from exc
+        except BaseException:
+            self.verifier.cancel.remote(session)
+            self.drafter.cancel.remote(session)
+            raise
         stats = GenerationStats(**answer["stats"])
-        self._merge_drafter_stats(draft_ref, stats)
+        if speculative:
+            self._merge_drafter_stats(draft_ref, stats)
+        else:
+            stats.drafter_lost = False  # no drafter was asked
         stats.wall_s = time.perf_counter() - start  # as the caller saw it, Ray calls included
         return GenerationResult(answer["token_ids"], stats)
 

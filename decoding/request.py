@@ -7,6 +7,7 @@ lives here rather than in `cluster/`: actors import it without importing the dri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -97,18 +98,28 @@ class GenerationResult:
     stats: GenerationStats
 
 
-class OutputBuffer:
-    """Collects generated tokens; knows when to stop (length or end-of-sequence)."""
+TokenSink = Callable[[list[int]], None]
 
-    def __init__(self, cfg: DecodeConfig):
-        self.cfg, self.tokens, self.done = cfg, [], False
+
+class OutputBuffer:
+    """Collects generated tokens; knows when to stop (length or end-of-sequence).
+
+    `on_tokens` sees each batch of newly committed tokens as it lands (streaming); it may
+    raise (e.g. the client went away) to abandon the request.
+    """
+
+    def __init__(self, cfg: DecodeConfig, on_tokens: TokenSink | None = None):
+        self.cfg, self.tokens, self.done, self.on_tokens = cfg, [], False, on_tokens
 
     def extend(self, new: list[int]) -> None:
+        start = len(self.tokens)
         for t in new:
             if self.done:
-                return
+                break
             self.tokens.append(t)
             self.done = len(self.tokens) >= self.cfg.max_new_tokens or t in self.cfg.eos_token_ids
+        if self.on_tokens is not None and len(self.tokens) > start:
+            self.on_tokens(self.tokens[start:])
 
     @property
     def remaining(self) -> int:
