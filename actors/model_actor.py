@@ -73,6 +73,7 @@ class ModelActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         self._busy = threading.Lock()
         self._cancelled: set[str] = set()
+        self._stopped: set[str] = set()
         self._routers: dict[str, RouterChannel] = {}  # transport ("ipc"/"tcp") -> bound socket
         self._policies: dict[tuple, DraftLengthPolicy] = {}  # learned draft costs carry over
 
@@ -86,6 +87,10 @@ class ModelActor:
 
     def cancel(self, session: str) -> None:
         self._cancelled.add(session)
+
+    def stop(self, session: str) -> None:
+        """End `session` after its current round and answer normally (a stop string was seen)."""
+        self._stopped.add(session)
 
     def _channel_config(self, endpoint: str) -> ChannelConfig:
         auth = None
@@ -119,13 +124,19 @@ class ModelActor:
         def drafter_alive() -> bool:
             return bool(drafter) and not ray.wait(drafter, timeout=0)[0]
 
+        def sink(tokens: list[int]) -> bool:
+            if on_tokens is not None:
+                on_tokens(tokens)
+            return session in self._stopped
+
         with self._busy:
             try:
                 result = verify_request(self.runner, router, self.fingerprint, session, prompt, cfg, opts,
                                         drafter_alive=drafter_alive, cancelled=lambda: session in self._cancelled,
-                                        on_tokens=on_tokens)
+                                        on_tokens=sink)
             finally:
                 self._cancelled.discard(session)
+                self._stopped.discard(session)
         return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
 
     def verify_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,

@@ -127,7 +127,8 @@ class RayPipeline:
                  on_tokens: TokenSink | None = None, speculative: bool = True) -> GenerationResult:
         """Decode `prompt`. `on_tokens` gets each batch of committed tokens as the verifier
         commits it (streaming); if it raises, the request is cancelled on both actors and
-        the exception propagates. `speculative=False`: the target alone, drafter idle."""
+        the exception propagates; if it returns True, the request ends after the current
+        round (the answer may hold a few tokens past that point). `speculative=False`: the target alone, drafter idle."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -146,6 +147,7 @@ class RayPipeline:
             draft_ref = self.drafter.draft.remote(session, endpoint, decode, opts)
         chunks = self.verifier.verify_stream.remote(session, endpoint, prompt, decode, opts,
                                                     [draft_ref] if draft_ref is not None else [])
+        stopping = False
         try:
             while True:  # token chunks, then the answer
                 if not ray.wait([chunks], timeout=max(0.0, deadline - time.monotonic()))[0]:
@@ -154,8 +156,9 @@ class RayPipeline:
                 if "stats" in chunk:
                     answer = chunk
                     break
-                if on_tokens is not None:
-                    on_tokens(chunk["token_ids"])
+                if on_tokens is not None and not stopping and on_tokens(chunk["token_ids"]) is True:
+                    self.verifier.stop.remote(session)  # finish the round, answer with stats
+                    stopping = True
         except RayActorError as exc:
             self.drafter.cancel.remote(session)
             raise VerifierFailed(f"the verifier actor died during the request ({type(exc).__name__}); Ray is "

@@ -98,14 +98,15 @@ class GenerationResult:
     stats: GenerationStats
 
 
-TokenSink = Callable[[list[int]], None]
+TokenSink = Callable[[list[int]], "bool | None"]
 
 
 class OutputBuffer:
     """Collects generated tokens; knows when to stop (length or end-of-sequence).
 
-    `on_tokens` sees each batch of newly committed tokens as it lands (streaming); it may
-    raise (e.g. the client went away) to abandon the request.
+    `on_tokens` sees each batch of newly committed tokens as it lands (streaming). It
+    returns True to end the request here (a stop string was seen), or raises (the client
+    went away) to abandon it.
     """
 
     def __init__(self, cfg: DecodeConfig, on_tokens: TokenSink | None = None):
@@ -119,7 +120,8 @@ class OutputBuffer:
             self.tokens.append(t)
             self.done = len(self.tokens) >= self.cfg.max_new_tokens or t in self.cfg.eos_token_ids
         if self.on_tokens is not None and len(self.tokens) > start:
-            self.on_tokens(self.tokens[start:])
+            if self.on_tokens(self.tokens[start:]) is True:
+                self.done = True
 
     @property
     def remaining(self) -> int:

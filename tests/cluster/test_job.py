@@ -1,132 +1,33 @@
 """`ray job submit -- python -m cluster.job ...` on a real local Ray head prints what `specray` prints.
 
-One head per module (starting Ray costs seconds). It runs as `ray start --head --block`
-in its own process: stopping that one process stops exactly this cluster, where
-`ray stop` would kill every Ray process on the machine, other people's test clusters
-included.
+One head per module (starting Ray costs seconds; see `tests/ray_head.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import pytest
 import ray
 
 from cluster import cli
+from ray_head import RAY, Head, ray_head
 
 REPO = Path(__file__).parents[2]
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
 # Pipelines whose job output must equal the local CLI's; "sync" and "async" go here when they land.
 PIPELINES = ["local", "sync", "async"]
 PROMPT = "hello world"
 
 
-@dataclass
-class Head:
-    url: str
-    env: dict[str, str]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def head_env() -> dict[str, str]:
-    # No RAY_ADDRESS (it would point elsewhere); no OMP_NUM_THREADS, as deploy/cluster.yaml does.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
-    # The job's entrypoint runs `python` from the PATH that `ray start` had: make it the venv's.
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    # Ray 2.60 turns token auth on for `ray start` whenever ~/.ray/auth_token exists (any
-    # earlier ray.init() leaves one), but `ray job submit` does not follow suit: name the
-    # mode and a fresh token for both sides, independent of what ~/.ray holds.
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url + "/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # an answer at all (401 without the token) means the dashboard is serving
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"Ray head not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM makes `ray start --block` stop its own processes; stragglers die by pid."""
-    try:
-        started = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        started = []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(started, timeout=10)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[Head]:
-    # Ray's temp dir holds Unix sockets, whose paths must stay under ~107 bytes: keep it short.
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    log = tmp_path_factory.mktemp("ray-head") / "head.log"
-    dashboard = free_port()
-    ports = dict(
-        port=free_port(), dashboard_port=dashboard, ray_client_server_port=free_port(),
-        node_manager_port=free_port(), object_manager_port=free_port(),
-        dashboard_agent_listen_port=free_port(), dashboard_agent_grpc_port=free_port(),
-        runtime_env_agent_port=free_port(), metrics_export_port=free_port(),
-        min_worker_port=0, max_worker_port=0,  # 0: workers take ports the OS hands out
-    )
-    cmd = [
-        RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-        "--object-store-memory=300000000",  # the default 30% of RAM is wanted by the models
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        *(f"--{k.replace('_', '-')}={v}" for k, v in ports.items()),
-    ]
-    env = head_env()
-    url = f"http://127.0.0.1:{dashboard}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(url, proc, log)
-        yield Head(url, env)
-    finally:
-        stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(tmp_path_factory.mktemp("ray-head") / "head.log") as h:
+        yield h
 
 
 def submit(head: Head, args: list[str], entrypoint: list[str] | None = None,

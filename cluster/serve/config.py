@@ -1,0 +1,57 @@
+"""What `deploy/serve.yaml`'s `args:` may say. Serve validates them with this model
+before the replica starts, so a typo fails `serve run` with the field named."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES
+
+
+class ServeArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str | None = DEFAULT_TARGET
+    draft: str | None = DEFAULT_DRAFT  # null: the target alone
+    ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
+    combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
+    pipeline: Literal["local", "sync", "async"] = "async"
+    served_model_name: str | None = None  # the `model` clients name; default: the target's
+    dtype: str = "float32"
+    draft_dtype: str = "bfloat16"
+    max_len: int = Field(4096, ge=16)
+    lookahead: int = Field(8, ge=1)
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    cpus_per_actor: int = Field(1, ge=1)
+    spread: bool = False
+    # Requests one replica holds (decoding + waiting) before it answers 503.
+    max_pending: int = Field(32, ge=1)
+    default_max_tokens: int = Field(256, ge=1)  # when a request names no max_tokens
+    request_timeout_s: float = Field(1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeArgs":
+        for name in ("dtype", "draft_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.ensemble is not None:
+            if len(self.ensemble) < 2:
+                raise ValueError(f"ensemble needs at least 2 models, got {self.ensemble}")
+            if self.combine is None:
+                raise ValueError("ensemble needs combine (we:LAMBDA or cd:MU)")
+            self.target = self.draft = None  # the ensemble is the target
+        elif self.combine is not None:
+            raise ValueError("combine applies to an ensemble; set ensemble too")
+        elif self.target is None:
+            raise ValueError("name a target (or an ensemble)")
+        if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None:
+            raise ValueError(f"pipeline {self.pipeline} needs a draft; use pipeline local for the target alone")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return "+".join(self.ensemble) if self.ensemble else str(self.target)

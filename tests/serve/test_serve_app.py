@@ -1,0 +1,296 @@
+"""The OpenAI endpoint, end to end: a real `ray start` head, a real `serve run` of the app
+on loopback, and the official `openai` client (plain HTTP where the client would refuse
+to send the broken request).
+
+Two applications on one `serve run`, tiny models:
+- `/`: the async Ray pipeline (verifier + drafter actors), room for 40 pending requests;
+- `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+import requests
+import yaml
+
+from cluster.engine import EngineConfig, LocalEngine
+from cluster.local import DecodeConfig
+from ray_head import VENV_BIN, Head, free_port, ray_head, stop
+
+REPO = Path(__file__).parents[2]
+MODEL = "tiny"
+
+
+class Server:
+    def __init__(self, base: str, head: Head, target: str):
+        self.base, self.head, self.target = base, head, target
+        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.small = openai.OpenAI(base_url=f"{base}/small/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def aclient(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def wait_healthy(urls: list[str], proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(pending[0], timeout=2).status_code == 200:
+                pending.pop(0)
+                continue
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    if pending:
+        raise RuntimeError(f"{pending} not healthy after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    target, draft = tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3)
+    port = free_port()
+    common = {"target": target, "draft": draft, "served_model_name": MODEL}
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {"name": "main", "route_prefix": "/", "import_path": "cluster.serve.app:build",
+             "args": {**common, "pipeline": "async", "max_pending": 40}},
+            {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
+             "args": {**common, "pipeline": "local", "max_pending": 1}},
+        ],
+    }
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    with ray_head(tmp / "head.log", num_cpus=4) as head:
+        log = tmp / "serve.log"
+        env = {**head.env, "RAY_ADDRESS": head.address}
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(VENV_BIN / "serve"), "run", str(tmp / "serve.yaml")], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy([f"{base}/health", f"{base}/small/health"], proc, log)
+            yield Server(base, head, target)
+        finally:
+            stop(proc, signal.SIGINT)  # serve run tears its applications down on Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def target_alone(server):
+    """Greedy text of the target alone, in this process: what every answer must equal."""
+    engine = LocalEngine(EngineConfig(server.target), progress=False)
+
+    def text(prompt_ids: list[int], max_tokens: int) -> str:
+        result = engine.generate(prompt_ids, DecodeConfig(max_new_tokens=max_tokens), speculative=False)
+        return engine.decode(result.token_ids)
+
+    text.engine = engine
+    return text
+
+
+# ---- routes --------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    health = requests.get(f"{server.base}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["max_pending"] == 40
+
+
+def test_completion_is_the_target_alone(server, target_alone):
+    prompt = "hello world"
+    ids = target_alone.engine.encode(prompt)
+    expected = target_alone(ids, 24)
+    full = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    streamed = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                stream=True)
+    chunks = [c.choices[0].text for c in streamed]
+    plain = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                             extra_body={"specray": {"speculative": False}})
+    assert full.choices[0].text == "".join(chunks) == plain.choices[0].text == expected
+    assert len(chunks) > 2  # it really streamed
+    assert full.usage.prompt_tokens == len(ids) and full.usage.completion_tokens == 24
+    assert full.choices[0].finish_reason == "length"
+    ext = full.model_extra["specray"]
+    assert ext["new_tokens"] == 24 and ext["mean_accepted"] >= 1 and ext["tokens_per_s"] > 0
+    assert ext["drafted_tokens"] > 0 and plain.model_extra["specray"]["drafted_tokens"] == 0
+
+
+def test_chat_streaming_and_not(server, target_alone):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count: 1 2 3"}]
+    ids = target_alone.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    full = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True})
+    events = list(stream)
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert events[0].choices[0].delta.role == "assistant"
+    assert full.choices[0].message.content == text == target_alone(ids, 20)
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == full.choices[0].finish_reason
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.usage.prompt_tokens == len(ids)
+
+
+def test_sampling_parameters_reach_the_decoder(server):
+    out = server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=1.0, top_p=0.9,
+                                           seed=7)
+    assert 1 <= out.usage.completion_tokens <= 16
+    greedy = server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=0)
+    sampled = {server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=1.5,
+                                                seed=s).choices[0].text for s in range(4)}
+    assert sampled != {greedy.choices[0].text}  # temperature is not ignored
+
+
+def test_stop_strings_cut_the_text(server):
+    free = server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=24, temperature=0)
+    text = free.choices[0].text
+    stop = text[5:7]  # somewhere inside the answer
+    cut = text[: text.index(stop)]
+    for stream in (False, True):
+        out = server.client.completions.create(model=MODEL, prompt="hello world", max_tokens=24, temperature=0,
+                                               stop=[stop], stream=stream)
+        if stream:
+            events = list(out)
+            assert "".join(e.choices[0].text for e in events) == cut
+            assert events[-1].choices[0].finish_reason == "stop"
+        else:
+            assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+
+
+# ---- many at once --------------------------------------------------------------------
+
+def test_32_concurrent_requests_half_streaming_match_each_alone(server):
+    requests_ = [(f"prompt {i}: " + "abcdefgh"[i % 8] * (1 + i % 5), 8 + i % 9, i % 2 == 1) for i in range(32)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: bool) -> str:
+        if not stream:
+            r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            return r.choices[0].text
+        r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            stream=True)
+        return "".join([c.choices[0].text async for c in r])
+
+    async def alone() -> list[str]:
+        async with server.aclient() as client:
+            return [await one(client, *r) for r in requests_]
+
+    async def together() -> list[str]:
+        async with server.aclient() as client:
+            return await asyncio.gather(*(one(client, *r) for r in requests_))
+
+    expected = asyncio.run(alone())
+    assert asyncio.run(together()) == expected
+    assert len(set(expected)) > 8  # distinct requests, not one answer 32 times
+
+
+# ---- bad input -----------------------------------------------------------------------
+
+def post(server: Server, path: str, body: str | dict) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(f"{server.base}{path}", data=data, headers={"content-type": "application/json"},
+                         timeout=60)
+
+
+BAD = [
+    ("/v1/chat/completions", {"model": MODEL, "max_tokens": 4}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [], "max_tokens": 4}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 600, "max_tokens": 4}, 400, "context length"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 511}, 400, "context length"),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "hi", "max_tokens": 4}, 404, "gpt-4o"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi",', 400, "JSON"),
+    ("/v1/completions", "[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 99999], "max_tokens": 2}, 400, "token ids"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,mentions", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors_and_the_next_request_works(server, path, body, status, mentions):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert mentions.lower() in error["message"].lower()
+    ok = server.client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens == 3
+
+
+def test_openai_client_raises_its_own_error_types(server):
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="missing", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        server.client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+
+
+# ---- a full queue, a vanished client --------------------------------------------------
+
+def small_health(server: Server) -> dict:
+    return requests.get(f"{server.base}/small/health", timeout=10).json()
+
+
+def test_full_queue_answers_503_and_a_vanished_client_frees_its_slot(server):
+    abandoned = small_health(server)["abandoned"]
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 480, "temperature": 0, "stream": True}
+    with requests.post(f"{server.base}/small/v1/completions", json=body, stream=True, timeout=60) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")  # it is decoding
+        refused = post(server, "/small/v1/completions", {"model": MODEL, "prompt": "b", "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "queue_full"
+        # The client walks away mid-stream.
+    deadline = time.monotonic() + 30
+    while small_health(server)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    health = small_health(server)
+    assert health["pending"] == 0
+    assert health["abandoned"] == abandoned + 1  # stopped because the client left, not run to the end
+    ok = server.small.completions.create(model=MODEL, prompt="b", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+def scrape(head: Head) -> dict[str, float]:
+    """Sum of each specray series over its labels, from the node's Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{head.metrics_port}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_specray_"):
+            name = line.split("{")[0].split(" ")[0]
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def test_prometheus_metrics_count_requests_and_tokens(server):
+    server.client.completions.create(model=MODEL, prompt="metrics", max_tokens=12, temperature=0)
+    wanted = {"ray_specray_requests_total", "ray_specray_generated_tokens_total", "ray_specray_draft_tokens_total",
+              "ray_specray_accepted_tokens_total", "ray_specray_mean_accepted_length_count",
+              "ray_specray_time_to_first_token_seconds_count", "ray_specray_time_per_output_token_seconds_count"}
+    deadline = time.monotonic() + 60
+    while not wanted <= set(totals := scrape(server.head)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert wanted <= set(totals), sorted(totals)
+    assert totals["ray_specray_generated_tokens_total"] >= 12
+    assert totals["ray_specray_requests_total"] >= 1
+    assert totals["ray_specray_time_to_first_token_seconds_count"] >= 1
+
