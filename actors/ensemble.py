@@ -1,0 +1,364 @@
+"""Ensemble decode loops: standard collaborative decoding, and CoS. Written once against a
+small member interface, so the same loop runs on in-process ModelRunners (`LocalMember`)
+and on Ray actors over ZeroMQ (`actors.ensemble_peers.RemoteMember`).
+
+A member is one model with its KV cache. It answers two commands for a context (the
+committed tokens plus any proposals), each returning raw logits rows:
+- score(context, n): rows after each of the last n context tokens (cache = context);
+- draft(context, k): k tokens drawn one by one from its own q (its logits under the
+  request's SamplingParams, with its own coins), and the k rows they were drawn from.
+`submit` starts a command, `result` waits for it: remote members work while the leader
+computes its own (local members compute inside `result`, which is called for them first).
+
+`ensemble_generate` (the baseline): per token, every member scores the newest token (in
+parallel when they are actors), the rows combine (`decoding.ensemble.combine_logits`) and
+the token is drawn from r, the combined logits under the SamplingParams.
+
+`cos_generate` (CoS, arXiv 2502.01662), per round:
+1. the proposer (by default `CosOptions.default_proposer`) puts forward K tokens: a bonus
+   it carried over from the previous round, if any, then drafts from its own q;
+2. every other member scores the context plus the K proposals in one forward, in parallel;
+3. with the rows of all n members at each proposed position, r is known there: proposal x
+   passes with probability min(1, r(x)/q(x)); the first failure samples the correction from
+   norm(max(0, r - q)) and the next round goes back to the default proposer;
+4. if all K pass, nobody has r at the next position (the proposer never fed its last
+   draft), but every verifier has its own row there. Alternate proposal: the next verifier
+   in turn (the default proposer when it was verifying) draws a token from its own q
+   there; that token is not committed, it becomes the first proposal of the next round,
+   with that member as proposer, and is tested like any draft. Roles rotate so.
+
+Why the output follows r exactly (and is token-identical to the baseline at T = 0).
+Take any position t with committed prefix c. Whatever happened before, the token emitted
+at t is produced by one of: (a) a baseline step, a draw from r(. | c); or (b) a rejection
+test of a proposal x ~ q(. | c), where q is some member's own distribution given exactly c
+(a draft, or a carried bonus: both are drawn from that member's row for c), the coin that
+drew x is independent of the leader's acceptance coin, and the test is min(1, r/q) with
+residual norm(max(0, r - q)). In (b), P(emit y) = q(y) min(1, r(y)/q(y)) + (1 - sum_z
+min(q(z), r(z))) * (r(y) - min(q(y), r(y))) / (1 - sum_z min(q(z), r(z))) = r(y) (Leviathan
+et al.). Which member proposes, how many tokens it drafts and whether a step is (a) or (b)
+depend only on what happened before t (earlier outcomes, measured costs), never on the
+coins at t, so conditional on c the token is r(. | c)-distributed, and by the chain rule
+the sequence follows r. This holds for any n: the "other" models only supply their rows
+to build r, and the proposer may be any of them. Dropping the carried bonus (role swap
+off) is a case of "the next position is decided by a later round": still exact. At T = 0,
+r and q are one-hot; a proposal passes iff it is argmax r and the correction is argmax r,
+so every emitted token is argmax r(. | c): the baseline's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from actors.runner import ModelRunner
+from decoding.draft_length import CostModel
+from decoding.ensemble import CombineRule, choose_gamma, combine_logits, cos_verify
+from decoding.request import (
+    DecodeConfig,
+    GenerationResult,
+    GenerationStats,
+    OutputBuffer,
+    TokenSink,
+    make_generator,
+    next_token,
+)
+from decoding.sampling import SamplingParams, logits_to_probs, sample
+
+COMMANDS = ("score", "draft")
+
+
+class Cancelled(Exception):
+    """The caller gave up on this request."""
+
+
+class MemberLost(RuntimeError):
+    """An ensemble member died or stopped answering mid-request."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"ensemble member {name!r} failed: {why}")
+        self.member = name
+
+
+@dataclass
+class Rows:
+    logits: torch.Tensor  # [R, V] raw logits (float32)
+    tokens: list[int] = field(default_factory=list)  # drafted tokens (draft only)
+    seconds: float = 0.0  # the member's own compute time
+
+
+class Member(Protocol):
+    name: str
+    local: bool
+
+    def begin(self, room: int, params: SamplingParams, seed: int | None) -> None: ...
+
+    def submit(self, kind: str, context: list[int], count: int) -> None: ...
+
+    def result(self) -> Rows: ...
+
+
+# ---- one model: what a member does, wherever it runs ------------------------------------
+
+def member_seed(seed: int | None, index: int) -> int | None:
+    """Each member's drafting coins: independent of the leader's (seed) and of each other."""
+    return None if seed is None else seed + 1 + index
+
+
+def score_rows(runner: ModelRunner, context: Sequence[int], count: int) -> torch.Tensor:
+    """Logits [count, V] after each of the last `count` tokens of `context`; afterwards the
+    cache holds exactly `context`. Rows are computed only where asked (a long prompt's
+    full logits would be [L, 152k])."""
+    keep = len(context) - count
+    if keep < 0 or count < 1:
+        raise ValueError(f"cannot score {count} rows of a {len(context)}-token context")
+    pending = runner.sync(context[:keep]) + list(context[keep:])
+    hidden = runner.model.forward_hidden(torch.tensor(pending, dtype=torch.long), runner.cache)
+    runner.tokens.extend(pending)
+    return runner.model.logits(hidden[-count:])
+
+
+def draft_rows(runner: ModelRunner, context: Sequence[int], k: int, params: SamplingParams,
+               gen: torch.Generator) -> tuple[list[int], torch.Tensor]:
+    """k tokens drawn from the model's own q after `context`, and the k logits rows."""
+    logits = score_rows(runner, context, 1)[0]
+    tokens, rows = [], []
+    while True:
+        rows.append(logits)
+        token = int(logits.argmax()) if params.greedy else int(sample(logits_to_probs(logits, params), gen))
+        tokens.append(token)
+        if len(tokens) == k:
+            return tokens, torch.stack(rows)
+        logits = runner.feed([token])
+
+
+def run_command(runner: ModelRunner, kind: str, context: Sequence[int], count: int, params: SamplingParams,
+                gen: torch.Generator) -> Rows:
+    start = time.perf_counter()
+    if kind == "score":
+        rows = Rows(score_rows(runner, context, count))
+    elif kind == "draft":
+        tokens, logits = draft_rows(runner, context, count, params, gen)
+        rows = Rows(logits, tokens)
+    else:
+        raise ValueError(f"unknown member command {kind!r}; expected one of {COMMANDS}")
+    rows.seconds = time.perf_counter() - start
+    return rows
+
+
+class LocalMember:
+    """A member in this process. Computes lazily in `result`, so remote members that were
+    submitted to first work meanwhile."""
+
+    local = True
+
+    def __init__(self, runner: ModelRunner, name: str, index: int):
+        self.runner, self.name, self.index = runner, name, index
+        self._pending: tuple | None = None
+
+    def begin(self, room: int, params: SamplingParams, seed: int | None) -> None:
+        self.runner.reset(room)
+        self.params, self.gen = params, make_generator(member_seed(seed, self.index))
+
+    def submit(self, kind: str, context: list[int], count: int) -> None:
+        self._pending = (kind, list(context), count)
+
+    def result(self) -> Rows:
+        kind, context, count = self._pending
+        self._pending = None
+        return run_command(self.runner, kind, context, count, self.params, self.gen)
+
+
+# ---- the loops ----------------------------------------------------------------------------
+
+def _gather(members: Sequence[Member], jobs: dict[int, tuple[str, list[int], int]]) -> dict[int, Rows]:
+    """Run jobs {member index: (kind, context, count)} in parallel; remote ones first."""
+    for i, (kind, context, count) in jobs.items():
+        if not members[i].local:
+            members[i].submit(kind, context, count)
+    for i, (kind, context, count) in jobs.items():
+        if members[i].local:
+            members[i].submit(kind, context, count)
+    order = sorted(jobs, key=lambda i: not members[i].local)  # local compute overlaps remote
+    return {i: members[i].result() for i in order}
+
+
+def _begin(members: Sequence[Member], prompt: list[int], cfg: DecodeConfig) -> None:
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+    room = cfg.cache_room(len(prompt))
+    for m in members:
+        m.begin(room, cfg.sampling, cfg.seed)
+
+
+def _combined_step(members, rule, context, cfg, gen) -> int:
+    """Every member scores the newest token; one token from r."""
+    rows = _gather(members, {i: ("score", context, 1) for i in range(len(members))})
+    combined = combine_logits([rows[i].logits[0] for i in range(len(members))], rule)
+    return next_token(combined, cfg.sampling, gen)
+
+
+def _check_cancelled(cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled("request cancelled")
+
+
+def ensemble_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int], cfg: DecodeConfig,
+                      on_tokens: TokenSink | None = None,
+                      cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+    """Standard collaborative decoding: every member at every token."""
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
+    start = time.perf_counter()
+    _begin(members, prompt, cfg)
+    while not out.done:
+        _check_cancelled(cancelled)
+        out.extend([_combined_step(members, rule, prompt + out.tokens, cfg, gen)])
+        stats.target_forwards += 1
+    stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
+    return GenerationResult(out.tokens, stats)
+
+
+@dataclass(frozen=True)
+class CosOptions:
+    default_proposer: int = 0  # the member that drafts unless a bonus swapped roles
+    swap_draft_length: int = 1  # proposals from a swapped-in proposer, its carried bonus included
+    role_swap: bool = True  # alternate proposal; off: an all-accepted round's bonus is dropped
+    fallback: bool = True  # adaptive gamma only: baseline steps while speculation does not pay
+    probe_every: int = 16  # fallback: after this many baseline steps, try one CoS round again
+
+    def __post_init__(self) -> None:
+        if self.default_proposer < 0:
+            raise ValueError(f"default_proposer must be >= 0, got {self.default_proposer}")
+        if self.swap_draft_length < 1:
+            raise ValueError(f"swap_draft_length must be >= 1, got {self.swap_draft_length}")
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {self.probe_every}")
+
+
+@dataclass
+class CosState:
+    """What CoS learns about one ensemble, carried across requests: measured costs (the
+    default proposer's draft step, the verifiers' parallel scoring of n tokens, one baseline
+    step) and the acceptance rate."""
+
+    costs: CostModel = field(default_factory=CostModel)
+    baseline_s: float | None = None
+    passed: float = 0.6  # decayed counts: acceptance = passed / tested
+    tested: float = 1.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.passed / self.tested
+
+    def observe_round(self, accepted: int, tested: int) -> None:
+        self.passed, self.tested = 0.8 * self.passed + accepted, 0.8 * self.tested + tested
+
+    def observe_baseline(self, seconds: float) -> None:
+        self.baseline_s = seconds if self.baseline_s is None else 0.7 * self.baseline_s + 0.3 * seconds
+
+    def plan(self, max_len: int) -> tuple[int, float | None]:
+        """(draft length, expected tokens/s) from the measurements; (3, None) before any."""
+        if self.costs.draft_step_s is None or not self.costs.verify_s:
+            return min(3, max_len), None
+        return choose_gamma(self.acceptance, self.costs.draft_step_s, self.costs.verify, max_len)
+
+
+def _next_proposer(verifiers: list[int], default: int, proposer: int, n: int) -> int:
+    if default in verifiers:
+        return default
+    return next((proposer + j) % n for j in range(1, n) if (proposer + j) % n in verifiers)
+
+
+def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int], cfg: DecodeConfig,
+                 opts: CosOptions | None = None, on_tokens: TokenSink | None = None, state: CosState | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+    """CoS: lossless speculation over an ensemble (see the module doc). `cfg.draft_length`
+    fixes the default proposer's draft length (no fallback then); else it adapts."""
+    opts, state = opts or CosOptions(), state if state is not None else CosState()
+    n = len(members)
+    if not 0 <= opts.default_proposer < n:
+        raise ValueError(f"default_proposer {opts.default_proposer} is not one of the {n} members")
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
+    params, start = cfg.sampling, time.perf_counter()
+    _begin(members, prompt, cfg)
+    out.extend([_combined_step(members, rule, prompt, cfg, gen)])  # the prefill: all members
+    stats.target_forwards = 1
+    default = proposer = opts.default_proposer
+    carry: tuple[int, torch.Tensor] | None = None  # (bonus token, the proposer's row it came from)
+    adaptive = cfg.draft_length is None
+    baseline_streak = 0
+    while not out.done:
+        _check_cancelled(cancelled)
+        context = prompt + out.tokens
+        if proposer == default:
+            k, rate = (min(cfg.draft_length, cfg.max_draft_length), None) if not adaptive \
+                else state.plan(cfg.max_draft_length)
+        else:
+            k, rate = min(opts.swap_draft_length, cfg.max_draft_length), None
+        # Baseline steps while they beat speculation's expected rate (both measured; one
+        # baseline step after the first round measures it, and every `probe_every` baseline
+        # steps one round refreshes the acceptance estimate).
+        if carry is None and adaptive and opts.fallback:
+            if state.baseline_s is None:
+                use_baseline = stats.verify_rounds > 0
+            else:
+                use_baseline = rate is not None and rate * state.baseline_s < 1 and baseline_streak < opts.probe_every
+            if use_baseline:
+                step_start = time.perf_counter()
+                out.extend([_combined_step(members, rule, context, cfg, gen)])
+                state.observe_baseline(time.perf_counter() - step_start)
+                stats.target_forwards += 1
+                baseline_streak += 1
+                continue
+        baseline_streak = 0
+        k = max(1, min(k, out.remaining))
+        # 1. proposals
+        tokens, rows = ([carry[0]], [carry[1]]) if carry is not None else ([], [])
+        if k > len(tokens):
+            drafted = _gather(members, {proposer: ("draft", context + tokens, k - len(tokens))})[proposer]
+            tokens += drafted.tokens
+            rows += list(drafted.logits)
+            stats.draft_s += drafted.seconds
+            if proposer == default:
+                state.costs.observe_draft(drafted.seconds, len(drafted.tokens))
+        # 2. the others score them, in parallel
+        verifiers = [i for i in range(n) if i != proposer]
+        verify_start = time.perf_counter()
+        scored = _gather(members, {i: ("score", context + tokens, len(tokens) + 1) for i in verifiers})
+        verify_s = time.perf_counter() - verify_start
+        if proposer == default:
+            state.costs.observe_verify(verify_s, len(tokens) + 1)
+        # 3. test them against r
+        k = len(tokens)
+        own = torch.stack(rows)
+        member_rows = [own if i == proposer else scored[i].logits[:k] for i in range(n)]
+        r = logits_to_probs(combine_logits(member_rows, rule), params)
+        q = logits_to_probs(own, params)
+        accepted, correction = cos_verify(tokens, q, r, params.greedy, gen)
+        state.observe_round(accepted, accepted + (correction is not None))
+        stats.verify_rounds += 1
+        stats.target_forwards += 1
+        stats.drafted_tokens += k
+        stats.accepted_tokens += accepted
+        stats.verify_s += verify_s
+        if correction is not None:
+            new, proposer, carry = tokens[:accepted] + [correction], default, None
+        else:
+            new, carry = tokens, None
+            proposer_was = proposer
+            proposer = default
+            if opts.role_swap and len(out.tokens) + k < cfg.max_new_tokens:
+                # 4. alternate proposal: a verifier's own token at the next position
+                proposer = _next_proposer(verifiers, default, proposer_was, n)
+                row = scored[proposer].logits[k]
+                carry = (next_token(row, params, gen), row)
+        out.extend(new)
+    stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
+    return GenerationResult(out.tokens, stats)
+
+
+def local_members(runners: Sequence[ModelRunner], names: Sequence[str] | None = None) -> list[LocalMember]:
+    names = names or [f"member{i}" for i in range(len(runners))]
+    return [LocalMember(r, name, i) for i, (r, name) in enumerate(zip(runners, names))]
