@@ -23,9 +23,10 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def builtin_engine():
-    """The real built-in pair, loaded once per test process (about 5 GB)."""
+    """The real built-in pair (about 5 GB), loaded once by the one module that uses it and
+    freed after it, so later modules can load the pair in actors instead."""
     from cluster.engine import EngineConfig, LocalEngine
 
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"))

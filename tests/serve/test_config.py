@@ -1,0 +1,53 @@
+"""The Serve config as shipped, and the checks on its `args`, with Serve's own schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET
+from cluster.serve.config import ServeArgs
+
+SHIPPED = Path(__file__).parents[2] / "deploy" / "serve.yaml"
+
+
+def shipped() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000():
+    config = shipped()
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.port == 8000
+    (app,) = config["applications"]
+    assert app["import_path"] == "cluster.serve.app:build"
+    args = ServeArgs(**app["args"])
+    assert (args.target, args.draft, args.pipeline) == (DEFAULT_TARGET, DEFAULT_DRAFT, "async")
+    deployment = app["deployments"][0]
+    assert deployment["max_ongoing_requests"] >= args.max_pending  # /health must get in past a full queue
+    assert deployment["autoscaling_config"]["min_replicas"] >= 1
+
+
+@pytest.mark.parametrize("args,mentions", [
+    ({"pipeline": "turbo"}, "pipeline"),
+    ({"max_pending": 0}, "max_pending"),
+    ({"dtype": "float8"}, "dtype"),
+    ({"draft": None, "pipeline": "async"}, "needs a draft"),
+    ({"ensemble": ["a"], "combine": "we:0.5"}, "at least 2"),
+    ({"ensemble": ["a", "b"]}, "combine"),
+    ({"combine": "we:0.5"}, "ensemble"),
+    ({"targte": "x"}, "targte"),
+])
+def test_bad_args_name_what_is_wrong(args, mentions):
+    with pytest.raises(ValidationError, match=mentions):
+        ServeArgs(**args)
+
+
+def test_target_alone_runs_local_and_an_ensemble_replaces_the_target():
+    assert ServeArgs(draft=None, pipeline="local").model_name == DEFAULT_TARGET
+    ens = ServeArgs(ensemble=["a", "b"], combine="we:0.5")
+    assert ens.target is None and ens.draft is None and ens.model_name == "a+b"
