@@ -54,6 +54,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from actors.runner import ModelRunner
+from actors.verifying import Cancelled
 from decoding.draft_length import CostModel
 from decoding.ensemble import CombineRule, choose_gamma, combine_logits, cos_verify
 from decoding.request import (
@@ -68,10 +69,6 @@ from decoding.request import (
 from decoding.sampling import SamplingParams, logits_to_probs, sample
 
 COMMANDS = ("score", "draft")
-
-
-class Cancelled(Exception):
-    """The caller gave up on this request."""
 
 
 class MemberLost(RuntimeError):

@@ -188,3 +188,87 @@ class ModelActor:
 
         with self._busy:
             self.runner = OracleRunner(reference, self.runner.vocab_size, acceptance, step_cost_s, seed)
+
+    # ---- ensembles (CoS): one member per actor, one of them leads ------------------------
+    def ensemble_lead(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
+                      followers: list, on_tokens: TokenSink | None = None) -> dict:
+        """Own an ensemble request (`actors.ensemble`): this actor's model is member
+        `spec["index"]`; the others (`spec["names"]`, by index) connect to `endpoint` (from
+        `listen`) and serve calls. `followers` holds their `ensemble_follow` ObjectRefs in
+        `spec["followers"]` order, so a dead member is noticed within one poll."""
+        import ray
+
+        from actors.ensemble import CosOptions, CosState, LocalMember, cos_generate, ensemble_generate
+        from actors.ensemble_peers import LeaderLink, PeerOptions, RemoteMember
+        from decoding.ensemble import parse_combine
+
+        cfg, opts = DecodeConfig.from_dict(decode), PeerOptions(**spec.get("peer", {}))
+        if not cfg.eos_token_ids:
+            cfg.eos_token_ids = self.eos_token_ids
+        names = list(spec["names"])
+        rule = parse_combine(spec["combine"], len(names))
+        router = next((r for r in self._routers.values() if r.endpoint == endpoint), None)
+        if router is None:
+            raise ValueError(f"{endpoint} is not one of this actor's sockets; call listen first")
+        refs = dict(zip(spec["followers"], followers))
+
+        def alive(index: int) -> bool:
+            return not ray.wait([refs[index]], timeout=0)[0]
+
+        cancelled = lambda: session in self._cancelled  # noqa: E731
+        link = LeaderLink(router, self.fingerprint, session, {i: names[i] for i in refs}, opts, alive, cancelled)
+        members = [LocalMember(self.runner, name, i) if i == spec["index"] else RemoteMember(link, i, name, session)
+                   for i, name in enumerate(names)]
+        with self._busy:
+            try:
+                link.accept()
+                if spec["method"] == "ensemble":
+                    result = ensemble_generate(members, rule, prompt, cfg, on_tokens, cancelled)
+                else:
+                    cos = CosOptions(**spec.get("cos", {}))
+                    states = self.__dict__.setdefault("_cos_states", {})
+                    state = states.setdefault((spec["combine"], tuple(names), cos.default_proposer), CosState())
+                    result = cos_generate(members, rule, prompt, cfg, cos, on_tokens, state, cancelled)
+            finally:
+                link.close("done")
+                self._cancelled.discard(session)
+        return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
+
+    def ensemble_lead_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
+                             followers: list):
+        """`ensemble_lead` as a Ray streaming generator, like `verify_stream`."""
+        chunks: queue.Queue = queue.Queue()
+
+        def run() -> None:
+            try:
+                answer = self.ensemble_lead(session, endpoint, prompt, decode, spec, followers,
+                                            on_tokens=lambda tokens: chunks.put(("tokens", list(tokens))))
+                chunks.put(("done", answer))
+            except BaseException as exc:  # handed to the caller below
+                chunks.put(("error", exc))
+
+        threading.Thread(target=run, name=f"ensemble-{session[:8]}", daemon=True).start()
+        while True:
+            kind, value = chunks.get()
+            if kind == "tokens":
+                yield {"token_ids": value}
+            elif kind == "done":
+                yield value
+                return
+            else:
+                raise value
+
+    def ensemble_follow(self, session: str, endpoint: str, decode: dict, index: int, peer: dict | None = None) -> dict:
+        """Serve as ensemble member `index` of the request led at `endpoint`."""
+        from actors.ensemble_peers import PeerOptions, serve_member
+
+        cfg = DecodeConfig.from_dict(decode)
+        with self._busy:
+            try:
+                with DealerChannel(endpoint, config=self._channel_config(endpoint)) as channel:
+                    return serve_member(self.runner, channel, self.fingerprint, session, index, cfg,
+                                        PeerOptions(**(peer or {})), cancelled=lambda: session in self._cancelled)
+            except Cancelled:
+                return {"cancelled": True}
+            finally:
+                self._cancelled.discard(session)

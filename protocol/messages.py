@@ -489,7 +489,99 @@ class Shutdown(Message):
         return cls(session_id=session_id, step=step, version=version, reason=reason)
 
 
+@dataclass(kw_only=True)
+class EnsembleCall(Message):
+    """Ensemble leader -> member: make your context `position` committed-or-proposed tokens
+    followed by `token_ids` (the leader sends only what changed), then `kind`:
+    "score": logits after each of the last `count` context tokens;
+    "draft": draw `count` tokens from your own distribution after the context.
+    Answered by one `EnsembleRows` of the same step."""
+
+    kind: str
+    token_ids: tuple[int, ...]
+    position: int
+    count: int
+
+    TYPE_ID: ClassVar[int] = 9
+    KINDS: ClassVar[tuple[str, ...]] = ("score", "draft")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.kind not in self.KINDS:
+            raise InvalidMessage(f"kind must be one of {self.KINDS}, got {self.kind!r}")
+        self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
+        self.position = _as_int("position", self.position, 0, MAX_STEP)
+        self.count = _as_int("count", self.count, 1, 2**16)
+        if self.kind == "score" and self.count > self.position + len(self.token_ids):
+            raise InvalidMessage(f"cannot score {self.count} rows of a "
+                                 f"{self.position + len(self.token_ids)}-token context")
+
+    def to_wire(self) -> tuple:
+        return (self.kind, self.token_ids, self.position, self.count)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        kind, token_ids, position, count = _body(body, cls, 4)
+        return cls(session_id=session_id, step=step, version=version, kind=kind, token_ids=token_ids,
+                   position=position, count=count)
+
+
+@dataclass(kw_only=True, eq=False)
+class EnsembleRows(Message):
+    """Member -> ensemble leader: the answer to the `EnsembleCall` of the same step.
+    `logits`: float32 [R, V] raw logits rows (numpy or torch; a tensor frame); `token_ids`:
+    the drafted tokens (draft: R of them; score: none); `seconds`: the member's compute time."""
+
+    token_ids: tuple[int, ...]
+    logits: Any
+    seconds: float = 0.0
+
+    TYPE_ID: ClassVar[int] = 10
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (1,)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
+        logits = self.logits
+        if isinstance(logits, np.ndarray):
+            dtype_ok = logits.dtype.kind == "f" and logits.dtype.itemsize == 4
+        elif _is_torch_tensor(logits):
+            dtype_ok = str(logits.dtype) == "torch.float32"
+        else:
+            raise InvalidMessage(f"logits must be a numpy array or torch tensor, got {type(logits).__name__}")
+        if not dtype_ok:
+            raise InvalidMessage(f"logits must be float32, got {logits.dtype}")
+        shape = tuple(logits.shape)
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+            raise InvalidMessage(f"logits shape {shape}; need [R, V] with R, V >= 1")
+        if self.token_ids and len(self.token_ids) != shape[0]:
+            raise InvalidMessage(f"{len(self.token_ids)} drafted tokens for {shape[0]} logits rows")
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) \
+                or not 0 <= self.seconds < float("inf"):
+            raise InvalidMessage(f"seconds must be a finite number >= 0, got {self.seconds!r}")
+        self.seconds = float(self.seconds)
+
+    def to_wire(self) -> tuple:
+        return (self.token_ids, self.logits, self.seconds)
+
+    @classmethod
+    def from_wire(cls, session_id, step, version, body):
+        token_ids, logits, seconds = _body(body, cls, 3)
+        return cls(session_id=session_id, step=step, version=version, token_ids=token_ids, logits=logits,
+                   seconds=seconds)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not EnsembleRows:
+            return NotImplemented
+        if (self.session_id, self.step, self.version, self.token_ids, self.seconds) != (
+                other.session_id, other.step, other.version, other.token_ids, other.seconds):
+            return False
+        mine, theirs = np.asarray(self.logits), np.asarray(other.logits)
+        return mine.shape == theirs.shape and bool(np.array_equal(mine, theirs, equal_nan=True))
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_ID: cls
-    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Rollback, Heartbeat, Error, Shutdown)
+    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Rollback, Heartbeat, Error, Shutdown,
+                EnsembleCall, EnsembleRows)
 }

@@ -17,6 +17,8 @@ from protocol import (
     AuthenticationError,
     CandidateTree,
     ContextUpdate,
+    EnsembleCall,
+    EnsembleRows,
     Error,
     Handshake,
     Heartbeat,
@@ -100,6 +102,24 @@ def context_updates(draw):
     return ContextUpdate(**draw(common()), token_ids=draw(token_lists), position=position, is_prompt=is_prompt)
 
 
+@st.composite
+def ensemble_calls(draw):
+    tokens = draw(token_lists)
+    position = draw(st.integers(1, 10_000))  # a context of at least one token
+    return EnsembleCall(**draw(common()), kind=draw(st.sampled_from(["score", "draft"])), token_ids=tokens,
+                        position=position, count=draw(st.integers(1, min(2**16, position + len(tokens)))))
+
+
+@st.composite
+def ensemble_rows(draw):
+    rows = draw(st.integers(1, 8))
+    vocab = draw(st.sampled_from([1, 7, -(-INLINE_TENSOR_LIMIT // (4 * rows)) + 3]))
+    logits = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal((rows, vocab)).astype(np.float32)
+    tokens = draw(st.one_of(st.just([]), st.lists(st.integers(0, MAX_TOKEN_ID), min_size=rows, max_size=rows)))
+    return EnsembleRows(**draw(common()), token_ids=tokens, logits=logits,
+                        seconds=draw(st.floats(0, 1e6, allow_nan=False)))
+
+
 messages_by_type = {
     Handshake: handshakes(),
     ContextUpdate: context_updates(),
@@ -109,6 +129,8 @@ messages_by_type = {
     Heartbeat: st.builds(lambda c, t: Heartbeat(**c, sent_at_ns=t), common(), st.integers(0, 2**64 - 1)),
     Error: st.builds(lambda c, code, d: Error(**c, code=code, detail=d), common(), st.integers(0, 2**16), texts),
     Shutdown: st.builds(lambda c, r: Shutdown(**c, reason=r), common(), texts),
+    EnsembleCall: ensemble_calls(),
+    EnsembleRows: ensemble_rows(),
 }
 
 
