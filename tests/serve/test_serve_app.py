@@ -32,8 +32,8 @@ MODEL = "tiny"
 
 
 class Server:
-    def __init__(self, base: str, head: Head, target: str):
-        self.base, self.head, self.target = base, head, target
+    def __init__(self, base: str, head: Head, target: str, config: dict):
+        self.base, self.head, self.target, self.config = base, head, target, config
         self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         self.small = openai.OpenAI(base_url=f"{base}/small/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -83,7 +83,7 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy([f"{base}/health", f"{base}/small/health"], proc, log)
-            yield Server(base, head, target)
+            yield Server(base, head, target, config)
         finally:
             stop(proc, signal.SIGINT)  # serve run tears its applications down on Ctrl-C
 
@@ -294,3 +294,27 @@ def test_prometheus_metrics_count_requests_and_tokens(server):
     assert totals["ray_specray_requests_total"] >= 1
     assert totals["ray_specray_time_to_first_token_seconds_count"] >= 1
 
+
+
+# ---- last: `serve deploy` onto the running cluster -------------------------------------
+
+def test_serve_deploy_updates_the_running_application(server, tmp_path):
+    """`serve deploy` (what a user runs against `ray up`'s cluster) applies a changed
+    config in place: the small app comes back with room for 3, and answers."""
+    config = json.loads(json.dumps(server.config))
+    config["applications"][1]["args"]["max_pending"] = 3
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([str(VENV_BIN / "serve"), "deploy", str(tmp_path / "serve.yaml"), "--address", server.head.url],
+                       env=server.head.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if small_health(server)["max_pending"] == 3:
+                break
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    assert small_health(server)["max_pending"] == 3
+    assert server.small.completions.create(model=MODEL, prompt="b", max_tokens=2).usage.completion_tokens == 2
+    assert server.client.completions.create(model=MODEL, prompt="b", max_tokens=2).usage.completion_tokens == 2
