@@ -244,6 +244,7 @@ class CosState:
     baseline_s: float | None = None
     passed: float = 0.6  # decayed counts: acceptance = passed / tested
     tested: float = 1.0
+    baseline_streak: int = 0  # baseline steps since the last CoS round (across requests)
 
     @property
     def acceptance(self) -> float:
@@ -285,7 +286,6 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
     default = proposer = opts.default_proposer
     carry: tuple[int, torch.Tensor] | None = None  # (bonus token, the proposer's row it came from)
     adaptive = cfg.draft_length is None
-    baseline_streak = 0
     while not out.done:
         _check_cancelled(cancelled)
         context = prompt + out.tokens
@@ -301,15 +301,16 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
             if state.baseline_s is None:
                 use_baseline = stats.verify_rounds > 0
             else:
-                use_baseline = rate is not None and rate * state.baseline_s < 1 and baseline_streak < opts.probe_every
+                use_baseline = (rate is not None and rate * state.baseline_s < 1
+                                and state.baseline_streak < opts.probe_every)
             if use_baseline:
                 step_start = time.perf_counter()
                 out.extend([_combined_step(members, rule, context, cfg, gen)])
                 state.observe_baseline(time.perf_counter() - step_start)
                 stats.target_forwards += 1
-                baseline_streak += 1
+                state.baseline_streak += 1
                 continue
-        baseline_streak = 0
+        state.baseline_streak = 0
         k = max(1, min(k, out.remaining))
         # 1. proposals
         tokens, rows = ([carry[0]], [carry[1]]) if carry is not None else ([], [])

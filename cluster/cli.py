@@ -23,7 +23,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     who.add_argument("--target", help="built-in alias, local directory or hub id")
     who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
     p.add_argument("--draft", help="draft model (same tokenizer as the target)")
-    p.add_argument("--combine", help="ensemble rule: we:LAMBDA or cd:MU")
+    p.add_argument("--combine", help="ensemble rule: we:LAMBDA (2 models), we:W1,W2,... (one weight per model) "
+                                     "or cd:MU (expert first, amateur second)")
+    p.add_argument("--ensemble-method", choices=("cos", "ensemble"), default="cos",
+                   help="ensembles: cos (speculative, default) or ensemble (every model at every token)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -51,12 +54,22 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--target", help="required unless --ensemble")
+    p.add_argument("--draft", help="required unless --ensemble")
+    p.add_argument("--ensemble", help="comma-separated models: bench methods ensemble,cos on this ensemble")
+    p.add_argument("--combine", help="ensemble rule (with --ensemble): we:LAMBDA, we:W1,W2,... or cd:MU")
+    p.add_argument("--ensemble-local", action="store_true",
+                   help="ensembles: every member in this process instead of one Ray actor each")
+    p.add_argument("--temperature", type=float, default=0.0, help="ensembles only; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="ensembles only")
+    p.add_argument("--seed", type=int, default=0, help="ensembles: prompt i samples with seed + i")
+    p.add_argument("--draft-length", type=_positive_int, default=None, help="ensembles: fixed CoS draft length")
+    p.add_argument("--dtype", default="float32", help="ensembles: every member's dtype")
     p.add_argument("--prompts", required=True, help="JSONL with a `prompt` string or a `turns` list")
     p.add_argument("--limit", type=_positive_int, default=20)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--methods", default="hf,hf-assisted,ar,spec-local")
+    p.add_argument("--methods", default=None,
+                   help="default hf,hf-assisted,ar,spec-local; with --ensemble: ensemble,cos")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     p.add_argument("--tree-width", type=_positive_int, default=1)

@@ -33,9 +33,44 @@ def placement_config(args: argparse.Namespace) -> PlacementConfig:
                            spread=args.spread)
 
 
+def ensemble_from_args(args: argparse.Namespace) -> dict:
+    """`--ensemble A,B[,C] --combine RULE`: the ensemble is the target; no --target, no --draft.
+    `--pipeline local` runs every member in this process; `sync` puts each in its own Ray
+    actor (CoS rounds are synchronous, so `async` is refused)."""
+    from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble, check_members
+
+    if args.ensemble is None:
+        raise ValueError("--combine applies to ensembles; give the members with --ensemble A,B[,C]")
+    if args.combine is None:
+        raise ValueError("--ensemble needs --combine: we:LAMBDA, we:W1,W2,... (one weight per model) or cd:MU")
+    if args.draft is not None:
+        raise ValueError("--draft does not apply to --ensemble: the members draft for each other (CoS); "
+                         "for a draft/target pair use --target T --draft D")
+    if args.tree_width != 1:
+        raise ValueError("--tree-width applies to draft/target pairs; ensembles draft chains")
+    if args.pipeline == "async":
+        raise ValueError("ensembles run --pipeline local (one process) or sync (one Ray actor per member); "
+                         "CoS rounds are synchronous, there is no async variant")
+    cfg = decode_config(args)
+    models = tuple(m.strip() for m in args.ensemble.split(","))
+    placement = None
+    if args.pipeline == "sync":
+        placement = PlacementConfig(n_actors=len(models), accelerator=args.accelerator,
+                                    cpus_per_actor=args.cpus_per_actor, spread=args.spread)
+    ens_cfg = EnsembleConfig(models, args.combine, dtype=args.dtype, placement=placement)  # validates the rule
+    members = check_members(ens_cfg)  # unknown models, vocabulary mismatch: before loading
+    prompt_ids = encode_prompt(members.tokenizer, args.prompt, args.chat)
+    check_prompt(len(prompt_ids), cfg.max_new_tokens, members.context_length)
+    method = getattr(args, "ensemble_method", "cos")
+    with (LocalEnsemble(ens_cfg) if args.pipeline == "local" else RayEnsemble(ens_cfg)) as ensemble:
+        result = ensemble.generate(prompt_ids, cfg, method=method)
+        text = ensemble.decode(result.token_ids)
+    return {"text": text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}
+
+
 def generate_from_args(args: argparse.Namespace) -> dict:
     if args.ensemble is not None or args.combine is not None:
-        raise NotImplementedError("ensemble decoding (--ensemble/--combine) is not available yet")
+        return ensemble_from_args(args)
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
     ray_pipeline = args.pipeline in ("sync", "async")
     if ray_pipeline:
