@@ -245,6 +245,7 @@ class CosState:
     passed: float = 0.6  # decayed counts: acceptance = passed / tested
     tested: float = 1.0
     baseline_streak: int = 0  # baseline steps since the last CoS round (across requests)
+    round_rate: float | None = None  # tokens/s CoS rounds really delivered, all costs included
 
     @property
     def acceptance(self) -> float:
@@ -255,6 +256,10 @@ class CosState:
 
     def observe_baseline(self, seconds: float) -> None:
         self.baseline_s = seconds if self.baseline_s is None else 0.7 * self.baseline_s + 0.3 * seconds
+
+    def observe_rate(self, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-9)
+        self.round_rate = rate if self.round_rate is None else 0.7 * self.round_rate + 0.3 * rate
 
     def plan(self, max_len: int) -> tuple[int, float | None]:
         """(draft length, expected tokens/s) from the measurements; (3, None) before any."""
@@ -290,18 +295,19 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
         _check_cancelled(cancelled)
         context = prompt + out.tokens
         if proposer == default:
-            k, rate = (min(cfg.draft_length, cfg.max_draft_length), None) if not adaptive \
-                else state.plan(cfg.max_draft_length)
+            k = min(cfg.draft_length, cfg.max_draft_length) if not adaptive else state.plan(cfg.max_draft_length)[0]
         else:
-            k, rate = min(opts.swap_draft_length, cfg.max_draft_length), None
-        # Baseline steps while they beat speculation's expected rate (both measured; one
-        # baseline step after the first round measures it, and every `probe_every` baseline
-        # steps one round refreshes the acceptance estimate).
+            k = min(opts.swap_draft_length, cfg.max_draft_length)
+        # Baseline steps while they beat the rate CoS rounds really delivered (both measured
+        # end to end, transport included: a cost model misses what overlaps and what does
+        # not, e.g. members that score in parallel in a baseline step but take turns in
+        # CoS). One baseline step after the first round measures it; every `probe_every`
+        # baseline steps one round refreshes the CoS rate.
         if carry is None and adaptive and opts.fallback:
             if state.baseline_s is None:
                 use_baseline = stats.verify_rounds > 0
             else:
-                use_baseline = (rate is not None and rate * state.baseline_s < 1
+                use_baseline = (state.round_rate is not None and state.round_rate * state.baseline_s < 1
                                 and state.baseline_streak < opts.probe_every)
             if use_baseline:
                 step_start = time.perf_counter()
@@ -311,6 +317,7 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
                 state.baseline_streak += 1
                 continue
         state.baseline_streak = 0
+        round_start = time.perf_counter()
         k = max(1, min(k, out.remaining))
         # 1. proposals
         tokens, rows = ([carry[0]], [carry[1]]) if carry is not None else ([], [])
@@ -353,6 +360,7 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
                 row = scored[proposer].logits[k]
                 carry = (next_token(row, params, gen), row)
         out.extend(new)
+        state.observe_rate(len(new), time.perf_counter() - round_start)
     stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
     return GenerationResult(out.tokens, stats)
 

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -142,28 +143,9 @@ class ModelActor:
     def verify_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
                       drafter: list):
         """`verify` as a Ray streaming generator: `{"token_ids": [...]}` per commit as the
-        tokens land, then `verify`'s answer. The decode runs on its own thread so a slow
-        reader never stalls verification."""
-        chunks: queue.Queue = queue.Queue()
-
-        def run() -> None:
-            try:
-                answer = self.verify(session, endpoint, prompt, decode, options, drafter,
-                                     on_tokens=lambda tokens: chunks.put(("tokens", list(tokens))))
-                chunks.put(("done", answer))
-            except BaseException as exc:  # handed to the caller below
-                chunks.put(("error", exc))
-
-        threading.Thread(target=run, name=f"verify-{session[:8]}", daemon=True).start()
-        while True:
-            kind, value = chunks.get()
-            if kind == "tokens":
-                yield {"token_ids": value}
-            elif kind == "done":
-                yield value
-                return
-            else:
-                raise value
+        tokens land, then `verify`'s answer."""
+        yield from _streamed(session, lambda sink: self.verify(session, endpoint, prompt, decode, options,
+                                                               drafter, on_tokens=sink))
 
     def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
         cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
@@ -232,31 +214,20 @@ class ModelActor:
             finally:
                 link.close("done")
                 self._cancelled.discard(session)
+                self._stopped.discard(session)
         return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
 
     def ensemble_lead_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
                              followers: list):
         """`ensemble_lead` as a Ray streaming generator, like `verify_stream`."""
-        chunks: queue.Queue = queue.Queue()
+        def lead(sink: TokenSink) -> dict:
+            def stop_aware(tokens: list[int]) -> bool:
+                sink(tokens)
+                return session in self._stopped  # see `stop`
 
-        def run() -> None:
-            try:
-                answer = self.ensemble_lead(session, endpoint, prompt, decode, spec, followers,
-                                            on_tokens=lambda tokens: chunks.put(("tokens", list(tokens))))
-                chunks.put(("done", answer))
-            except BaseException as exc:  # handed to the caller below
-                chunks.put(("error", exc))
+            return self.ensemble_lead(session, endpoint, prompt, decode, spec, followers, on_tokens=stop_aware)
 
-        threading.Thread(target=run, name=f"ensemble-{session[:8]}", daemon=True).start()
-        while True:
-            kind, value = chunks.get()
-            if kind == "tokens":
-                yield {"token_ids": value}
-            elif kind == "done":
-                yield value
-                return
-            else:
-                raise value
+        yield from _streamed(session, lead)
 
     def ensemble_follow(self, session: str, endpoint: str, decode: dict, index: int, peer: dict | None = None) -> dict:
         """Serve as ensemble member `index` of the request led at `endpoint`."""
@@ -272,3 +243,26 @@ class ModelActor:
                 return {"cancelled": True}
             finally:
                 self._cancelled.discard(session)
+
+
+def _streamed(session: str, run: Callable[[TokenSink], dict]):
+    """Yield `{"token_ids": [...]}` for each batch `run` passes its sink, then `run`'s
+    answer. `run` works on its own thread, so a slow reader never stalls decoding."""
+    chunks: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            chunks.put(("done", run(lambda tokens: chunks.put(("tokens", list(tokens))))))
+        except BaseException as exc:  # handed to the reader below
+            chunks.put(("error", exc))
+
+    threading.Thread(target=work, name=f"decode-{session[:8]}", daemon=True).start()
+    while True:
+        kind, value = chunks.get()
+        if kind == "tokens":
+            yield {"token_ids": value}
+        elif kind == "done":
+            yield value
+            return
+        else:
+            raise value

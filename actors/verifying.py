@@ -204,10 +204,13 @@ def verify_request(
     runner.reset(cfg.cache_room(len(prompt), opts.lookahead))
     step = 0
     try:
+        if not drafter_alive():  # none was asked (speculation off) or none is up: no warning
+            raise DrafterLost("")
         link.accept()
         link.send(ContextUpdate(session_id=session, step=step, token_ids=prompt, position=0, is_prompt=True))
     except DrafterLost as exc:
-        log.warning("session %s: %s; decoding with the target alone", session, exc)
+        if str(exc):
+            log.warning("session %s: %s; decoding with the target alone", session, exc)
         link.lost = stats.drafter_lost = True
     out.extend([next_token(runner.feed(prompt), cfg.sampling, gen)])
     stats.target_forwards = 1

@@ -131,7 +131,7 @@ def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str, str]:
         except requests.RequestException:
             pass
         time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    stop_server(proc)
     raise SystemExit(f"the endpoint was not healthy within 20 min; see {log}")
 
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", type=Path, help="start `serve run CONFIG` for the run")
     p.add_argument("--prompts", default="benchmarks/prompts/spec_bench_20.jsonl")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=0, help="per cell (default: max(4, 2 x concurrency))")
+    p.add_argument("--requests", type=int, default=0, help="per cell (default: max(4, concurrency))")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-limit-s", type=float, default=600.0, help="per cell")
     p.add_argument("--out", type=Path, default=Path("bench-out/serve_load"))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             asyncio.run(run_cell(base_url, model, prompts, Cell(mode, 1), 1, 8, args.time_limit_s))
         for i, level in enumerate(levels):
-            count = args.requests or max(4, 2 * level)
+            count = args.requests or max(4, level)
             for mode in (list(MODES) if i % 2 == 0 else list(reversed(MODES))):  # alternate who goes first
                 cell = Cell(mode, level)
                 print(f"[{len(cells) + 1}/{2 * len(levels)}] {mode:7s} concurrency {level:3d}: {count} requests "
@@ -215,14 +215,34 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_cell(base_url, model, prompts, cell, count, args.max_tokens, args.time_limit_s))
                 print(f"    {cell.summary()}", flush=True)
                 cells.append(cell)
+        write_report(args, base_url, model, levels, cells)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
+            stop_server(proc)
+    return 0
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C lets `serve run` tear its application down; whatever is left after a
+    minute (the Ray instance it started) is killed by pid."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for child in children:
+        if child.is_running():
+            child.kill()
+
+
+def write_report(args: argparse.Namespace, base_url: str, model: str, levels: list[int], cells: list[Cell]) -> None:
     order = {m: i for i, m in enumerate(MODES)}
     summaries = sorted((c.summary() for c in cells), key=lambda c: (order[c["mode"]], c["concurrency"]))
     report = {"config": {"base_url": base_url, "model": model, "prompts": args.prompts, "concurrency": levels,
-                         "max_tokens": args.max_tokens, "requests_per_cell": args.requests or "max(4, 2c)",
+                         "max_tokens": args.max_tokens, "requests_per_cell": args.requests or "max(4, c)",
                          "serve_config": str(args.serve) if args.serve else None,
                          "machine": f"{platform.machine()} {platform.processor() or ''}".strip()},
               "cells": summaries}
@@ -231,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(summaries, args.out / "serve_load.png")
     print(markdown(report))
     print(f"wrote {args.out}/serve_load.{{json,md,png}}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ class RayEnsemble:
                  on_tokens: TokenSink | None = None) -> GenerationResult:
         """Decode `prompt` with the ensemble. `on_tokens` gets each batch of committed tokens
         as the leader commits it; if it raises, the request is cancelled on every member and
-        the exception propagates."""
+        the exception propagates; if it returns True, the request ends after the current
+        round."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
@@ -259,6 +260,7 @@ class RayEnsemble:
                         return i
             return None
 
+        stopping = False
         try:
             while True:  # token chunks, then the answer
                 if not ray.wait([chunks], timeout=min(0.5, max(0.0, deadline - time.monotonic())))[0]:
@@ -273,8 +275,9 @@ class RayEnsemble:
                 if "stats" in chunk:
                     answer = chunk
                     break
-                if on_tokens is not None:
-                    on_tokens(chunk["token_ids"])
+                if on_tokens is not None and not stopping and on_tokens(chunk["token_ids"]) is True:
+                    leader.stop.remote(session)  # end after this round, answer with stats
+                    stopping = True
         except RayActorError as exc:
             cancel_all()
             raise EnsembleMemberFailed(self.cfg.models[0], f"the leading member's actor died: "

@@ -30,3 +30,15 @@ def builtin_engine():
     from cluster.engine import EngineConfig, LocalEngine
 
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private Ray instance for one module (starting Ray costs seconds): 2 CPUs and 2
+    fake GPUs, so placement puts each actor on its own "device"; a small object store."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
+             include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

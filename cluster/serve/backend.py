@@ -3,7 +3,9 @@
 - `pipeline: local`: target and draft in the replica's own process (`LocalEngine`);
 - `pipeline: sync|async`: a verifier and a drafter actor, each on its own device bundle
   (`RayPipeline`); the replica only routes;
-- `ensemble: [A, B, ...]`: the ensemble's member actors (`RayEnsemble`, CoS).
+- `ensemble: [A, B, ...]`: CoS over the members, in the replica (`pipeline: local`,
+  `LocalEnsemble`) or one actor per member (`RayEnsemble`); `speculative: false` runs
+  standard collaborative decoding (every model, every token).
 
 All three take one request at a time and call `on_tokens` as tokens are committed.
 """
@@ -22,14 +24,15 @@ class Backend:
     def __init__(self, args: ServeArgs):
         self.args = args
         if args.ensemble is not None:
-            from cluster.ensemble import EnsembleConfig, RayEnsemble
+            from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble
 
             placement = PlacementConfig(n_actors=len(args.ensemble), accelerator=args.accelerator,
                                         cpus_per_actor=args.cpus_per_actor, spread=args.spread)
-            self.decoder = RayEnsemble(EnsembleConfig(models=tuple(args.ensemble), combine=args.combine,
-                                                      dtype=args.dtype, placement=placement))
-            self.tokenizer = loading.load_tokenizer(args.ensemble[0])
-            self.context = min(loading.context_length(loading.read_config(m)) for m in args.ensemble)
+            cfg = EnsembleConfig(models=tuple(args.ensemble), combine=args.combine, dtype=args.dtype,
+                                 max_len=args.max_len, placement=placement, request_timeout_s=args.request_timeout_s)
+            self.decoder = LocalEnsemble(cfg, progress=False) if args.pipeline == "local" else RayEnsemble(cfg)
+            self.tokenizer = self.decoder.tokenizer
+            self.context = self.decoder.info.context_length
         elif args.pipeline == "local":
             import torch
 

@@ -17,7 +17,9 @@ class ServeArgs(BaseModel):
     draft: str | None = DEFAULT_DRAFT  # null: the target alone
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
-    pipeline: Literal["local", "sync", "async"] = "async"
+    # local: models in the replica; sync/async: one actor per model. Default: async for a
+    # target + draft, sync for an ensemble (CoS rounds are synchronous).
+    pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"
     draft_dtype: str = "bfloat16"
@@ -41,11 +43,18 @@ class ServeArgs(BaseModel):
                 raise ValueError(f"ensemble needs at least 2 models, got {self.ensemble}")
             if self.combine is None:
                 raise ValueError("ensemble needs combine (we:LAMBDA or cd:MU)")
+            from decoding.ensemble import parse_combine
+
+            parse_combine(self.combine, len(self.ensemble))  # names what is wrong
             self.target = self.draft = None  # the ensemble is the target
         elif self.combine is not None:
             raise ValueError("combine applies to an ensemble; set ensemble too")
         elif self.target is None:
             raise ValueError("name a target (or an ensemble)")
+        if self.pipeline is None:
+            self.pipeline = "sync" if self.ensemble is not None else "async"
+        if self.ensemble is not None and self.pipeline == "async":
+            raise ValueError("ensembles run with pipeline local (in the replica) or sync (one actor per member)")
         if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None:
             raise ValueError(f"pipeline {self.pipeline} needs a draft; use pipeline local for the target alone")
         return self

@@ -25,20 +25,12 @@ COMBINE = "we:0.4"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tiny_dir):
     return tiny_dir("llama"), tiny_dir("llama", noise=0.3)
 
 
 @pytest.fixture(scope="module")
-def ensemble(cluster, models):
+def ensemble(local_ray, models):
     with RayEnsemble(EnsembleConfig(models, COMBINE, member_ready_s=60, request_timeout_s=120)) as ens:
         ens.info.context_length = 10**6  # tiny models decode past their nominal 512: long requests to kill
         yield ens

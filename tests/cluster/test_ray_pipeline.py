@@ -24,20 +24,12 @@ PROMPTS = [[5, 6, 7], [9], [3, 14, 15, 9, 2, 6, 5]]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tiny_dir):
     return tiny_dir("llama"), tiny_dir("llama", noise=0.3)
 
 
 @pytest.fixture(scope="module")
-def pipeline(cluster, models):
+def pipeline(local_ray, models):
     target, draft = models
     with RayPipeline(PipelineConfig(target, draft, draft_dtype="float32", drafter_ready_s=60,
                                     request_timeout_s=120)) as pipe:

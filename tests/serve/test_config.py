@@ -40,6 +40,8 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     ({"ensemble": ["a"], "combine": "we:0.5"}, "at least 2"),
     ({"ensemble": ["a", "b"]}, "combine"),
     ({"combine": "we:0.5"}, "ensemble"),
+    ({"ensemble": ["a", "b"], "combine": "we:0.5", "pipeline": "async"}, "local .* or sync"),
+    ({"ensemble": ["a", "b", "c"], "combine": "cd:0.1"}, "cd"),
     ({"targte": "x"}, "targte"),
 ])
 def test_bad_args_name_what_is_wrong(args, mentions):
@@ -50,4 +52,5 @@ def test_bad_args_name_what_is_wrong(args, mentions):
 def test_target_alone_runs_local_and_an_ensemble_replaces_the_target():
     assert ServeArgs(draft=None, pipeline="local").model_name == DEFAULT_TARGET
     ens = ServeArgs(ensemble=["a", "b"], combine="we:0.5")
-    assert ens.target is None and ens.draft is None and ens.model_name == "a+b"
+    assert ens.target is None and ens.draft is None and ens.model_name == "a+b" and ens.pipeline == "sync"
+    assert ServeArgs().pipeline == "async"

@@ -4,7 +4,8 @@ to send the broken request).
 
 Two applications on one `serve run`, tiny models:
 - `/`: the async Ray pipeline (verifier + drafter actors), room for 40 pending requests;
-- `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests).
+- `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests);
+- `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ray_head import VENV_BIN, Head, free_port, ray_head, stop
 
 REPO = Path(__file__).parents[2]
 MODEL = "tiny"
+ENSEMBLE = "tiny-ensemble"
 
 
 class Server:
@@ -71,10 +73,13 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "args": {**common, "pipeline": "async", "max_pending": 40}},
             {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
              "args": {**common, "pipeline": "local", "max_pending": 1}},
+            {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
+             "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
+                      "served_model_name": ENSEMBLE, "max_pending": 8}},
         ],
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    with ray_head(tmp / "head.log", num_cpus=4) as head:
+    with ray_head(tmp / "head.log", num_cpus=6) as head:
         log = tmp / "serve.log"
         env = {**head.env, "RAY_ADDRESS": head.address}
         with log.open("w") as out:
@@ -82,7 +87,7 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy([f"{base}/health", f"{base}/small/health"], proc, log)
+            wait_healthy([f"{base}/health", f"{base}/small/health", f"{base}/ens/health"], proc, log)
             yield Server(base, head, target, config)
         finally:
             stop(proc, signal.SIGINT)  # serve run tears its applications down on Ctrl-C
@@ -169,6 +174,25 @@ def test_stop_strings_cut_the_text(server):
             assert events[-1].choices[0].finish_reason == "stop"
         else:
             assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+
+
+def test_an_ensemble_endpoint_serves_the_ensembles_output(server):
+    from cluster.ensemble import EnsembleConfig, LocalEnsemble
+
+    cfg = server.config["applications"][2]["args"]
+    ens = LocalEnsemble(EnsembleConfig(tuple(cfg["ensemble"]), cfg["combine"]), progress=False)
+    client = openai.OpenAI(base_url=f"{server.base}/ens/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [ENSEMBLE]
+    ids = ens.tokenizer("hello world")["input_ids"]
+    expected = ens.decode(ens.generate(ids, DecodeConfig(max_new_tokens=20), method="ensemble").token_ids)
+    ask = dict(model=ENSEMBLE, prompt="hello world", max_tokens=20, temperature=0)
+    cos = client.completions.create(**ask)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True))
+    every_token = client.completions.create(**ask, extra_body={"specray": {"speculative": False}})
+    assert cos.choices[0].text == streamed == every_token.choices[0].text == expected
+    stop = expected[4:6]
+    cut = client.completions.create(**ask, stop=[stop])
+    assert cut.choices[0].text == expected[: expected.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 # ---- many at once --------------------------------------------------------------------
