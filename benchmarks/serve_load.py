@@ -152,6 +152,7 @@ def plot(cells: list[dict], path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
             ax.set_xlabel("concurrent clients")
+            ax.set_ylim(bottom=0)
             ax.set_title(label, fontsize=10)
     axes[0].legend()
     fig.tight_layout()
