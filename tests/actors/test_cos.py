@@ -5,6 +5,7 @@ r enumerated from the models; chi-squared over whole sequences, 10,000 samples).
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -81,18 +82,34 @@ def test_streaming_and_stop_tokens(trio):
     assert got.token_ids == full[: full.index(stop) + 1] == seen
 
 
+class SlowDrafts:
+    """A member whose every draft call takes `delay` seconds longer: real, measured time."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay, self.name, self.local = inner, delay, inner.name, inner.local
+
+    def begin(self, *args) -> None:
+        self.inner.begin(*args)
+
+    def submit(self, kind: str, context: list[int], count: int) -> None:
+        if kind == "draft":
+            time.sleep(self.delay)
+        self.inner.submit(kind, context, count)
+
+    def result(self):
+        return self.inner.result()
+
+
 def test_adaptive_cos_falls_back_when_speculation_does_not_pay(trio):
-    """With drafting made expensive, the learned plan prefers baseline steps; same output."""
-    members = local_members(trio[:2])
+    """With drafting made slow, CoS rounds deliver fewer tokens/s than baseline steps: the
+    loop measures both and takes baseline steps, probing now and then; same output."""
+    fast = local_members(trio[:2])
+    members = [SlowDrafts(fast[0], 0.05), fast[1]]
     rule = parse_combine("we:0.5", 2)
-    state = CosState()
-    state.costs.observe_draft(10.0, 1)  # pretend each draft step costs 10 s
-    state.costs.observe_verify(0.001, 2)
-    state.observe_baseline(0.001)
     cfg = DecodeConfig(max_new_tokens=40, eos_token_ids=(-1,))
-    got = cos_generate(members, rule, [3, 4], cfg, CosOptions(probe_every=16), state=state)
-    assert got.token_ids == ensemble_generate(members, rule, [3, 4], cfg).token_ids
-    assert got.stats.verify_rounds <= 6  # probes (and the carried bonus they may leave) only
+    got = cos_generate(members, rule, [3, 4], cfg, CosOptions(default_proposer=0, probe_every=16), state=CosState())
+    assert got.token_ids == ensemble_generate(fast, rule, [3, 4], cfg).token_ids
+    assert got.stats.verify_rounds <= 6  # the first round and probes (and the carried bonus they may leave)
 
 
 # ---- sampling: the exact combined distribution -------------------------------------------
