@@ -1,8 +1,10 @@
 """Generated token ids to streamed text, honouring `stop` strings.
 
-Text is re-decoded from all ids so far (multi-byte characters and merges across tokens
-come out right) and only what is final is released: nothing after an incomplete UTF-8
-sequence, and nothing that could still turn out to be the start of a stop string.
+Each push decodes a short window of recent ids (the previous batch and the new one), not
+all ids so far, so a long answer costs linear time; the window makes characters split
+across tokens come out right. Only what is final is released: nothing after an
+incomplete UTF-8 sequence, and nothing that could still turn out to be the start of a
+stop string.
 """
 
 from __future__ import annotations
@@ -12,12 +14,24 @@ class TextStream:
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.ids: list[int] = []
+        self.frozen = ""  # text of ids[:read], final
+        self.prefix = self.read = 0  # the window decoded each time is ids[prefix:]
         self.sent = 0  # characters of the text already released
         self.released = ""  # the text released so far
         self.stopped = False  # a stop string was found: the text ends before it
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        """All the text so far, decoding only ids[prefix:]."""
+        head = self._decode(self.ids[self.prefix:self.read])
+        tail = self._decode(self.ids[self.prefix:])
+        if len(tail) > len(head) and not tail.endswith("\ufffd"):  # the new ids' text is whole
+            self.frozen += tail[len(head):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return self.frozen
+        return self.frozen + tail[len(head):]
 
     def push(self, ids: list[int]) -> str:
         """Add tokens; return the newly final text (maybe empty). Sets `stopped`."""

@@ -63,3 +63,33 @@ def test_released_text_is_the_text_up_to_the_first_stop(text, stop, cuts):
             i += c
     expected = text.split(stop)[0]
     assert run(TextStream(TOK, [stop]), pieces) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="aé€😀 ", min_size=1, max_size=20), cuts=st.lists(st.integers(1, 4), min_size=1))
+def test_multibyte_text_split_anywhere_comes_out_whole(text, cuts):
+    data, pieces, i = list(text.encode()), [], 0
+    for c in cuts + [len(data)]:
+        if i < len(data):
+            pieces.append(data[i:i + c])
+            i += c
+    stream = TextStream(ByteTokenizer(), [])
+    assert "".join(stream.push(p) for p in pieces) + stream.finish() == text
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_each_push_decodes_a_short_window_not_everything_so_far():
+    tok = CountingTokenizer()
+    stream = TextStream(tok, [])
+    for _ in range(500):
+        stream.push([ord("a")])
+    assert stream.finish() == "" and stream.released == "a" * 500
+    assert tok.decoded < 5 * 500  # re-decoding everything each time would be ~125,000
