@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "SPECRAY_CACHE"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DOWNLOAD_ENV = "SPECRAY_ALLOW_DOWNLOAD"  # "1": hub ids missing from the local HF cache are downloaded
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
     names = ", ".join(BUILTINS)
     return ModelNotFoundError(
         f"model {name!r}: {why}. Use a built-in ({names}), a local Hugging Face "
-        "directory, or a hub id that is already in the local Hugging Face cache."
+        f"directory, or a hub id in the local Hugging Face cache (or any hub id with {DOWNLOAD_ENV}=1)."
     )
 
 
@@ -90,14 +90,26 @@ def resolve(name: str) -> Path | str:
         raise _not_found(name, "not a built-in and no such directory")
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(name, local_files_only=not _online()))
+    download = downloads_allowed()
+    try:  # offline unless the user opted in: never a surprise multi-GB download
+        return Path(snapshot_download(name, local_files_only=not download, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001 - any hub failure means "not available here"
-        raise _not_found(name, f"not a built-in, no such directory, not on the hub ({type(e).__name__})") from None
+        if download:
+            why = f"not a built-in, no such directory, and the download failed ({type(e).__name__})"
+        else:
+            why = (f"not a built-in, no such directory, not in the local Hugging Face cache; set {DOWNLOAD_ENV}=1 "
+                   "to download hub models")
+        raise _not_found(name, why) from None
 
 
-def _online() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # what loading needs
+
+
+def downloads_allowed() -> bool:
+    """Hub ids resolve from the local Hugging Face cache only, unless SPECRAY_ALLOW_DOWNLOAD=1
+    (and HF_HUB_OFFLINE is not set)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    return os.environ.get(DOWNLOAD_ENV, "0") == "1" and not offline
 
 
 def _check_builtin_installed(b: Builtin) -> None:
@@ -120,7 +132,7 @@ def ensure_converted(alias: str, progress: bool = True) -> Path:
     b = BUILTINS[alias]
     _check_builtin_installed(b)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(out.parent / f".{alias}.lock"):
+    with file_lock(out.parent / f".{alias}.lock"):
         if (out / "config.json").is_file():  # another process converted it while we waited
             return out
         _convert(b, out, progress)
@@ -128,7 +140,7 @@ def ensure_converted(alias: str, progress: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

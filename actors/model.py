@@ -7,11 +7,9 @@ their keys/values to a ``KVCache`` and returns float32 logits. With ``positions`
 cache plus the new tokens its mask row allows, at its own RoPE position, which gives the
 same logits as feeding that node's root-to-node path as a plain sequence.
 
-CPU notes (measured on a 2-core AMD EPYC, fp32): MKL's sgemm behind ``F.linear`` is
-2-4x slower than oneDNN for the skinny shapes of decoding (1-16 rows), so on CPU the
-linears go through oneDNN (``torch.ops.mkldnn._linear_pointwise``, plain weight, no
-copy). Grouped-query attention folds the query heads of one KV group into the query
-length, so K/V are never expanded.
+Every linear runs the kernel measured fastest on this machine for its shape and row count
+(``actors.kernels``; ``tune_kernels``). Grouped-query attention folds the query heads of
+one KV group into the query length, so K/V are never expanded.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actors import kernels
 from decoding.kv_cache import KVCache
 
 SUPPORTED_FAMILIES = ("qwen2", "llama", "gemma3")
@@ -180,23 +179,7 @@ def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> T
     return inv
 
 
-# --------------------------------------------------------------------------- kernels
-
-_onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-USE_ONEDNN_LINEAR = _onednn_linear is not None and torch.backends.mkldnn.is_available()
-MKL_TWO_ROWS = True  # fp32 2-row linears: MKL column GEMM (measured faster here than oneDNN)
-
-
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x @ w.T + b. On CPU (fp32/bf16) via oneDNN: 2-4x faster than MKL for few rows,
-    except fp32 with exactly 2 rows, where MKL's w @ x.T (column GEMM) reads the weight fastest."""
-    if (USE_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and w.is_contiguous()):
-        if MKL_TWO_ROWS and x.shape[0] == 2 and x.dtype == torch.float32 and x.dim() == 2:
-            y = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
-            return y.t().contiguous()
-        return _onednn_linear(x.contiguous(), w, b, "none", [], "")
-    return F.linear(x, w, b)
+# --------------------------------------------------------------------------- layers
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -205,13 +188,18 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class Linear(nn.Module):
+    """x @ w.T + b with the kernel chosen for this weight's shape and x's row count
+    (`actors.kernels.tune`; F.linear until tuned)."""
+
+    kernels: tuple = kernels.DEFAULT  # index: rows - 1, capped at kernels.MAX_ROWS
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.kernels[min(x.shape[0], kernels.MAX_ROWS) - 1](x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -429,6 +417,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"RoPE frequencies differ from the HF model's ({mine}); unsupported rope settings?")
             setattr(self, mine, hf.clone())
 
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def tune_kernels(self, threads: int | None = None, progress: bool = False) -> dict[str, list[str]]:
+        """Pick each linear's kernel by measurement (cached per CPU); see ``actors.kernels``."""
+        return kernels.tune(self.linears(), threads, progress)
+
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, dtype=self.dtype, device=self.device)
@@ -445,7 +440,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """lm_head (+ final softcapping) on final normed hidden states -> float32 [N, V]."""
-        out = linear(hidden, self.output.weight)
+        out = self.output(hidden)
         cap = self.config.final_logit_softcapping
         if cap:  # in the model dtype, as transformers does
             out = torch.tanh(out / cap) * cap

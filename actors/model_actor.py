@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 
-from actors import loading
-from actors.model import Transformer
+from actors import hardware, loading, threads
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
 from actors.verifying import Cancelled, PipelineOptions, verify_request
@@ -41,8 +40,7 @@ class ActorSpec:
     secret: str | None = None  # hex; signs every frame on tcp links between nodes
 
     def __post_init__(self) -> None:
-        if self.dtype not in loading.DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(loading.DTYPES)}, got {self.dtype!r}")
+        hardware.check_dtype_name(self.dtype)
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
@@ -61,13 +59,12 @@ class ModelActor:
         torch.set_num_threads(self.threads)
         self.device = assigned_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        loaded = loading.load(self.spec.model, loading.DTYPES[self.spec.dtype], progress=False)
+        # `auto` resolves here, on this actor's own device: nodes of one cluster differ.
+        loaded = loading.load(self.spec.model, hardware.resolve_dtype(self.spec.dtype, self.device), progress=False)
         loaded.hf_model.to(self.device)
         self.loaded = loaded
         max_len = min(self.spec.max_len, loaded.context_length + 64)
-        self.runner = ModelRunner(Transformer.from_hf(loaded.hf_model), max_len)
-        self.runner.feed([0, 0])  # touch the weights once: the first request measures decoding
-        self.runner.reset()
+        self.runner = ModelRunner.for_serving(loaded.hf_model, max_len)
         self.eos_token_ids = loading.eos_token_ids(loaded)
         self.fingerprint = model_fingerprint(self.runner.vocab_size, loaded.tokenizer.get_vocab())
         self.node_ip = ray.util.get_node_ip_address()
@@ -84,7 +81,9 @@ class ModelActor:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_ip": self.node_ip, "node_id": self.node_id, "device": self.device,
-                "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model}
+                "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model,
+                "capabilities": hardware.probe(self.device).to_dict(), "threading": threads.describe(),
+                **self.runner.runtime_info()}
 
     def cancel(self, session: str) -> None:
         self._cancelled.add(session)

@@ -14,9 +14,10 @@ from typing import Sequence
 
 import torch
 
+from actors import hardware, kernels
 from actors.model import Transformer
 from decoding.draft_length import DraftLengthPolicy
-from decoding.sampling import SamplingParams, logits_to_probs
+from decoding.sampling import SamplingParams, logits_to_probs, sample
 from decoding.tree import TokenTree
 
 
@@ -34,6 +35,22 @@ class ModelRunner:
         self.model = model
         self.cache = model.new_cache(max_len)
         self.tokens: list[int] = []
+        self.kernels: dict[str, list[str]] = {}  # shape class -> kernel per row count, once tuned
+
+    @classmethod
+    def for_serving(cls, hf_model, max_len: int, progress: bool = False) -> "ModelRunner":
+        """Wrap a loaded model, choose its kernels by measurement (cached per CPU), and
+        touch the weights once, so the first request measures decoding, not page faults."""
+        runner = cls(Transformer.from_hf(hf_model), max_len)
+        runner.kernels = runner.model.tune_kernels(progress=progress)
+        runner.feed([0, 0])
+        runner.reset()
+        return runner
+
+    def runtime_info(self) -> dict:
+        """What this model runs with here: dtype, device, kernel per shape class."""
+        return {"dtype": hardware.dtype_name(self.model.dtype), "device": str(self.model.device),
+                "kernels": kernels.summarize(self.kernels)}
 
     @property
     def vocab_size(self) -> int:
@@ -107,7 +124,8 @@ class ModelRunner:
                 confidence = torch.softmax(logits.float(), -1)[picks[0]].item()
             else:
                 q = logits_to_probs(logits, params)
-                picks = torch.multinomial(q, width, replacement=True, generator=generator).tolist()
+                # `sample` draws on the generator's device: a CPU generator with CUDA logits works
+                picks = sample(q.expand(width, -1), generator).tolist()
                 q_rows[chain_node] = q
                 confidence = q.max().item()
             accept_probs.append(confidence * (accept_probs[-1] if accept_probs else 1.0))

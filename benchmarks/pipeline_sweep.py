@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-length", type=int, default=None, help="sync: fixed; default adaptive")
     p.add_argument("--max-draft-length", type=int, default=12)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--draft-dtype", default="bfloat16")
+    p.add_argument("--draft-dtype", default="auto")
     p.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default="auto")
     p.add_argument("--cpus-per-actor", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="the oracle's coins (prompt i uses seed + i)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from actors import hardware
 from actors.model_actor import ModelActor
 from cluster.engine import EngineConfig, LocalEngine, check_models, encode_prompt
 from cluster.local import DecodeConfig
@@ -120,16 +121,27 @@ class BenchActor(ModelActor):
 
     def run_local(self, method: str, ids: list[int], decode: dict, draft: str, draft_dtype: str,
                   threads: int) -> dict:
+        # The drafter actor idles meanwhile: these methods get the cores the driver would have
+        # (and kernels tuned for that many threads).
+        torch.set_num_threads(threads)
+        try:
+            return asdict(self._local_methods(decode, draft, draft_dtype).run(method, ids))
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def local_runtime(self, decode: dict, draft: str, draft_dtype: str, threads: int) -> dict:
+        torch.set_num_threads(threads)
+        try:
+            return self._local_methods(decode, draft, draft_dtype).engine.runtime_info()
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def _local_methods(self, decode: dict, draft: str, draft_dtype: str) -> MethodRunner:
         if getattr(self, "_methods", None) is None:
             cfg = EngineConfig(self.spec.model, draft, dtype=self.spec.dtype, draft_dtype=draft_dtype)
             self._methods = MethodRunner(LocalEngine(cfg, progress=False, target=self.loaded),
                                          DecodeConfig.from_dict(decode))
-        # The drafter actor idles meanwhile: these methods get the cores the driver would have.
-        torch.set_num_threads(threads)
-        try:
-            return asdict(self._methods.run(method, ids))
-        finally:
-            torch.set_num_threads(self.threads)
+        return self._methods
 
 
 class PipelineMethods:
@@ -140,8 +152,9 @@ class PipelineMethods:
         from cluster.pipeline import PipelineConfig, RayPipeline
 
         self.args, self.cfg, self.threads = args, cfg, torch.get_num_threads()
-        self.pipeline = RayPipeline(PipelineConfig(args.target, args.draft, draft_dtype=args.draft_dtype,
-                                                   placement=placement_config(args)), verifier_cls=BenchActor)
+        self.pipeline = RayPipeline(PipelineConfig(args.target, args.draft, dtype=args.dtype,
+                                                   draft_dtype=args.draft_dtype, placement=placement_config(args)),
+                                    verifier_cls=BenchActor)
 
     def run(self, method: str, ids: list[int]) -> Run:
         import ray
@@ -155,6 +168,16 @@ class PipelineMethods:
             return Run(result.token_ids, s.wall_s, s.mean_accepted, s.draft_s, s.wait_s)
         return Run(**ray.get(self.pipeline.verifier.run_local.remote(
             method, ids, self.cfg.to_dict(), self.args.draft, self.args.draft_dtype, self.threads)))
+
+    def runtime_info(self) -> dict:
+        """Where each method ran, with what: the local methods' engine in the verifier actor,
+        and the pipeline's two actors."""
+        import ray
+
+        local = ray.get(self.pipeline.verifier.local_runtime.remote(
+            self.cfg.to_dict(), self.args.draft, self.args.draft_dtype, self.threads))
+        actors = self.pipeline.runtime_info()
+        return {**local, "pipeline_target": actors["target"], "pipeline_draft": actors["draft"]}
 
     def close(self) -> None:
         self.pipeline.close()
@@ -173,7 +196,7 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         raise ValueError("--temperature applies to ensemble benches (--ensemble); the pair bench is greedy")
     methods = parse_methods(args.methods or DEFAULT_METHODS)
     prompts = load_prompts(args.prompts, args.limit)
-    engine_cfg = EngineConfig(target=args.target, draft=args.draft, draft_dtype=args.draft_dtype)
+    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
     tokenizer = check_models(engine_cfg)
     use_ray = any(m in RAY_METHODS for m in methods)
     if "spec-async" in methods and args.tree_width != 1:
@@ -205,17 +228,19 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                     t.accepted_per_step.append(run.mean_accepted)
                 bar.update()
         bar.close()
+        runtime = runner.runtime_info() if use_ray else runner.engine.runtime_info()
     finally:
         if use_ray:
             runner.close()
 
-    report = make_report(args, methods, prompts, totals)
+    report = make_report(args, methods, prompts, totals, runtime)
     write_report(report, out_dir)
     print(render_markdown(report))
     return report
 
 
-def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, MethodTotals]) -> dict:
+def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, MethodTotals],
+                runtime: dict | None = None) -> dict:
     reference = "hf" if "hf" in totals else methods[0]
     ref_outputs = totals[reference].outputs
     hf_rate = totals["hf"].tokens / totals["hf"].seconds if "hf" in totals else None
@@ -248,12 +273,15 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             "max_new_tokens": args.max_new_tokens,
             "methods": methods,
             "chat": bool(args.chat),
+            "dtype": args.dtype,
             "draft_dtype": args.draft_dtype,
+            # what those resolved to, where: dtypes, devices, kernel per shape class, threading
+            "runtime": runtime or {},
             "tree_width": args.tree_width,
             "lookahead": getattr(args, "lookahead", None),
             "greedy": True,
             "reference": reference,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "machine": f"{platform.machine()} {hardware.cpu_model_name()}".strip(),
             "torch_threads": torch.get_num_threads(),
             "command": "specray " + " ".join(sys.argv[1:]),
         },
@@ -277,7 +305,23 @@ def render_markdown(report: dict) -> str:
         sp = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"
         hidden = f"{r['hidden_draft_fraction']:.0%}" if "hidden_draft_fraction" in r else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {acc} | {hidden} | {r['identical_to_target']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + render_runtime(c.get("runtime") or {})) + "\n"
+
+
+def render_runtime(runtime: dict) -> list[str]:
+    """Resolved dtypes and the kernel chosen per shape class, for each model that ran."""
+    if not runtime:
+        return []
+    cpu = runtime.get("cpu") or {}
+    lines = ["", f"CPU: {cpu.get('name', '?')} ({cpu.get('isa', '?')}, native bf16: {cpu.get('native_bf16', '?')}); "
+             f"threads: {(runtime.get('threading') or {}).get('threads', '?')}", ""]
+    for role in ("target", "draft", "pipeline_target", "pipeline_draft"):
+        info = runtime.get(role)
+        if not info:
+            continue
+        lines.append(f"- {role}: {info.get('dtype')} on {info.get('device')}")
+        lines += [f"  - `{shape}`: {kernels}" for shape, kernels in (info.get("kernels") or {}).items()]
+    return lines
 
 
 def write_report(report: dict, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 PIPELINES = ("local", "sync", "async")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # actors.hardware.DTYPE_CHOICES, without importing torch
 
 
 def _positive_int(text: str) -> int:
@@ -38,8 +39,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-length", type=_positive_int, default=None, help="fixed; default adaptive")
     p.add_argument("--tree-width", type=_positive_int, default=1, help="candidates per depth (1 = chain)")
     add_pipeline_args(p)
-    p.add_argument("--dtype", default="float32", help="target dtype")
-    p.add_argument("--draft-dtype", default="bfloat16", help="draft dtype (cannot change the output)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                   help="target dtype: its precision defines the target (default float32)")
+    p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="draft dtype; auto (default): bfloat16 where the device runs it natively, else float32 "
+                        "(the draft only proposes: its precision cannot change the output)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -64,7 +68,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="ensembles only")
     p.add_argument("--seed", type=int, default=0, help="ensembles: prompt i samples with seed + i")
     p.add_argument("--draft-length", type=_positive_int, default=None, help="ensembles: fixed CoS draft length")
-    p.add_argument("--dtype", default="float32", help="ensembles: every member's dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="target (or every ensemble member's) dtype")
     p.add_argument("--prompts", required=True, help="JSONL with a `prompt` string or a `turns` list")
     p.add_argument("--limit", type=_positive_int, default=20)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -73,7 +77,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-out")
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     p.add_argument("--tree-width", type=_positive_int, default=1)
-    p.add_argument("--draft-dtype", default="bfloat16")
+    p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 where the device runs it natively, else float32")
     add_pipeline_args(p)
 
 

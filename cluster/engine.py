@@ -1,9 +1,9 @@
 """Load a target (and optionally a draft) once and serve generation requests on them.
 
 Checks that cost nothing run first: model names, sampling settings, vocabularies, prompt
-length. Only then are weights loaded. The draft runs in bfloat16 by default: it only
-proposes, so its precision cannot change the output, and on CPUs with AVX512-BF16 it
-halves the bytes each draft step reads.
+length. Only then are weights loaded. The draft's dtype defaults to `auto`: bf16 where the
+device runs it natively (it halves the bytes each draft step reads), else fp32. The draft
+only proposes, so its precision cannot change the output.
 """
 
 from __future__ import annotations
@@ -13,28 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
-from actors import loading
-from actors.model import Transformer
+from actors import hardware, loading, threads
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, speculative_generate
 from decoding.request import TokenSink
 from decoding.draft_length import DraftLengthPolicy
-
-DTYPES = loading.DTYPES
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     target: str
     draft: str | None = None
-    dtype: str = "float32"
-    draft_dtype: str = "bfloat16"
+    dtype: str = "float32"  # the target's precision defines "the target"
+    draft_dtype: str = "auto"  # bf16 where the device runs it natively, else fp32
     max_len: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("dtype", "draft_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+            hardware.check_dtype_name(getattr(self, name), name)
 
 
 def check_models(cfg: EngineConfig):
@@ -80,28 +76,30 @@ class LocalEngine:
     def __init__(self, cfg: EngineConfig, progress: bool = True, target: loading.LoadedModel | None = None):
         """`target`: an already loaded target to share (e.g. a verifier actor's), else it loads."""
         self.cfg = cfg
-        self.target = target or loading.load(cfg.target, DTYPES[cfg.dtype], progress=progress)
+        self.target = target or loading.load(cfg.target, hardware.resolve_dtype(cfg.dtype), progress=progress)
         self.tokenizer = self.target.tokenizer
         self.context_length = self.target.context_length
         max_len = min(cfg.max_len, self.context_length + 64)
-        self.target_runner = ModelRunner(Transformer.from_hf(self.target.hf_model), max_len)
+        self.target_runner = ModelRunner.for_serving(self.target.hf_model, max_len, progress)
         self.draft = self.draft_runner = None
         if cfg.draft is not None:
-            self.draft = loading.load(cfg.draft, DTYPES[cfg.draft_dtype], progress=progress)
+            self.draft = loading.load(cfg.draft, hardware.resolve_dtype(cfg.draft_dtype), progress=progress)
             loading.check_same_vocab(
                 self.tokenizer, self.draft.tokenizer, self.target.vocab_size, self.draft.vocab_size,
                 (cfg.target, cfg.draft),
             )
-            self.draft_runner = ModelRunner(Transformer.from_hf(self.draft.hf_model), max_len)
+            self.draft_runner = ModelRunner.for_serving(self.draft.hf_model, max_len, progress)
         self.eos_token_ids = loading.eos_token_ids(self.target)
-        # Weights arrive memory-mapped: touch them once here, so the first request's
-        # tokens/s measures decoding, not page faults and kernel setup.
-        for runner in (self.target_runner, self.draft_runner):
-            if runner is not None:
-                runner.feed([0, 0])
-                runner.reset()
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}
+
+    def runtime_info(self) -> dict:
+        """Resolved dtypes, devices, kernels per shape class, threading: for stats and reports."""
+        info = {"cpu": hardware.probe("cpu").to_dict(), "threading": threads.describe(),
+                "target": self.target_runner.runtime_info()}
+        if self.draft_runner is not None:
+            info["draft"] = self.draft_runner.runtime_info()
+        return info
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 from actors import loading
 from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate, local_members
-from actors.model import Transformer
+from actors import threads
+from actors.hardware import check_dtype_name, probe, resolve_dtype
 from actors.runner import ModelRunner
 from cluster.engine import check_prompt
 from cluster.placement import PlacementConfig
@@ -61,8 +62,7 @@ class EnsembleConfig:
             raise ValueError(f"an ensemble needs at least 2 model names, got {list(models)}")
         object.__setattr__(self, "models", models)
         self.rule  # parses, or raises ValueError naming what is wrong
-        if self.dtype not in loading.DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(loading.DTYPES)}, got {self.dtype!r}")
+        check_dtype_name(self.dtype)
         placement = self.placement or PlacementConfig(n_actors=len(models))
         if placement.n_actors != len(models):
             raise ValueError(f"an ensemble of {len(models)} models places {len(models)} actors, "
@@ -149,15 +149,16 @@ class LocalEnsemble:
         self.cfg = cfg
         self.info = check_members(cfg)
         self.tokenizer = self.info.tokenizer
-        loaded = [loading.load(name, loading.DTYPES[cfg.dtype], progress=progress) for name in cfg.models]
+        loaded = [loading.load(name, resolve_dtype(cfg.dtype), progress=progress) for name in cfg.models]
         max_len = min(cfg.max_len, self.info.context_length + 64)
-        self.runners = [ModelRunner(Transformer.from_hf(m.hf_model), max_len) for m in loaded]
-        for runner in self.runners:  # touch the weights once (see LocalEngine)
-            runner.feed([0, 0])
-            runner.reset()
+        self.runners = [ModelRunner.for_serving(m.hf_model, max_len, progress) for m in loaded]
         self.members = local_members(self.runners, list(cfg.models))
         self.eos_token_ids = loading.eos_token_ids(loaded[0])
         self.state = CosState()  # learned costs carry over between requests
+
+    def runtime_info(self) -> dict:
+        return {"cpu": probe("cpu").to_dict(), "threading": threads.describe(),
+                "members": {name: r.runtime_info() for name, r in zip(self.cfg.models, self.runners)}}
 
     def generate(self, prompt: list[int], cfg: DecodeConfig, method: str = "cos",
                  on_tokens: TokenSink | None = None) -> GenerationResult:
@@ -213,6 +214,11 @@ class RayEnsemble:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def runtime_info(self) -> dict:
+        from cluster.pipeline import actor_runtime
+
+        return {"members": {name: actor_runtime(info) for name, info in zip(self.cfg.models, self.member_info)}}
 
     def generate(self, prompt: list[int], cfg: DecodeConfig, method: str = "cos",
                  on_tokens: TokenSink | None = None) -> GenerationResult:

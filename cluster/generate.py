@@ -65,7 +65,8 @@ def ensemble_from_args(args: argparse.Namespace) -> dict:
     with (LocalEnsemble(ens_cfg) if args.pipeline == "local" else RayEnsemble(ens_cfg)) as ensemble:
         result = ensemble.generate(prompt_ids, cfg, method=method)
         text = ensemble.decode(result.token_ids)
-    return {"text": text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}
+        runtime = ensemble.runtime_info()
+    return {"text": text, "token_ids": result.token_ids, "stats": {**result.stats.as_dict(), "runtime": runtime}}
 
 
 def generate_from_args(args: argparse.Namespace) -> dict:
@@ -86,11 +87,14 @@ def generate_from_args(args: argparse.Namespace) -> dict:
         engine = LocalEngine(engine_cfg)
         result = engine.generate(prompt_ids, cfg)
         text = engine.decode(result.token_ids)
+        runtime = engine.runtime_info()
     else:
         from cluster.pipeline import PipelineConfig, RayPipeline
 
         with RayPipeline(PipelineConfig(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
                                         placement=placement)) as pipeline:
             result = pipeline.generate(prompt_ids, cfg, options)
+            runtime = pipeline.runtime_info()
         text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    return {"text": text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}
+    # `runtime`: resolved dtypes, devices, kernel per shape class (each actor's own)
+    return {"text": text, "token_ids": result.token_ids, "stats": {**result.stats.as_dict(), "runtime": runtime}}

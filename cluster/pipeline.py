@@ -36,7 +36,7 @@ class PipelineConfig:
     target: str
     draft: str
     dtype: str = "float32"
-    draft_dtype: str = "bfloat16"
+    draft_dtype: str = "auto"  # resolved in the drafter actor, on its own device
     max_len: int = 4096
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     max_restarts: int = 3
@@ -52,6 +52,12 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+
+
+def actor_runtime(info: dict) -> dict:
+    """The part of `ModelActor.info()` that says what the actor runs with, on its own device."""
+    keys = ("node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading")
+    return {k: info.get(k) for k in keys}
 
 
 class VerifierFailed(RuntimeError):
@@ -174,6 +180,10 @@ class RayPipeline:
             stats.drafter_lost = False  # no drafter was asked
         stats.wall_s = time.perf_counter() - start  # as the caller saw it, Ray calls included
         return GenerationResult(answer["token_ids"], stats)
+
+    def runtime_info(self) -> dict:
+        """What each actor resolved on its own device: dtype, kernels, threads, capabilities."""
+        return {"target": actor_runtime(self.verifier_info), "draft": actor_runtime(self.drafter_info)}
 
     def _drafter_ready(self) -> bool:
         """Wait for a (re)starting drafter; without one the request runs target-only."""

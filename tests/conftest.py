@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from actors import tiny
+import actors  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+import torch  # noqa: E402
+
+from actors import tiny  # noqa: E402
 
 # Tiny models are all overhead: one thread avoids OpenMP spin-waits on a busy 2-core box.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests run where torch sees a GPU (benchmarks/gpu_check.sh), else skip."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ class OpenAIServer:
     # ---- routes ----------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model, **self.admission.state()}
+        return {"status": "ok", "model": self.model, **self.admission.state(), "runtime": self.backend.runtime}
 
     @api.get("/v1/models")
     async def models(self) -> dict:

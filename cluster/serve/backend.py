@@ -55,6 +55,8 @@ class Backend:
             self.tokenizer = loading.load_tokenizer(args.target)
             self.context = loading.context_length(loading.read_config(args.target))
         self.vocab_size = len(self.tokenizer)
+        # what the models resolved to where they run (dtypes, kernels, devices): for /health
+        self.runtime = self.decoder.runtime_info()
 
     # ---- prompts (cheap; the request handler calls these before queueing) ---------------
     def encode_text(self, prompt: str) -> list[int]:

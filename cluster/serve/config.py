@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES
+from actors.hardware import check_dtype_name
+from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
 class ServeArgs(BaseModel):
@@ -22,7 +23,7 @@ class ServeArgs(BaseModel):
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"
-    draft_dtype: str = "bfloat16"
+    draft_dtype: str = "auto"  # resolved in each actor: bf16 where its device runs it natively
     max_len: int = Field(4096, ge=16)
     lookahead: int = Field(8, ge=1)
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
@@ -36,8 +37,7 @@ class ServeArgs(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
         for name in ("dtype", "draft_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+            check_dtype_name(getattr(self, name), name)
         if self.ensemble is not None:
             if len(self.ensemble) < 2:
                 raise ValueError(f"ensemble needs at least 2 models, got {self.ensemble}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from actors import model as model_mod
+from actors import kernels
 from actors.model import ModelConfig, Transformer
 
 V = 97
@@ -145,19 +145,22 @@ def test_zero_copy(pair):
         assert m.output.weight is m.tok_embeddings
 
 
-def test_onednn_and_plain_linear_agree(pair, monkeypatch):
+@pytest.mark.parametrize("kernel", sorted(kernels.KERNELS))
+def test_every_linear_kernel_matches_hf(pair, kernel):
+    """Each candidate kernel, forced on every linear for every row count, gives HF's logits."""
     hf, m = pair
+    if kernel not in kernels.candidates(torch.float32, "cpu"):
+        pytest.skip(f"{kernel} cannot run here")
     ids = _ids(9, 3)
-
-    def run():  # T = 9, 2 (MKL column-GEMM path), 1
-        cache = m.new_cache(16)
-        return torch.cat([m(ids[:6], cache), m(ids[6:8], cache), m(ids[8:], cache)])
-
-    a = run()
-    monkeypatch.setattr(model_mod, "USE_ONEDNN_LINEAR", False)
-    b = run()
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(a, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
+    try:
+        for lin in m.linears():
+            lin.kernels = (kernels.KERNELS[kernel],) * kernels.MAX_ROWS
+        cache = m.new_cache(16)  # T = 6, 2, 1: several row counts
+        out = torch.cat([m(ids[:6], cache), m(ids[6:8], cache), m(ids[8:], cache)])
+    finally:
+        for lin in m.linears():
+            lin.kernels = kernels.DEFAULT
+    torch.testing.assert_close(out, hf_logits(hf, ids), atol=ATOL, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- trees
@@ -298,7 +301,7 @@ def test_bf16_matches_hf(pair):
     torch.testing.assert_close(out, hf_logits(hb, ids), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_tree_matches_cpu(pair):
     import copy
 
@@ -315,3 +318,24 @@ def test_cuda_tree_matches_cpu(pair):
         outs.append(model(_ids(3, 9), cache).cpu())
     torch.testing.assert_close(outs[2], outs[0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(outs[3], outs[1], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_sampled_speculation_with_a_cpu_generator(pair):
+    """Drafting samples CUDA probabilities with the request's CPU generator (this raised in
+    `torch.multinomial`); the run repeats exactly for a seed."""
+    import copy
+
+    from actors.runner import ModelRunner
+    from cluster.local import speculative_generate
+    from decoding.request import DecodeConfig
+    from decoding.sampling import SamplingParams
+
+    hf, _ = pair
+    target = ModelRunner(Transformer.from_hf(copy.deepcopy(hf).cuda()), 64)
+    draft = ModelRunner(Transformer.from_hf(copy.deepcopy(hf).cuda().bfloat16()), 64)
+    cfg = DecodeConfig(max_new_tokens=12, sampling=SamplingParams(temperature=1.0), seed=3, draft_length=3,
+                       tree_width=2, eos_token_ids=(-1,))
+    first = speculative_generate(target, draft, [5, 6, 7], cfg)
+    assert len(first.token_ids) == 12 and first.stats.verify_rounds > 0
+    assert speculative_generate(target, draft, [5, 6, 7], cfg).token_ids == first.token_ids
