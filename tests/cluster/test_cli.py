@@ -96,4 +96,8 @@ def test_generate_json_contract(tiny_dir):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) == {"text", "token_ids", "stats"}
     assert len(out["token_ids"]) == out["stats"]["new_tokens"] <= 12
-    assert set(out["stats"]) == {"new_tokens", "target_forwards", "mean_accepted", "tokens_per_s", "wall_s"}
+    assert {"new_tokens", "target_forwards", "mean_accepted", "tokens_per_s", "wall_s"} <= set(out["stats"])
+    runtime = out["stats"]["runtime"]  # what the dtypes resolved to, and the kernel per shape class
+    assert runtime["target"]["dtype"] == "float32" and runtime["draft"]["dtype"] == "float32"
+    assert "64x64 float32" in runtime["target"]["kernels"]  # tiny: hidden 64 -> q_proj 64x64
+    assert runtime["cpu"]["native_bf16"] in (True, False) and runtime["threading"]["threads"] >= 1

@@ -93,13 +93,14 @@ def test_bench_ensemble_methods(pair, tmp_path, capsys):
         report = json.loads((out / "report.json").read_text())
         assert list(report["methods"]) == ["ensemble", "cos"] and report["config"]["speedup_reference"] == "ensemble"
         base, cos = report["methods"]["ensemble"], report["methods"]["cos"]
-        assert base["speedup_vs_hf"] == 1.0 and cos["speedup_vs_hf"] > 0
+        # cos is measured against the baseline's own rate
+        assert cos["speedup_vs_hf"] == pytest.approx(cos["tokens_per_s"] / base["tokens_per_s"], rel=1e-3)
         assert base["acceptance_rate"] is None  # the baseline proposes nothing
-        if extra:
-            assert 0 <= cos["acceptance_rate"] <= 1
+        if extra:  # two cd:0.2 members of one tiny family agree often, not always
+            assert 0 < cos["acceptance_rate"] < 1
         assert cos["new_tokens"] == base["new_tokens"] == 3 * 16
-        if temperature == "0":
-            assert cos["identical_to_target"] is True and base["identical_to_target"] is True
+        if temperature == "0":  # the baseline's outputs are the reference: cos must equal them
+            assert cos["identical_to_target"] is True
         else:
             assert cos["identical_to_target"] is None
         assert (out / "report.png").stat().st_size > 0 and "| cos |" in (out / "report.md").read_text()

@@ -77,9 +77,15 @@ def test_tree_rejects_bad_draft_probs(probs):
         tree(draft_probs=probs)
 
 
-def test_tree_accepts_float32_probs_of_shape_n_or_nv():
-    tree(draft_probs=np.ones(4, np.float32))
-    tree(draft_probs=torch.ones(4, 10))
+@pytest.mark.parametrize("probs", [np.arange(4, dtype=np.float32), torch.arange(40, dtype=torch.float32).view(4, 10)])
+def test_tree_accepts_float32_probs_of_shape_n_or_nv_and_they_cross_the_wire(probs):
+    from protocol import decode, encode
+
+    sent = tree(draft_probs=probs)
+    received = decode([bytes(f) for f in encode(sent)])
+    assert received == sent
+    assert np.array_equal(np.asarray(received.draft_probs), np.asarray(probs))
+    assert np.asarray(received.draft_probs).shape == tuple(probs.shape)
 
 
 def test_tree_equality_compares_probs():

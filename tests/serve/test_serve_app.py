@@ -3,8 +3,10 @@ on loopback, and the official `openai` client (plain HTTP where the client would
 to send the broken request).
 
 Two applications on one `serve run`, tiny models:
-- `/`: the async Ray pipeline (verifier + drafter actors), room for 40 pending requests;
-- `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests);
+- `/`: the async Ray pipeline (verifier + drafter actors), room for 40 pending requests,
+  with oneDNN capped at AVX2 (`ONEDNN_MAX_CPU_ISA`): a CPU without native bf16, for real;
+- `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests),
+  with the capability probe forced to "native bf16" (`SPECRAY_NATIVE_BF16=1`);
 - `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member.
 """
 
@@ -26,6 +28,7 @@ import yaml
 
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
+from decoding.sampling import SamplingParams
 from ray_head import VENV_BIN, Head, free_port, ray_head, stop
 
 REPO = Path(__file__).parents[2]
@@ -70,8 +73,10 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
             {"name": "main", "route_prefix": "/", "import_path": "cluster.serve.app:build",
+             "runtime_env": {"env_vars": {"ONEDNN_MAX_CPU_ISA": "AVX2"}},
              "args": {**common, "pipeline": "async", "max_pending": 40}},
             {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
+             "runtime_env": {"env_vars": {"SPECRAY_NATIVE_BF16": "1"}},
              "args": {**common, "pipeline": "local", "max_pending": 1}},
             {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
@@ -115,6 +120,27 @@ def test_models_and_health(server):
     assert health["status"] == "ok" and health["max_pending"] == 40
 
 
+def test_each_app_resolves_the_draft_dtype_on_its_own_hardware(server):
+    """`draft_dtype: auto` (the default) resolves in each actor: fp32 where oneDNN has no bf16
+    (the main app's actors, capped at AVX2), bf16 where the probe says native (small)."""
+    main = requests.get(f"{server.base}/health", timeout=10).json()["runtime"]
+    assert main["draft"]["dtype"] == "float32" and main["target"]["dtype"] == "float32"
+    for role in ("target", "draft"):
+        caps = main[role]["capabilities"]
+        assert caps["native_bf16"] is False and caps["forced"] is False  # the real probe said no
+        assert main[role]["kernels"]
+    small = small_health(server)["runtime"]
+    assert small["draft"]["dtype"] == "bfloat16" and small["target"]["dtype"] == "float32"
+    assert small["cpu"]["forced"] is True
+
+
+def test_local_pipeline_app_is_the_target_alone(server, target_alone):
+    ids = target_alone.engine.encode("hello world")
+    out = server.small.completions.create(model=MODEL, prompt="hello world", max_tokens=24, temperature=0)
+    assert out.choices[0].text == target_alone(ids, 24)
+    assert out.model_extra["specray"]["drafted_tokens"] > 0
+
+
 def test_completion_is_the_target_alone(server, target_alone):
     prompt = "hello world"
     ids = target_alone.engine.encode(prompt)
@@ -150,14 +176,27 @@ def test_chat_streaming_and_not(server, target_alone):
     assert full.usage.prompt_tokens == len(ids)
 
 
-def test_sampling_parameters_reach_the_decoder(server):
-    out = server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=1.0, top_p=0.9,
-                                           seed=7)
-    assert 1 <= out.usage.completion_tokens <= 16
-    greedy = server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=0)
-    sampled = {server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, temperature=1.5,
-                                                seed=s).choices[0].text for s in range(4)}
-    assert sampled != {greedy.choices[0].text}  # temperature is not ignored
+def test_sampling_parameters_reach_the_decoder(server, target_alone):
+    """temperature, top_p and seed each change the answer the way the target alone would."""
+    engine = target_alone.engine
+    ids = engine.encode("abc")
+    plain = {"specray": {"speculative": False}}  # the target alone: `seed` makes it reproducible
+
+    def served(**kw) -> str:
+        return server.client.completions.create(model=MODEL, prompt="abc", max_tokens=16, extra_body=plain,
+                                                **kw).choices[0].text
+
+    def local(temperature: float, top_p: float, seed: int) -> str:
+        cfg = DecodeConfig(max_new_tokens=16, sampling=SamplingParams(temperature=temperature, top_p=top_p),
+                           seed=seed)
+        return engine.decode(engine.generate(ids, cfg, speculative=False).token_ids)
+
+    for seed in (7, 8):  # same seed, same sample as in this process; another seed, its own sample
+        assert served(temperature=1.5, top_p=0.9, seed=seed) == local(1.5, 0.9, seed)
+    samples = {served(temperature=1.5, seed=s) for s in range(4)}
+    assert samples == {local(1.5, 1.0, s) for s in range(4)} and len(samples) > 1
+    # a nucleus this small keeps only the top token: top_p makes T = 1.5 greedy
+    assert served(temperature=1.5, top_p=1e-6, seed=3) == target_alone(ids, 16)
 
 
 def test_stop_strings_cut_the_text(server):

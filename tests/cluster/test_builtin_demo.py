@@ -1,0 +1,48 @@
+"""`make demo`'s two commands on the built-in pair, on a CPU without native bf16.
+
+oneDNN, MKL and ATen are capped at AVX2 (`ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`,
+`ATEN_CPU_CAPABILITY`), so the probe answers for real, as on the Zen 3 box where the demo
+used to crash. Shorter than the demo (fewer tokens, one prompt) to keep CI fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.builtin
+
+REPO = Path(__file__).parents[2]
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+PAIR = ["--target", "qwen2.5-coder-1.5b", "--draft", "qwen2.5-coder-0.5b", "--chat"]
+
+
+def specray(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SPECRAY_NATIVE_BF16"} | AVX2
+    specray_bin = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "specray"
+    proc = subprocess.run([str(specray_bin) if specray_bin.exists() else "specray", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_demo_commands_run_where_bf16_is_not_native(tmp_path):
+    gen = specray("generate", *PAIR, "--prompt", "Write a Python function that checks whether a number is prime.",
+                  "--max-new-tokens", "32", "--json")
+    out = json.loads(gen.stdout.strip().splitlines()[-1])
+    runtime = out["stats"]["runtime"]
+    assert runtime["cpu"]["native_bf16"] is False and runtime["cpu"]["isa"] == "AVX2"
+    assert runtime["draft"]["dtype"] == "float32"  # auto: no native bf16 here
+    assert len(out["token_ids"]) == 32 and out["stats"]["mean_accepted"] > 1
+
+    specray("bench", *PAIR, "--prompts", "benchmarks/prompts/spec_bench_20.jsonl", "--limit", "1",
+            "--max-new-tokens", "24", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["methods"]) == ["hf", "hf-assisted", "ar", "spec-local"]
+    assert all(row["identical_to_target"] for row in report["methods"].values()), report["methods"]
+    assert report["config"]["runtime"]["draft"]["dtype"] == "float32"
+    assert "draft: float32" in (tmp_path / "report.md").read_text()
