@@ -23,8 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 FORCE_BF16_ENV = "SPECRAY_NATIVE_BF16"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": bf16 where the device runs it natively, else fp32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dense
+QUANTIZED = ("int8", "int4", "gguf")  # GGUF blocks on the native kernels (actors/quantized.py)
+DTYPE_CHOICES = ("auto", *DTYPES, *QUANTIZED)
 
 
 @dataclass(frozen=True)
@@ -92,17 +93,33 @@ def check_dtype_name(name: str, what: str = "dtype") -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """`auto` -> bf16 where `device` runs it natively, else fp32. An explicit bf16 on a
-    device without native bf16 still works (slower kernels), with a one-line warning."""
+def resolve_dtype(name: str, device: str | torch.device = "cpu", has_gguf: bool = False) -> str:
+    """The concrete precision `name` means on `device`.
+
+    `auto`, the cheapest form the device runs fast: on a CPU where the native GGUF kernels
+    build, the model's own GGUF quantization (`has_gguf`) or else int8; otherwise bf16
+    where the device runs it natively, else fp32. An explicit bf16 on a device without
+    native bf16 still works (slower kernels), with a one-line warning; quantized names on
+    a GPU load dense bf16 (the native kernels are CPU-only), with a warning too."""
+    from actors import native
+
     check_dtype_name(name)
     caps = probe(device)
+    on_cpu = caps.device == "cpu"
     if name == "auto":
-        return torch.bfloat16 if caps.native_bf16 else torch.float32
+        if on_cpu and native.available():
+            return "gguf" if has_gguf else "int8"
+        return "bfloat16" if caps.native_bf16 else "float32"
+    if name in QUANTIZED and not on_cpu:
+        _warn_once(f"--dtype {name}: the GGUF kernels run on CPUs; on {caps.device} the weights load as bfloat16")
+        return "bfloat16"
+    if name in QUANTIZED and not native.available():
+        _warn_once(f"--dtype {name}: no native GGUF kernels here ({native.why_unavailable()}); the weights run "
+                   "dequantized to float32, slower")
     if name == "bfloat16" and not caps.native_bf16:
         _warn_once(f"bfloat16 requested on {caps.name} ({caps.device}), which has no native bf16: running "
-                   "with slower kernels; --draft-dtype auto picks float32 here")
-    return DTYPES[name]
+                   "with slower kernels; --draft-dtype auto picks another form here")
+    return name
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -124,19 +124,33 @@ def _check_builtin_installed(b: Builtin) -> None:
         )
 
 
-def ensure_converted(alias: str, progress: bool = True) -> Path:
-    """Convert a built-in GGUF to a cached Hugging Face directory, once, with progress."""
+def ensure_converted(alias: str, progress: bool = True, dense: bool = True) -> Path:
+    """The built-in's cache directory: its GGUF file (the quantized form, as shipped),
+    config and tokenizer; with `dense`, also the fp32 safetensors conversion (once, with
+    progress). Each step writes under a temporary name and renames: a half-done step is
+    never mistaken for a done one."""
     out = builtin_dir(alias)
-    if (out / "config.json").is_file():
+    done = (out / GGUF_NAME).is_file() and (out / "config.json").is_file()
+    if done and (not dense or _has_dense_weights(out)):
         return out
     b = BUILTINS[alias]
     _check_builtin_installed(b)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{alias}.lock"):
-        if (out / "config.json").is_file():  # another process converted it while we waited
-            return out
-        _convert(b, out, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{alias}.lock"):  # another process may be converting it
+        if not (out / GGUF_NAME).is_file():
+            _join_gguf(b, out, progress)
+        if not (out / "config.json").is_file():
+            _write_config_and_tokenizer(out)
+        if dense and not _has_dense_weights(out):
+            _convert_dense(b, out, progress)
     return out
+
+
+GGUF_NAME = "model.gguf"
+
+
+def _has_dense_weights(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
 @contextlib.contextmanager
@@ -155,59 +169,89 @@ def _chunk_paths(b: Builtin) -> list[Path]:
     return [Path(importlib.import_module(m).get_part_path()) for m in b.chunk_modules]
 
 
-def _convert(b: Builtin, out: Path, progress: bool) -> None:
+def _join_gguf(b: Builtin, out: Path, progress: bool) -> None:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.time()
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    gguf = work / "model.gguf"
     chunks = _chunk_paths(b)
-    total = sum(p.stat().st_size for p in chunks)
-    with open(gguf, "wb") as dst, tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"{b.alias}: joining GGUF", disable=not progress
-    ) as bar:
+    tmp = out / (GGUF_NAME + ".partial")
+    with open(tmp, "wb") as dst, tqdm(total=sum(p.stat().st_size for p in chunks), unit="B", unit_scale=True,
+                                      desc=f"{b.alias}: joining GGUF", disable=not progress) as bar:
         for chunk in chunks:
             with open(chunk, "rb") as src:
                 while block := src.read(16 << 20):
                     dst.write(block)
                     bar.update(len(block))
-    steps = tqdm(total=3, desc=f"{b.alias}: converting", disable=not progress)
-    tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-    steps.update()
-    model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+    tmp.rename(out / GGUF_NAME)
+
+
+def _write_config_and_tokenizer(out: Path) -> None:
+    """Config, generation config and tokenizer from the GGUF's metadata (no weights read);
+    config.json last, as the marker that the directory is usable."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    AutoTokenizer.from_pretrained(out, gguf_file=GGUF_NAME).save_pretrained(out)
+    config = AutoConfig.from_pretrained(out, gguf_file=GGUF_NAME)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    tmp = out / "config.partial"
+    tmp.mkdir(exist_ok=True)
+    config.save_pretrained(tmp)
+    (tmp / "config.json").rename(out / "config.json")
+    tmp.rmdir()
+
+
+def _convert_dense(b: Builtin, out: Path, progress: bool) -> None:
+    """The fp32 form (transformers' GGUF loader dequantizes), saved as safetensors."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    start = time.time()
+    steps = tqdm(total=2, desc=f"{b.alias}: converting to float32", disable=not progress)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=GGUF_NAME, dtype=torch.float32)
     steps.update()
     # The weights are dequantised now; drop the GGUF marker so the model saves as plain safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    work = out / "dense.partial"
+    shutil.rmtree(work, ignore_errors=True)
     model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    gguf.unlink()
-    (work / "specray.json").write_text(json.dumps({"alias": b.alias, "source": "gguf", "convert_s": time.time() - start}))
+    del model
+    for f in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
+        f.replace(out / f.name)
+    work.rmdir()
+    (out / "specray.json").write_text(json.dumps({"alias": b.alias, "source": "gguf", "convert_s": time.time() - start}))
     steps.update()
     steps.close()
-    del model
-    shutil.rmtree(out, ignore_errors=True)
-    work.rename(out)  # atomic: a half-written conversion is never mistaken for a cache hit
 
 
 @dataclass
 class LoadedModel:
+    """A model ready to wrap: its config and tokenizer, and either the Hugging Face model
+    (dense precisions: our Transformer shares its tensors) or our Transformer built
+    directly (quantized precisions)."""
+
     name: str
     path: Path | str
-    hf_model: torch.nn.Module
+    config: object  # the Hugging Face config
     tokenizer: object
+    precision: str  # float32 | bfloat16 | float16 | int8 | int4 | gguf
+    hf_model: torch.nn.Module | None = None
+    transformer: torch.nn.Module | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_model.config.get_text_config().vocab_size
+        return self.config.get_text_config().vocab_size
 
     @property
     def context_length(self) -> int:
-        return context_length(self.hf_model.config)
+        return context_length(self.config)
+
+    def build(self):
+        """Our Transformer for this model (wrapping the HF model's tensors when dense)."""
+        from actors.model import Transformer
+
+        return self.transformer if self.transformer is not None else Transformer.from_hf(self.hf_model)
 
 
 def context_length(config) -> int:
@@ -215,7 +259,7 @@ def context_length(config) -> int:
 
 
 def read_config(name: str):
-    """The model's Hugging Face config, without loading weights (converts a built-in if needed)."""
+    """The model's Hugging Face config, without loading weights (no fp32 conversion either)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(_local_path(name))
@@ -230,29 +274,68 @@ def load_tokenizer(name: str):
 def _local_path(name: str) -> Path | str:
     path = resolve(name)
     if name in BUILTINS:
-        path = ensure_converted(name)
+        path = ensure_converted(name, dense=False)
     return path
 
 
-def load(name: str, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve(name)
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file behind `name`: a built-in's (as shipped), or the one .gguf file in a
+    local model directory; None when there is none."""
     if name in BUILTINS:
-        path = ensure_converted(name, progress=progress)
+        return ensure_converted(name, dense=False) / GGUF_NAME
+    path = Path(name).expanduser()
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); keep one")
+    return found[0] if found else None
+
+
+def load(name: str, dtype: str = "float32", progress: bool = True, device: str = "cpu") -> LoadedModel:
+    """Load `name` in precision `dtype` (a --dtype name, `auto` included), as it resolves
+    on `device` (`actors.hardware.resolve_dtype`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from actors.hardware import DTYPES, QUANTIZED, resolve_dtype
+
+    precision = resolve_dtype(dtype, device, has_gguf=dtype in ("auto", "gguf") and gguf_file(name) is not None)
+    path = _local_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    return LoadedModel(name, path, model, tokenizer)
+    config = read_config(name)
+    if precision == "gguf":
+        from actors import gguf_model
+
+        source = gguf_file(name)
+        if source is None:
+            raise ValueError(f"model {name!r} has no GGUF file: --dtype gguf keeps a GGUF file's own quantization; "
+                             "use float32, bfloat16, int8 or int4 for this model")
+        hf_model, transformer = None, gguf_model.load(source, config)
+    elif precision in QUANTIZED:
+        from actors.model import Transformer
+        from actors.quantized import quantize_linears
+
+        if name in BUILTINS:
+            ensure_converted(name, progress=progress)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        hf_model, transformer = None, quantize_linears(Transformer.from_hf(hf), precision)
+        del hf
+    elif precision in DTYPES:
+        if name in BUILTINS:
+            ensure_converted(name, progress=progress)
+        hf_model, transformer = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[precision]).eval(), None
+    else:
+        raise ValueError(f"unknown precision {precision!r}")
+    try:
+        ids = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = getattr(config.get_text_config(), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    eos = () if ids is None else tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+    return LoadedModel(name, path, config, tokenizer, precision, hf_model, transformer, eos)
 
 
 def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    ids = loaded.hf_model.generation_config.eos_token_id
-    if ids is None:
-        ids = loaded.tokenizer.eos_token_id
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+    return loaded.eos_token_ids
 
 
 def check_same_vocab(target_tok, draft_tok, target_vocab: int, draft_vocab: int, names: tuple[str, str]) -> None:

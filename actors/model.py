@@ -315,6 +315,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.tok_embeddings = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.quant_embedding: nn.Module | None = None  # a GGUF model's embedding blocks (actors.gguf_model)
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -324,7 +325,7 @@ class Transformer(nn.Module):
 
     def _init_buffers(self, device: torch.device | str | None = None) -> None:
         cfg = self.config
-        device = device if device is not None else self.tok_embeddings.device
+        device = device if device is not None else self.device
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling).to(device),
                              persistent=False)
         local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
@@ -333,16 +334,16 @@ class Transformer(nn.Module):
                              persistent=False)
         scale = math.sqrt(cfg.hidden_size) if cfg.gemma else 1.0
         # Gemma scales embeddings by sqrt(hidden) rounded to the embedding dtype, as transformers does.
-        self.register_buffer("embed_scale", torch.tensor(scale, device=device).to(self.tok_embeddings.dtype),
-                             persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(scale, device=device).to(self.dtype), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.dtype
+        """The activations' dtype (float32 for quantized models)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embeddings.device
+        return self.norm.weight.device
 
     # ------------------------------------------------------------------ loading
 
@@ -476,7 +477,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"tree_mask must have shape [{T}, {T}], got {tuple(tree_mask.shape)}")
             tree_mask = tree_mask.to(device=dev, dtype=torch.bool)
 
-        x = F.embedding(tokens.to(dev), self.tok_embeddings)
+        ids = tokens.to(dev)
+        x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
         if cfg.gemma:
             x = x * self.embed_scale
         plans = self._plans(T, start, positions, tree_mask, x.dtype)

@@ -60,11 +60,12 @@ class ModelActor:
         self.device = assigned_device()
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         # `auto` resolves here, on this actor's own device: nodes of one cluster differ.
-        loaded = loading.load(self.spec.model, hardware.resolve_dtype(self.spec.dtype, self.device), progress=False)
-        loaded.hf_model.to(self.device)
+        loaded = loading.load(self.spec.model, self.spec.dtype, progress=False, device=self.device)
+        if loaded.hf_model is not None:
+            loaded.hf_model.to(self.device)
         self.loaded = loaded
         max_len = min(self.spec.max_len, loaded.context_length + 64)
-        self.runner = ModelRunner.for_serving(loaded.hf_model, max_len)
+        self.runner = ModelRunner.for_serving(loaded.build(), max_len)
         self.eos_token_ids = loading.eos_token_ids(loaded)
         self.fingerprint = model_fingerprint(self.runner.vocab_size, loaded.tokenizer.get_vocab())
         self.node_ip = ray.util.get_node_ip_address()

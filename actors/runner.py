@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from actors import hardware, kernels
+from actors import hardware, kernels, quantized
 from actors.model import Transformer
 from decoding.draft_length import DraftLengthPolicy
 from decoding.sampling import SamplingParams, logits_to_probs, sample
@@ -38,19 +38,43 @@ class ModelRunner:
         self.kernels: dict[str, list[str]] = {}  # shape class -> kernel per row count, once tuned
 
     @classmethod
-    def for_serving(cls, hf_model, max_len: int, progress: bool = False) -> "ModelRunner":
-        """Wrap a loaded model, choose its kernels by measurement (cached per CPU), and
-        touch the weights once, so the first request measures decoding, not page faults."""
-        runner = cls(Transformer.from_hf(hf_model), max_len)
+    def for_serving(cls, model: Transformer, max_len: int, progress: bool = False) -> "ModelRunner":
+        """Take a built model (`LoadedModel.build()`), choose its dense kernels by measurement
+        (cached per CPU), and touch the weights once, so the first request measures
+        decoding, not page faults."""
+        runner = cls(model, max_len)
         runner.kernels = runner.model.tune_kernels(progress=progress)
         runner.feed([0, 0])
         runner.reset()
         return runner
 
+    def measure_verify_costs(self, sizes: tuple[int, ...] = (1, 2, 4, 8, 16), context: int = 128) -> dict[int, float]:
+        """Seconds for one forward of k tokens after `context` cached ones, for each k: how
+        the cost of verifying grows with the tokens verified on this device and precision
+        (flat while memory-bound; steep once compute-bound, as a 4-bit target is). Seeds
+        the draft-length policy, so it need not learn the curve from the first requests."""
+        vocab = self.vocab_size
+        self.reset(context + max(sizes) + 1)
+        self.feed([(7 * i + 3) % vocab for i in range(context)])
+        base, costs = self.cache.length, {}
+        for k in sizes:
+            self.cache.crop(base)
+            start = time.perf_counter()
+            self.model(torch.arange(k) % vocab, self.cache)
+            costs[k] = time.perf_counter() - start
+        self.reset()
+        return costs
+
     def runtime_info(self) -> dict:
         """What this model runs with here: dtype, device, kernel per shape class."""
-        return {"dtype": hardware.dtype_name(self.model.dtype), "device": str(self.model.device),
-                "kernels": kernels.summarize(self.kernels)}
+        return {"dtype": self.precision, "device": str(self.model.device),
+                "kernels": {**kernels.summarize(self.kernels), **quantized.summary(self.model)}}
+
+    @property
+    def precision(self) -> str:
+        """How the weights are held: a dense dtype, or the GGUF block types of a quantized model."""
+        blocks = sorted({m.qweight.type_name for m in self.model.modules() if hasattr(m, "qweight")})
+        return "+".join(blocks) if blocks else hardware.dtype_name(self.model.dtype)
 
     @property
     def vocab_size(self) -> int:

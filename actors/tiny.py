@@ -19,12 +19,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_config(family: str, vocab_size: int, initializer_range: float = 0.02):
+def tiny_config(family: str, vocab_size: int, initializer_range: float = 0.02, hidden_size: int = 64,
+                intermediate_size: int = 128):
     import transformers as tf
 
     common = dict(
         initializer_range=initializer_range,
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1, bos_token_id=None,
         pad_token_id=None, tie_word_embeddings=False,
     )
@@ -58,7 +59,7 @@ def char_tokenizer(vocab_size: int):
 
 
 def make_tiny(path: str | Path, family: str = "qwen2", vocab_size: int = 64, seed: int = 0,
-              noise: float = 0.0, initializer_range: float = 0.02) -> Path:
+              noise: float = 0.0, initializer_range: float = 0.02, **sizes) -> Path:
     """Write a seeded random model to `path` (skipped if already there). `noise` > 0 perturbs
     every weight by that fraction of its own scale: a cheap stand-in for a trained draft.
     A larger `initializer_range` gives peakier next-token distributions."""
@@ -68,7 +69,8 @@ def make_tiny(path: str | Path, family: str = "qwen2", vocab_size: int = 64, see
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, initializer_range), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, initializer_range, **sizes),
+                                             dtype=torch.float32)
     if noise > 0:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -77,3 +79,89 @@ def make_tiny(path: str | Path, family: str = "qwen2", vocab_size: int = 64, see
     model.save_pretrained(path)
     char_tokenizer(vocab_size).save_pretrained(path)
     return path
+
+
+# ---- tiny GGUF models: random blocks of chosen types, laid out as llama.cpp writes them ----
+GGUF_ARCH = {"qwen2": "qwen2", "llama": "llama", "gemma3": "gemma3"}
+
+
+def make_tiny_gguf(path: str | Path, family: str = "qwen2", linear_type: str = "Q8_0", embed_type: str = "Q8_0",
+                   seed: int = 0, **tiny_kw) -> Path:
+    """A directory with a tiny model's config and tokenizer and a `model.gguf` whose
+    linears are random `linear_type` blocks (scaled like small weights), embedding
+    `embed_type`, norms and biases F32, named and laid out as llama.cpp's converter does
+    (llama q/k rows permuted, Gemma norms stored as 1 + w). K-quants (Q4_K, Q6_K) need
+    hidden and intermediate sizes that are multiples of 256: pass hidden_size=256, ...
+    Skipped if `path` already holds one."""
+    import shutil
+
+    import gguf
+    import numpy as np
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if (path / "model.gguf").is_file():
+        return path
+    src = make_tiny(path.with_name(path.name + "-hf"), family, seed=seed, **tiny_kw)
+    shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+    cfg = AutoConfig.from_pretrained(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path / "model.gguf.partial"), GGUF_ARCH[family])
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shapes = {"token_embd.weight": (cfg.vocab_size, cfg.hidden_size), "output_norm.weight": (cfg.hidden_size,)}
+    for i in range(cfg.num_hidden_layers):
+        b = f"blk.{i}."
+        shapes |= {b + "attn_q.weight": (cfg.num_attention_heads * hd, cfg.hidden_size),
+                   b + "attn_k.weight": (cfg.num_key_value_heads * hd, cfg.hidden_size),
+                   b + "attn_v.weight": (cfg.num_key_value_heads * hd, cfg.hidden_size),
+                   b + "attn_output.weight": (cfg.hidden_size, cfg.num_attention_heads * hd),
+                   b + "ffn_gate.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   b + "ffn_up.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   b + "ffn_down.weight": (cfg.hidden_size, cfg.intermediate_size),
+                   b + "attn_norm.weight": (cfg.hidden_size,), b + "ffn_norm.weight": (cfg.hidden_size,)}
+        if family == "qwen2":
+            for n in ("q", "k", "v"):
+                shapes[b + f"attn_{n}.bias"] = (shapes[b + f"attn_{n}.weight"][0],)
+        if family == "gemma3":
+            shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,),
+                       b + "post_attention_norm.weight": (cfg.hidden_size,), b + "post_ffw_norm.weight": (cfg.hidden_size,)}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            values = rng.normal(0.0, 0.1, shape).astype(np.float32)
+            if name.endswith("norm.weight"):
+                values += 1.0  # norms near 1 (Gemma's stored 1 + w: near 1 too)
+            writer.add_tensor(name, values)
+            continue
+        qtype = gguf.GGMLQuantizationType[embed_type if name.startswith("token_embd") else linear_type]
+        if shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:  # as llama.cpp does for rows K-quants cannot hold
+            qtype = gguf.GGMLQuantizationType.Q8_0
+        # q and k large enough that attention is sharp: a wrong q/k row order must show
+        scale = 0.4 if ".attn_q." in name or ".attn_k." in name else 0.05
+        writer.add_tensor(name, random_blocks(rng, qtype, *shape, weight_scale=scale), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (path / "model.gguf.partial").rename(path / "model.gguf")
+    return path
+
+
+def random_blocks(rng, qtype, n: int, k: int, weight_scale: float = 0.05):
+    """Valid GGUF blocks of `qtype` for an [n, k] weight: random codes, scales chosen so the
+    weights are about `weight_scale` in size."""
+    import gguf
+    import numpy as np
+
+    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n * (k // size), nbytes), dtype=np.uint8)
+    t = gguf.GGMLQuantizationType
+    code_range = {t.Q8_0: 127, t.Q4_0: 8, t.Q5_0: 16, t.Q4_K: 15 * 40, t.Q6_K: 32 * 60}[qtype]
+    d = (weight_scale / code_range * rng.uniform(0.5, 1.5, len(blocks))).astype(np.float16)
+    at = {t.Q4_K: (0, 2), t.Q6_K: (208,)}.get(qtype, (0,))
+    for offset in at:
+        blocks[:, offset:offset + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == t.Q6_K:  # int8 scales: keep them positive and moderate
+        blocks[:, 192:208] = rng.integers(20, 100, size=(len(blocks), 16), dtype=np.uint8)
+    if qtype == t.Q4_K:  # 6-bit scales mid-range, mins small
+        blocks[:, 4:16] = rng.integers(0, 256, size=(len(blocks), 12), dtype=np.uint8) & 0x9F
+    return blocks.reshape(n, -1)

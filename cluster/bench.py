@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from actors import hardware
+from actors import hardware, loading
 from actors.model_actor import ModelActor
+from cluster.bench_llamacpp import METHODS as LLAMACPP_METHODS
+from cluster.bench_llamacpp import LlamaCpp, find_binaries, same_text
 from cluster.engine import EngineConfig, LocalEngine, check_models, encode_prompt
 from cluster.local import DecodeConfig
 
-LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local")
+LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local", *LLAMACPP_METHODS)
 RAY_METHODS = {"spec-sync": "sync", "spec-async": "async"}
 METHODS = LOCAL_METHODS + tuple(RAY_METHODS)
 DEFAULT_METHODS = "hf,hf-assisted,ar,spec-local"
@@ -78,6 +80,7 @@ class MethodTotals:
     seconds: float = 0.0
     accepted_per_step: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # llama.cpp rows: what it printed
     draft_s: float = 0.0  # Ray pipelines: drafting time, and how much of it the verifier waited for
     wait_s: float = 0.0
 
@@ -89,13 +92,15 @@ class Run:
     mean_accepted: float | None = None
     draft_s: float = 0.0
     wait_s: float = 0.0
+    text: str | None = None  # llama.cpp rows: its output text (tokens then only count)
 
 
 class MethodRunner:
     """Runs one engine method on one prompt, in this process."""
 
-    def __init__(self, engine: LocalEngine, cfg: DecodeConfig):
+    def __init__(self, engine: LocalEngine, cfg: DecodeConfig, llamacpp=None):
         self.engine, self.cfg, self.max_new = engine, cfg, cfg.max_new_tokens
+        self.llamacpp = llamacpp  # a bench_llamacpp.LlamaCpp, when its methods are in the run
 
     def _hf(self, ids: list[int], assistant) -> Run:
         inputs = torch.tensor([ids])
@@ -107,11 +112,25 @@ class MethodRunner:
             out = self.engine.target.hf_model.generate(inputs, **kwargs)
         return Run(out[0, len(ids):].tolist(), time.perf_counter() - start)
 
+    def hf_assistant(self):
+        """transformers needs a dense draft: ours when it is dense, else a dense copy (bf16
+        where native, else fp32) of the same draft model, loaded once."""
+        if self.engine.draft.hf_model is not None:
+            return self.engine.draft.hf_model
+        if getattr(self, "_assistant", None) is None:
+            dense = "bfloat16" if hardware.probe("cpu").native_bf16 else "float32"
+            self._assistant = loading.load(self.engine.cfg.draft, dense, progress=False)
+        return self._assistant.hf_model
+
     def run(self, method: str, ids: list[int]) -> Run:
         if method == "hf":
             return self._hf(ids, None)
         if method == "hf-assisted":
-            return self._hf(ids, self.engine.draft.hf_model)
+            return self._hf(ids, self.hf_assistant())
+        if method in LLAMACPP_METHODS:
+            prompt = self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+            run = self.llamacpp.run(method, prompt)
+            return Run([0] * run.tokens, run.seconds, text=run.text)
         result = self.engine.generate(ids, self.cfg, speculative=(method == "spec-local"))
         return Run(result.token_ids, result.stats.wall_s, result.stats.mean_accepted)
 
@@ -183,6 +202,18 @@ class PipelineMethods:
         self.pipeline.close()
 
 
+def llamacpp_for(args: argparse.Namespace, methods: list[str]) -> LlamaCpp:
+    """llama.cpp on the same GGUF files as our `--dtype gguf` (checked before anything loads)."""
+    if any(m in RAY_METHODS for m in methods):
+        raise ValueError("llamacpp methods run beside the local methods; bench spec-sync/spec-async separately")
+    wanted = [m for m in methods if m in LLAMACPP_METHODS]
+    bin_dir = find_binaries(getattr(args, "llamacpp", None), wanted)
+    target, draft = loading.gguf_file(args.target), loading.gguf_file(args.draft)
+    if target is None or ("llamacpp-spec" in wanted and draft is None):
+        raise ValueError("llamacpp methods need GGUF files for the target and the draft (the built-ins have them)")
+    return LlamaCpp(bin_dir, target, draft, args.max_new_tokens, torch.get_num_threads())
+
+
 def bench_from_args(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -195,6 +226,10 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     if getattr(args, "temperature", 0.0) != 0:
         raise ValueError("--temperature applies to ensemble benches (--ensemble); the pair bench is greedy")
     methods = parse_methods(args.methods or DEFAULT_METHODS)
+    hf_methods = [m for m in methods if m.startswith("hf")]
+    if hf_methods and args.dtype in hardware.QUANTIZED:
+        raise ValueError(f"{', '.join(hf_methods)} run transformers on a dense target; with --dtype {args.dtype} "
+                         "compare ar, spec-local, llamacpp and llamacpp-spec (or bench a dense target)")
     prompts = load_prompts(args.prompts, args.limit)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
     tokenizer = check_models(engine_cfg)
@@ -205,7 +240,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width)
-    runner = PipelineMethods(args, cfg) if use_ray else MethodRunner(LocalEngine(engine_cfg), cfg)
+    llamacpp = llamacpp_for(args, methods) if any(m in LLAMACPP_METHODS for m in methods) else None
+    runner = PipelineMethods(args, cfg) if use_ray else MethodRunner(LocalEngine(engine_cfg), cfg, llamacpp)
     try:
         encoded = [encode_prompt(tokenizer, p, args.chat) for p in prompts]
         # Warm up every method once (kernels, allocator, learned draft costs), untimed.
@@ -222,6 +258,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                 t.tokens += len(run.tokens)
                 t.seconds += run.seconds
                 t.outputs.append(run.tokens)
+                if run.text is not None:
+                    t.texts.append(run.text)
                 t.draft_s += run.draft_s
                 t.wait_s += run.wait_s
                 if run.mean_accepted is not None:
@@ -233,17 +271,25 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         if use_ray:
             runner.close()
 
-    report = make_report(args, methods, prompts, totals, runtime)
+    report = make_report(args, methods, prompts, totals, runtime,
+                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     write_report(report, out_dir)
     print(render_markdown(report))
     return report
 
 
+def same_as_reference(t: MethodTotals, ref_outputs: list[list[int]], decode) -> bool:
+    if t.texts:  # llama.cpp rows: its printed text against the reference's
+        return all(same_text(decode(ref), text) for ref, text in zip(ref_outputs, t.texts))
+    return t.outputs == ref_outputs
+
+
 def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, MethodTotals],
-                runtime: dict | None = None) -> dict:
-    reference = "hf" if "hf" in totals else methods[0]
+                runtime: dict | None = None, decode=None) -> dict:
+    reference = "hf" if "hf" in totals else "ar" if "ar" in totals else methods[0]
     ref_outputs = totals[reference].outputs
     hf_rate = totals["hf"].tokens / totals["hf"].seconds if "hf" in totals else None
+    ar_rate = totals["ar"].tokens / totals["ar"].seconds if "ar" in totals else None
     rows = {}
     for m in methods:
         t = totals[m]
@@ -254,7 +300,8 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             if t.accepted_per_step
             else None,
             "speedup_vs_hf": round(rate / hf_rate, 4) if hf_rate else None,
-            "identical_to_target": t.outputs == ref_outputs,
+            "speedup_vs_ar": round(rate / ar_rate, 4) if ar_rate else None,
+            "identical_to_target": same_as_reference(t, ref_outputs, decode),
             "new_tokens": t.tokens,
             "seconds": round(t.seconds, 3),
         }
@@ -297,14 +344,16 @@ def render_markdown(report: dict) -> str:
         f"{c['limit']} prompts from `{c['prompts']}`, {c['max_new_tokens']} new tokens, greedy, "
         f"methods interleaved; reference output: `{c['reference']}`.",
         "",
-        "| method | tokens/s | speedup vs hf | mean accepted | drafting hidden | identical to target |",
-        "|---|---|---|---|---|---|",
+        "| method | tokens/s | speedup vs hf | vs ar | mean accepted | drafting hidden | identical to target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in report["methods"].items():
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
         sp = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"
         hidden = f"{r['hidden_draft_fraction']:.0%}" if "hidden_draft_fraction" in r else "-"
-        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {acc} | {hidden} | {r['identical_to_target']} |")
+        vs_ar = "-" if r.get("speedup_vs_ar") is None else f"{r['speedup_vs_ar']:.2f}x"
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {vs_ar} | {acc} | {hidden} | "
+                     f"{r['identical_to_target']} |")
     return "\n".join(lines + render_runtime(c.get("runtime") or {})) + "\n"
 
 

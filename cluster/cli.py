@@ -9,7 +9,8 @@ import sys
 from typing import Sequence
 
 PIPELINES = ("local", "sync", "async")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # actors.hardware.DTYPE_CHOICES, without importing torch
+# actors.hardware.DTYPE_CHOICES, without importing torch
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4", "gguf")
 
 
 def _positive_int(text: str) -> int:
@@ -42,8 +43,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="target dtype: its precision defines the target (default float32)")
     p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="draft dtype; auto (default): bfloat16 where the device runs it natively, else float32 "
-                        "(the draft only proposes: its precision cannot change the output)")
+                   help="draft precision; auto (default): the cheapest form the device runs fast: on CPUs the "
+                        "model's GGUF quantization (or int8), else bfloat16 where native, else float32 (the draft "
+                        "only proposes: its precision cannot change the output)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
 
 
@@ -78,7 +80,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     p.add_argument("--tree-width", type=_positive_int, default=1)
     p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="auto: bfloat16 where the device runs it natively, else float32")
+                   help="auto: the cheapest form the device runs fast (see README)")
+    p.add_argument("--llamacpp", default=None,
+                   help="bin folder of a llama.cpp build, for methods llamacpp,llamacpp-spec ($SPECRAY_LLAMACPP_BIN)")
     add_pipeline_args(p)
 
 

@@ -76,20 +76,22 @@ class LocalEngine:
     def __init__(self, cfg: EngineConfig, progress: bool = True, target: loading.LoadedModel | None = None):
         """`target`: an already loaded target to share (e.g. a verifier actor's), else it loads."""
         self.cfg = cfg
-        self.target = target or loading.load(cfg.target, hardware.resolve_dtype(cfg.dtype), progress=progress)
+        self.target = target or loading.load(cfg.target, cfg.dtype, progress=progress)
         self.tokenizer = self.target.tokenizer
         self.context_length = self.target.context_length
         max_len = min(cfg.max_len, self.context_length + 64)
-        self.target_runner = ModelRunner.for_serving(self.target.hf_model, max_len, progress)
+        self.target_runner = ModelRunner.for_serving(self.target.build(), max_len, progress)
         self.draft = self.draft_runner = None
         if cfg.draft is not None:
-            self.draft = loading.load(cfg.draft, hardware.resolve_dtype(cfg.draft_dtype), progress=progress)
+            self.draft = loading.load(cfg.draft, cfg.draft_dtype, progress=progress)
             loading.check_same_vocab(
                 self.tokenizer, self.draft.tokenizer, self.target.vocab_size, self.draft.vocab_size,
                 (cfg.target, cfg.draft),
             )
-            self.draft_runner = ModelRunner.for_serving(self.draft.hf_model, max_len, progress)
+            self.draft_runner = ModelRunner.for_serving(self.draft.build(), max_len, progress)
         self.eos_token_ids = loading.eos_token_ids(self.target)
+        # How verify cost grows with tokens on this target: seeds every draft-length policy.
+        self.verify_costs = self.target_runner.measure_verify_costs() if self.draft_runner is not None else {}
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}
 
@@ -99,6 +101,7 @@ class LocalEngine:
                 "target": self.target_runner.runtime_info()}
         if self.draft_runner is not None:
             info["draft"] = self.draft_runner.runtime_info()
+            info["target"]["verify_ms"] = {k: round(s * 1e3, 2) for k, s in self.verify_costs.items()}
         return info
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -120,6 +123,7 @@ class LocalEngine:
             self.policies[key] = DraftLengthPolicy(
                 max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width
             )
+            self.policies[key].costs.verify_s.update(self.verify_costs)
         return speculative_generate(
             self.target_runner, self.draft_runner, prompt_ids, cfg, self.policies[key], on_tokens
         )

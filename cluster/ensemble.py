@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from actors import loading
 from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate, local_members
 from actors import threads
-from actors.hardware import check_dtype_name, probe, resolve_dtype
+from actors.hardware import check_dtype_name, probe
 from actors.runner import ModelRunner
 from cluster.engine import check_prompt
 from cluster.placement import PlacementConfig
@@ -149,9 +149,9 @@ class LocalEnsemble:
         self.cfg = cfg
         self.info = check_members(cfg)
         self.tokenizer = self.info.tokenizer
-        loaded = [loading.load(name, resolve_dtype(cfg.dtype), progress=progress) for name in cfg.models]
+        loaded = [loading.load(name, cfg.dtype, progress=progress) for name in cfg.models]
         max_len = min(cfg.max_len, self.info.context_length + 64)
-        self.runners = [ModelRunner.for_serving(m.hf_model, max_len, progress) for m in loaded]
+        self.runners = [ModelRunner.for_serving(m.build(), max_len, progress) for m in loaded]
         self.members = local_members(self.runners, list(cfg.models))
         self.eos_token_ids = loading.eos_token_ids(loaded[0])
         self.state = CosState()  # learned costs carry over between requests

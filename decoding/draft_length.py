@@ -36,7 +36,9 @@ class CostModel:
         self.verify_s[tokens] = self._ema(self.verify_s.get(tokens), seconds)
 
     def verify(self, tokens: int) -> float:
-        """t_v(tokens), interpolated between measured sizes; flat beyond them (memory-bound)."""
+        """t_v(tokens), interpolated between measured sizes. Beyond the largest, extended
+        along the slope of the last two (never down): a 4-bit target is compute-bound past
+        ~2 tokens, so assuming a flat cost there would draft far too much."""
         if tokens in self.verify_s:
             return self.verify_s[tokens]
         if not self.verify_s:
@@ -48,7 +50,14 @@ class CostModel:
             lo, hi = below[-1], above[0]
             w = (tokens - lo) / (hi - lo)
             return (1 - w) * self.verify_s[lo] + w * self.verify_s[hi]
-        return self.verify_s[below[-1] if below else above[0]]
+        if above:
+            return self.verify_s[above[0]]
+        last = self.verify_s[below[-1]]
+        if len(below) < 2:
+            return last
+        prev = self.verify_s[below[-2]]
+        slope = max(0.0, (last - prev) / (below[-1] - below[-2]))
+        return last + slope * (tokens - below[-1])
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new

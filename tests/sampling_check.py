@@ -12,7 +12,6 @@ import torch
 from scipy.stats import chisquare
 
 from actors import loading
-from actors.model import Transformer
 from actors.runner import ModelRunner
 from decoding.sampling import SamplingParams, logits_to_probs
 
@@ -20,14 +19,14 @@ VOCAB, NEW, SAMPLES = 4, 4, 10_000
 PROMPT = [2, 3]
 
 
-def runners(tiny_dir):
-    def runner(**kw):
+def runners(tiny_dir, target_dtype: str = "float32", draft_dtype: str = "float32"):
+    def runner(dtype: str, **kw):
         path = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, **kw)
-        return ModelRunner(Transformer.from_hf(loading.load(path, progress=False).hf_model), 64)
+        return ModelRunner(loading.load(path, dtype, progress=False).build(), 64)
 
     # A heavily perturbed copy: agrees sometimes (multi-token accepts happen) and
     # disagrees often (rejections and residual sampling happen).
-    return runner(), runner(noise=0.3)
+    return runner(target_dtype), runner(draft_dtype, noise=0.3)
 
 
 def exact_sequence_probs(target: ModelRunner, params: SamplingParams) -> dict[tuple[int, ...], float]:

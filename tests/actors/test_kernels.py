@@ -17,8 +17,8 @@ def cache(monkeypatch, tmp_path):
     return tmp_path
 
 
-def tiny_model(tiny_dir, dtype=torch.float32) -> Transformer:
-    return Transformer.from_hf(loading.load(tiny_dir("qwen2"), dtype, progress=False).hf_model)
+def tiny_model(tiny_dir, dtype: str = "float32") -> Transformer:
+    return loading.load(tiny_dir("qwen2"), dtype, progress=False).build()
 
 
 @pytest.mark.parametrize("native", ["0", "1"])
@@ -32,7 +32,7 @@ def test_onednn_bf16_is_a_candidate_only_with_native_bf16(monkeypatch, native):
 @pytest.mark.parametrize("native", ["0", "1"])
 def test_tune_gives_every_linear_a_valid_kernel_and_caches_it(tiny_dir, cache, monkeypatch, native):
     monkeypatch.setenv(hardware.FORCE_BF16_ENV, native)
-    model = tiny_model(tiny_dir, torch.bfloat16)
+    model = tiny_model(tiny_dir, "bfloat16")
     chosen = model.tune_kernels(threads=1)
     allowed = set(kernels.candidates(torch.bfloat16, "cpu"))
     assert set(chosen) == {kernels.shape_class(lin.weight) for lin in model.linears()}
@@ -48,7 +48,7 @@ def test_tune_gives_every_linear_a_valid_kernel_and_caches_it(tiny_dir, cache, m
         raise AssertionError("re-timed a cached shape")
 
     monkeypatch.setattr(kernels, "_choose", no_timing)
-    assert tiny_model(tiny_dir, torch.bfloat16).tune_kernels(threads=1) == chosen
+    assert tiny_model(tiny_dir, "bfloat16").tune_kernels(threads=1) == chosen
 
 
 def test_cache_is_keyed_by_what_changes_the_choice(monkeypatch):

@@ -1,8 +1,9 @@
 """`make demo`'s two commands on the built-in pair, on a CPU without native bf16.
 
 oneDNN, MKL and ATen are capped at AVX2 (`ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`,
-`ATEN_CPU_CAPABILITY`), so the probe answers for real, as on the Zen 3 box where the demo
-used to crash. Shorter than the demo (fewer tokens, one prompt) to keep CI fast.
+`ATEN_CPU_CAPABILITY`), and so are our GGUF kernels (`SPECRAY_NATIVE_ISA`), so the probes
+answer as on the Zen 3 box where the demo used to crash. Shorter than the demo (fewer
+tokens, one prompt) to keep CI fast.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 pytestmark = pytest.mark.builtin
 
 REPO = Path(__file__).parents[2]
-AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+        "SPECRAY_NATIVE_ISA": "avx2"}
 PAIR = ["--target", "qwen2.5-coder-1.5b", "--draft", "qwen2.5-coder-0.5b", "--chat"]
 
 
@@ -36,7 +38,10 @@ def test_demo_commands_run_where_bf16_is_not_native(tmp_path):
     out = json.loads(gen.stdout.strip().splitlines()[-1])
     runtime = out["stats"]["runtime"]
     assert runtime["cpu"]["native_bf16"] is False and runtime["cpu"]["isa"] == "AVX2"
-    assert runtime["draft"]["dtype"] == "float32"  # auto: no native bf16 here
+    # auto: the draft's own GGUF blocks, on the AVX2 kernels (no bf16 needed anywhere)
+    assert runtime["draft"]["dtype"] == "Q4_K+Q5_0+Q6_K+Q8_0"
+    kinds = runtime["draft"]["kernels"].values()
+    assert any("native avx2" in k for k in kinds) and not any("avx512" in k for k in kinds)
     assert len(out["token_ids"]) == 32 and out["stats"]["mean_accepted"] > 1
 
     specray("bench", *PAIR, "--prompts", "benchmarks/prompts/spec_bench_20.jsonl", "--limit", "1",
@@ -44,5 +49,5 @@ def test_demo_commands_run_where_bf16_is_not_native(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["hf", "hf-assisted", "ar", "spec-local"]
     assert all(row["identical_to_target"] for row in report["methods"].values()), report["methods"]
-    assert report["config"]["runtime"]["draft"]["dtype"] == "float32"
-    assert "draft: float32" in (tmp_path / "report.md").read_text()
+    assert report["config"]["runtime"]["draft"]["dtype"] == "Q4_K+Q5_0+Q6_K+Q8_0"
+    assert "draft: Q4_K+Q5_0+Q6_K+Q8_0" in (tmp_path / "report.md").read_text()

@@ -53,3 +53,32 @@ def test_builtin_gemma3_matches_hf():
     ref = ref[0, len(ids):].tolist()
     assert engine.generate(ids, DecodeConfig(max_new_tokens=24), speculative=False).token_ids == ref
     assert engine.generate(ids, DecodeConfig(max_new_tokens=24, tree_width=2)).token_ids == ref
+
+
+def test_builtin_gguf_target_against_its_fp32_conversion(builtin_engine, expected):
+    """The 1.5B as its GGUF file (Q4_K/Q6_K on the native kernels) against transformers'
+    fp32 dequantization of the same file: the weights are the same numbers, the products
+    differ only by the int8 rounding of activations. Teacher-forced on the fp32 model's
+    greedy continuations, the two pick the same next token almost always (BENCHMARKS.md
+    gives the rate), and speculation on the GGUF target is exactly that target alone."""
+    from actors import loading
+    from actors.runner import ModelRunner
+    from cluster.local import autoregressive_generate, speculative_generate
+
+    gguf = ModelRunner.for_serving(loading.load("qwen2.5-coder-1.5b", "gguf", progress=False).build(), 512)
+    fp32 = builtin_engine.target_runner
+    agree = total = 0
+    for ids, ref in expected:
+        seq = torch.tensor(ids + ref)
+        outs = []
+        for runner in (gguf, fp32):
+            runner.reset()
+            outs.append(runner.model(seq, runner.cache)[len(ids) - 1:-1])
+        agree += int((outs[0].argmax(-1) == outs[1].argmax(-1)).sum())
+        total += len(ref)
+    assert agree / total >= 0.9, (agree, total)
+    ids = expected[0][0]
+    cfg = DecodeConfig(max_new_tokens=24, eos_token_ids=builtin_engine.eos_token_ids)
+    alone = autoregressive_generate(gguf, ids, cfg).token_ids
+    spec = speculative_generate(gguf, builtin_engine.draft_runner, ids, cfg)
+    assert spec.token_ids == alone and spec.stats.mean_accepted > 1.5

@@ -1,8 +1,10 @@
 """Every front end on a CPU with and without native bf16, whatever CPU runs the tests.
 
-Two ways to take the other branch: `SPECRAY_NATIVE_BF16=0|1` forces the capability probe,
-and `ONEDNN_MAX_CPU_ISA=AVX2` makes oneDNN itself behave as on an AVX2-only CPU (no bf16
-inner product: the crash new users hit). In every branch greedy output is the target's own.
+Ways to take the other branches: `SPECRAY_NATIVE_BF16=0|1` forces the capability probe,
+`ONEDNN_MAX_CPU_ISA=AVX2` makes oneDNN itself behave as on an AVX2-only CPU (no bf16 inner
+product: the crash new users hit), and `SPECRAY_NATIVE_ISA=none` takes the native GGUF
+kernels away (as a machine without a C compiler), so `auto` falls back to bf16 or fp32.
+In every branch greedy output is the target's own.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import pytest
 import ray
 import torch
 
-from actors import hardware
+from actors import hardware, native
 from actors.verifying import PipelineOptions
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from cluster.pipeline import PipelineConfig, RayPipeline
 
+NO_KERNELS = {native.ISA_ENV: "none"}
 NO_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # the real thing, probe not forced
 FORCED_NATIVE = {hardware.FORCE_BF16_ENV: "1"}
-BRANCHES = {"no-native-bf16": (NO_NATIVE_BF16, "float32"), "native-bf16": (FORCED_NATIVE, "bfloat16")}
+BRANCHES = {  # environment -> what draft_dtype auto resolves to in each actor
+    "no-native-bf16": ({**NO_NATIVE_BF16, **NO_KERNELS}, "float32"),
+    "native-bf16": ({**FORCED_NATIVE, **NO_KERNELS}, "bfloat16"),
+    "native-kernels": (NO_NATIVE_BF16, "Q8_0"),  # a dense draft: int8 blocks
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +45,18 @@ def target_alone(pair):
     return lambda prompt, n: engine.generate(prompt, DecodeConfig(max_new_tokens=n), speculative=False).token_ids
 
 
-@pytest.mark.parametrize("forced,expected", [("0", torch.float32), ("1", torch.bfloat16)])
-def test_local_engine_resolves_auto_per_probe(pair, target_alone, monkeypatch, forced, expected):
+@pytest.mark.parametrize("forced,kernels,expected", [("0", "none", "float32"), ("1", "none", "bfloat16"),
+                                                     ("0", "", "Q8_0")])
+def test_local_engine_resolves_auto_per_probe(pair, target_alone, monkeypatch, forced, kernels, expected):
     monkeypatch.setenv(hardware.FORCE_BF16_ENV, forced)
+    monkeypatch.setenv(native.ISA_ENV, kernels)
+    if expected == "Q8_0" and not native.available():
+        pytest.skip("no C compiler")
     engine = LocalEngine(EngineConfig(*pair), progress=False)  # draft_dtype defaults to auto
-    assert engine.draft_runner.model.dtype == expected and engine.target_runner.model.dtype == torch.float32
+    assert engine.target_runner.model.dtype == torch.float32
     info = engine.runtime_info()
-    assert info["draft"]["dtype"] == hardware.dtype_name(expected) and info["cpu"]["forced"]
-    if forced == "0":  # oneDNN's bf16 path must not be chosen where the probe says no
+    assert info["draft"]["dtype"] == expected and info["target"]["dtype"] == "float32" and info["cpu"]["forced"]
+    if expected == "float32":  # oneDNN's bf16 path must not be chosen where the probe says no
         assert all("onednn" not in ks for ks in info["draft"]["kernels"].values())
     for prompt in ([5, 6, 7], [9, 2]):
         for width in (1, 2):
@@ -73,7 +84,8 @@ def test_cli_generate_on_a_cpu_without_native_bf16(pair, draft_dtype):
     assert spec["token_ids"] == alone["token_ids"] and spec["stats"]["mean_accepted"] > 1
     runtime = spec["stats"]["runtime"]
     assert runtime["cpu"]["native_bf16"] is False and runtime["cpu"]["forced"] is False
-    assert runtime["draft"]["dtype"] == ("float32" if draft_dtype == "auto" else "bfloat16")
+    # auto: the native GGUF kernels do not need oneDNN's bf16: int8 blocks
+    assert runtime["draft"]["dtype"] == ("Q8_0" if draft_dtype == "auto" else "bfloat16")
     assert ("no native bf16" in spec["stderr"]) is (draft_dtype == "bfloat16")
 
 
@@ -91,7 +103,7 @@ def test_ray_pipelines_resolve_auto_in_each_actor(branch_ray, pair, target_alone
     with RayPipeline(PipelineConfig(*pair, drafter_ready_s=60, request_timeout_s=120)) as pipe:
         runtime = pipe.runtime_info()
         assert runtime["draft"]["dtype"] == branch_ray and runtime["target"]["dtype"] == "float32"
-        if branch_ray == "float32":
+        if branch_ray != "bfloat16":
             assert runtime["draft"]["capabilities"]["native_bf16"] is False
         for mode in ("sync", "async"):
             for prompt in ([5, 6, 7], [3, 14, 15, 9]):

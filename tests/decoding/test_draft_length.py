@@ -51,7 +51,7 @@ def test_cost_model_interpolates():
     c.observe_verify(1.0, 1)
     c.observe_verify(3.0, 5)
     assert c.verify(3) == pytest.approx(2.0)
-    assert c.verify(9) == pytest.approx(3.0)
+    assert c.verify(9) == pytest.approx(5.0)  # beyond: along the slope of the last two sizes
 
 
 def test_validation():
@@ -59,3 +59,21 @@ def test_validation():
         DraftLengthPolicy(max_len=0)
     with pytest.raises(ValueError, match="fixed"):
         DraftLengthPolicy(fixed=0)
+
+
+def test_verify_cost_beyond_the_measured_sizes_follows_their_slope():
+    """A compute-bound (quantized) target: t_v grows with the tokens verified. Measured at
+    1, 2 and 4 tokens only, the policy must not take 8 tokens to cost what 4 do."""
+    costs = CostModel()
+    for k, s in {1: 0.066, 2: 0.085, 4: 0.098}.items():
+        costs.observe_verify(s, k)
+    assert costs.verify(8) == pytest.approx(0.098 + 4 * (0.098 - 0.085) / 2)
+    assert costs.verify(3) == pytest.approx((0.085 + 0.098) / 2)
+    flat = CostModel()
+    for k in (1, 2):
+        flat.observe_verify(0.2, k)
+    assert flat.verify(16) == 0.2  # memory-bound: flat stays flat
+    steep = policy(0.037, {1: 0.066, 2: 0.085, 4: 0.098})
+    steep.costs.observe_verify(0.139, 8)
+    measured = policy(0.037, {1: 0.066, 2: 0.085, 4: 0.098, 8: 0.139, 16: 0.221})
+    assert drafted_until_stop(steep, 0.95) == drafted_until_stop(measured, 0.95)

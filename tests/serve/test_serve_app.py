@@ -6,7 +6,8 @@ Two applications on one `serve run`, tiny models:
 - `/`: the async Ray pipeline (verifier + drafter actors), room for 40 pending requests,
   with oneDNN capped at AVX2 (`ONEDNN_MAX_CPU_ISA`): a CPU without native bf16, for real;
 - `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests),
-  with the capability probe forced to "native bf16" (`SPECRAY_NATIVE_BF16=1`);
+  with the capability probe forced to "native bf16" (`SPECRAY_NATIVE_BF16=1`) and no native
+  GGUF kernels (`SPECRAY_NATIVE_ISA=none`);
 - `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member.
 """
 
@@ -76,7 +77,7 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "runtime_env": {"env_vars": {"ONEDNN_MAX_CPU_ISA": "AVX2"}},
              "args": {**common, "pipeline": "async", "max_pending": 40}},
             {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
-             "runtime_env": {"env_vars": {"SPECRAY_NATIVE_BF16": "1"}},
+             "runtime_env": {"env_vars": {"SPECRAY_NATIVE_BF16": "1", "SPECRAY_NATIVE_ISA": "none"}},
              "args": {**common, "pipeline": "local", "max_pending": 1}},
             {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
@@ -121,10 +122,11 @@ def test_models_and_health(server):
 
 
 def test_each_app_resolves_the_draft_dtype_on_its_own_hardware(server):
-    """`draft_dtype: auto` (the default) resolves in each actor: fp32 where oneDNN has no bf16
-    (the main app's actors, capped at AVX2), bf16 where the probe says native (small)."""
+    """`draft_dtype: auto` (the default) resolves in each actor: int8 blocks on the native
+    kernels where they build (the main app's actors, oneDNN capped at AVX2 but the kernels
+    are ours), bf16 where the probe says native and there are no native kernels (small)."""
     main = requests.get(f"{server.base}/health", timeout=10).json()["runtime"]
-    assert main["draft"]["dtype"] == "float32" and main["target"]["dtype"] == "float32"
+    assert main["draft"]["dtype"] == "Q8_0" and main["target"]["dtype"] == "float32"
     for role in ("target", "draft"):
         caps = main[role]["capabilities"]
         assert caps["native_bf16"] is False and caps["forced"] is False  # the real probe said no

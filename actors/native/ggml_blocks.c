@@ -1,0 +1,560 @@
+/* Matrix products on GGUF weight blocks as the file stores them (Q4_0, Q4_K, Q5_0, Q6_K,
+ * Q8_0), for decoding on CPUs. Built at run time by actors/native/build.py, once per
+ * instruction-set variant (scalar, avx2, avx512vnni), and called through ctypes.
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k], where w is the weight as the file dequantizes it.
+ * The activations are rounded to int8 per block, as llama.cpp does (d = max|x| / 127,
+ * round half to even): per 32 values against 32-blocks (Q4_0, Q5_0, Q8_0), per 256
+ * against 256-blocks (Q4_K, Q6_K; the mins use the activations' sums per 32). So every
+ * product inside a block is exact integer arithmetic, and the float arithmetic is fixed:
+ *   eight lane accumulators; lane l gets elements 4l..4l+3 of every 32-group:
+ *   32-blocks:  acc_l = fma(d*dx, (float)(sum of w*x over the lane's 4 elements), acc_l);
+ *   256-blocks: acc_l = fma(d*dx, (float)(sum over the 8 groups of sc_j * that lane sum), acc_l),
+ *               and Q4_K's mins go to one more accumulator, macc = fma(dmin*dx, (float)msum, macc);
+ *   the result is ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)) [- macc].
+ * Every variant computes exactly this, so all give bitwise-identical results (the tests
+ * check it), and a row's result depends neither on how many rows are multiplied at once
+ * nor on the thread count. fma is fused in every variant (fmaf in plain C); build with
+ * -ffp-contract=off so the compiler fuses nothing else.
+ *
+ * Block layouts (bytes per block; w = dequantized weight, q = stored code):
+ *   Q8_0  (34 per 32):  d f16 | q int8[32]                       w = d*q
+ *   Q4_0  (18 per 32):  d f16 | q u4[32] (byte i: element i low, i+16 high)   w = d*(q-8)
+ *   Q5_0  (22 per 32):  d f16 | qh u32 (bit i: 5th bit of element i) | u4[32] as Q4_0
+ *                                                                 w = d*(q-16)
+ *   Q4_K (144 per 256): d f16 | dmin f16 | 12 bytes of 6-bit scales and mins | u4[256]
+ *                       8 sub-blocks of 32: w = (d*sc_j)*q - (dmin*m_j)
+ *   Q6_K (210 per 256): ql u4[256] | qh u2[256] | sc int8[16] | d f16
+ *                       16 sub-blocks of 16: w = (d*sc_j)*(q-32)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+/* --------------------------------------------------------------------- scalars */
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static float rd_f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h); /* exact, like the scalar conversion */
+#else
+    return f16_to_f32(h);
+#endif
+}
+
+static void q4k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+int specray_block_size(int t) { return (t == Q4_K || t == Q6_K) ? 256 : 32; }
+
+int specray_block_bytes(int t) {
+    switch (t) {
+        case Q8_0: return 34;
+        case Q4_0: return 18;
+        case Q5_0: return 22;
+        case Q4_K: return 144;
+        case Q6_K: return 210;
+        default: return -1;
+    }
+}
+
+/* The 32 codes of one 32-element group as unsigned bytes, for every type. Q8_0 codes are
+ * stored with +128 so all types share one unsigned-times-signed product. */
+static void codes32(int t, const uint8_t *blk, int g, uint8_t *u) {
+    if (t == Q8_0) {
+        for (int i = 0; i < 32; i++) u[i] = (uint8_t)((int8_t)blk[2 + i] + 128);
+    } else if (t == Q4_0 || t == Q5_0) {
+        const uint8_t *qs = blk + (t == Q4_0 ? 2 : 6);
+        uint32_t qh = 0;
+        if (t == Q5_0) memcpy(&qh, blk + 2, 4);
+        for (int i = 0; i < 16; i++) {
+            u[i] = qs[i] & 0x0f;
+            u[i + 16] = qs[i] >> 4;
+        }
+        if (t == Q5_0)
+            for (int i = 0; i < 32; i++) u[i] |= ((qh >> i) & 1) << 4;
+    } else if (t == Q4_K) {
+        const uint8_t *qs = blk + 16 + 32 * (g / 2);
+        int shift = 4 * (g % 2);
+        for (int i = 0; i < 32; i++) u[i] = (qs[i] >> shift) & 0x0f;
+    } else { /* Q6_K: group g of 8; half h = g/4, row r = g%4 within the half */
+        int h = g / 4, r = g % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (r % 2), *qh = blk + 128 + 32 * h;
+        int lshift = 4 * (r / 2), hshift = 2 * r;
+        for (int i = 0; i < 32; i++) u[i] = ((ql[i] >> lshift) & 0x0f) | (((qh[i] >> hshift) & 3) << 4);
+    }
+}
+
+/* Scales of group g: w = s0*(u - off) on the first 16 codes, s1*(u - off) on the last 16,
+ * minus z (Q4_K's min) on all 32. */
+typedef struct { float s0, s1, z; int off; } group_scales;
+
+/* The scales of every 32-group of one block (1 group, or 8 for the 256-blocks). */
+static void block_scales(int t, const uint8_t *blk, group_scales *r) {
+    if (t == Q4_K) {
+        float d = rd_f16(blk), dmin = rd_f16(blk + 2);
+        for (int g = 0; g < 8; g++) {
+            int sc, m;
+            q4k_scale_min(blk + 4, g, &sc, &m);
+            r[g].s0 = r[g].s1 = d * (float)sc;
+            r[g].z = dmin * (float)m;
+            r[g].off = 0;
+        }
+    } else if (t == Q6_K) {
+        float d = rd_f16(blk + 208);
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        for (int g = 0; g < 8; g++) {
+            r[g].s0 = d * (float)sc[2 * g];
+            r[g].s1 = d * (float)sc[2 * g + 1];
+            r[g].z = 0.0f;
+            r[g].off = 32;
+        }
+    } else {
+        r[0].s0 = r[0].s1 = rd_f16(blk);
+        r[0].z = 0.0f;
+        r[0].off = t == Q8_0 ? 128 : t == Q4_0 ? 8 : 16;
+    }
+}
+
+/* ------------------------------------------------------------- dequantization */
+
+/* The file's own dequantized values (as gguf-py computes them), row by row. */
+void specray_dequantize(int t, const uint8_t *w, int64_t n_rows, int64_t k, int64_t row_bytes,
+                        const int64_t *rows, float *out) {
+    int bs = specray_block_size(t), bb = specray_block_bytes(t);
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + (rows ? rows[r] : r) * row_bytes;
+        float *o = out + r * k;
+        for (int64_t b = 0; b < k / bs; b++) {
+            const uint8_t *blk = row + b * bb;
+            group_scales gs[8];
+            block_scales(t, blk, gs);
+            for (int g = 0; g < bs / 32; g++) {
+                uint8_t u[32];
+                codes32(t, blk, g, u);
+                group_scales s = gs[g];
+                float *og = o + b * bs + 32 * g;
+                for (int i = 0; i < 32; i++) {
+                    float si = i < 16 ? s.s0 : s.s1;
+                    if (t == Q4_K) og[i] = si * (float)u[i] - s.z;
+                    else og[i] = si * (float)(u[i] - s.off);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------ activation quantization */
+
+/* One row x[k] -> int8 codes, one scale per `bs` values, and the codes' sums per 32. */
+static void quantize_x(const float *x, int64_t k, int bs, int8_t *q, float *d, int16_t *sum32) {
+    for (int64_t b = 0; b < k / bs; b++) {
+        const float *xb = x + bs * b;
+        float amax = 0.0f;
+        for (int i = 0; i < bs; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+        d[b] = db;
+        for (int g = 0; g < bs / 32; g++) {
+            int32_t s = 0;
+            for (int i = 32 * g; i < 32 * g + 32; i++) {
+                int v = (int)nearbyintf(xb[i] * id);
+                q[bs * b + i] = (int8_t)v;
+                s += v;
+            }
+            sum32[(bs * b) / 32 + g] = (int16_t)s; /* |s| <= 32 * 127 */
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ scalar path */
+
+/* Signed weight codes of 32-group g (all types but Q4_K): w = code - offset. */
+static void signed32(int t, const uint8_t *blk, int g, int8_t *w) {
+    uint8_t u[32];
+    codes32(t, blk, g, u);
+    int off = t == Q8_0 ? 128 : t == Q4_0 ? 8 : t == Q5_0 ? 16 : 32;
+    for (int i = 0; i < 32; i++) w[i] = (int8_t)((int)u[i] - off);
+}
+
+static float hsum8(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+
+#if !defined(__AVX2__)
+/* Q4_K: one row of weights against `mc` rows of activations; lanes as at the top. */
+static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const int16_t *xs,
+                    int64_t K, int64_t mc, float *lanes, float *macc) {
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 144;
+        uint8_t u[8][32];
+        int sc[8], mn[8];
+        float d = rd_f16(blk), dmin = rd_f16(blk + 2);
+        for (int j = 0; j < 8; j++) {
+            q4k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+            codes32(Q4_K, blk, j, u[j]);
+        }
+        for (int64_t i = 0; i < mc; i++) {
+            const int8_t *x = xq + i * K + 256 * b;
+            float dx = xd[i * (K / 256) + b];
+            for (int l = 0; l < 8; l++) {
+                int32_t isum = 0;
+                for (int j = 0; j < 8; j++) {
+                    int32_t p = 0;
+                    for (int e = 4 * l; e < 4 * l + 4; e++) p += (int32_t)u[j][e] * x[32 * j + e];
+                    isum += sc[j] * p;
+                }
+                lanes[8 * i + l] = fmaf(d * dx, (float)isum, lanes[8 * i + l]);
+            }
+            int32_t msum = 0;
+            for (int j = 0; j < 8; j++) msum += mn[j] * xs[i * (K / 32) + 8 * b + j];
+            macc[i] = fmaf(dmin * dx, (float)msum, macc[i]);
+        }
+    }
+}
+
+static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K, int64_t mc,
+                    float *lanes) {
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 210;
+        int8_t w[8][32];
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = rd_f16(blk + 208);
+        for (int j = 0; j < 8; j++) signed32(Q6_K, blk, j, w[j]);
+        for (int64_t i = 0; i < mc; i++) {
+            const int8_t *x = xq + i * K + 256 * b;
+            float dx = xd[i * (K / 256) + b];
+            for (int l = 0; l < 8; l++) {
+                int32_t isum = 0;
+                for (int j = 0; j < 8; j++) {
+                    int32_t p = 0;
+                    for (int e = 4 * l; e < 4 * l + 4; e++) p += (int32_t)w[j][e] * x[32 * j + e];
+                    isum += sc[2 * j + l / 4] * p;
+                }
+                lanes[8 * i + l] = fmaf(d * dx, (float)isum, lanes[8 * i + l]);
+            }
+        }
+    }
+}
+
+/* 32-blocks. */
+static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K,
+                    int64_t mc, float *lanes) {
+    int bb = specray_block_bytes(t);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        int8_t w[32];
+        signed32(t, blk, 0, w);
+        float d = rd_f16(blk);
+        for (int64_t i = 0; i < mc; i++) {
+            const int8_t *x = xq + i * K + 32 * b;
+            float s = d * xd[i * (K / 32) + b];
+            for (int l = 0; l < 8; l++) {
+                int32_t p = 0;
+                for (int e = 4 * l; e < 4 * l + 4; e++) p += (int32_t)w[e] * x[e];
+                lanes[8 * i + l] = fmaf(s, (float)p, lanes[8 * i + l]);
+            }
+        }
+    }
+}
+#else
+/* ------------------------------------------------------------------- SIMD path */
+
+#define PREFETCH 1024 /* bytes ahead in the weight stream */
+
+static inline __m256i nibbles32(const uint8_t *qs) { /* 16 bytes -> 32 codes: low nibbles, then high */
+    __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    __m128i m = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+static inline __m256i bits_to_bytes(uint32_t bits) { /* byte i = 0xff where bit i is set */
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                    _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                       0x0303030303030303LL));
+    __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* Signed codes of a 32-block (Q4_0, Q5_0, Q8_0). */
+static inline __m256i signed_q32(int t, const uint8_t *blk) {
+    if (t == Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    if (t == Q4_0) return _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8));
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    __m256i hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk + 6), hi), _mm256_set1_epi8(16));
+}
+
+/* int16 pair sums of unsigned u times signed x; of signed w times signed x. */
+static inline __m256i pairs_u8(__m256i u, __m256i x) { return _mm256_maddubs_epi16(u, x); }
+static inline __m256i pairs_s8(__m256i w, __m256i x) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* acc + lane sums (4 elements each) of int16 pairs p times int16 scales s. */
+static inline __m256i add_scaled(__m256i acc, __m256i p, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, p, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+#endif
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define WIDE512 1
+/* Two 32-groups at once: codes a (low half) and b (high half) as one register. */
+static inline __m512i pair512(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+/* Fold the two halves' lanes: lane l of group a plus lane l of group b (exact integers). */
+static inline __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+/* int16 pair sums of signed w times signed x (AVX-512 has no byte sign: negate x by mask). */
+static inline __m512i pairs_s8_512(__m512i w, __m512i x) {
+    __mmask64 neg = _mm512_movepi8_mask(w);
+    return _mm512_maddubs_epi16(_mm512_abs_epi8(w), _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+}
+#endif
+
+static inline __m256 lane_step(__m256 acc, float scale, __m256i isum) {
+    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(isum), acc);
+}
+
+static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K,
+                    int64_t mc, float *lanes) {
+    int bb = specray_block_bytes(t);
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t b = 0;
+#ifdef WIDE512
+    for (; b + 1 < nb; b += 2) { /* two blocks per register; each block's lanes added in order */
+        const uint8_t *blk = row + b * bb;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        __m512i w = pair512(signed_q32(t, blk), signed_q32(t, blk + bb));
+        __m512i wabs = _mm512_abs_epi8(w);
+        __mmask64 neg = _mm512_movepi8_mask(w);
+        float d0 = rd_f16(blk), d1 = rd_f16(blk + bb);
+        for (int64_t i = 0; i < mc; i++) {
+            __m512i x = _mm512_loadu_si512(xq + i * K + 32 * b);
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs,
+                                            _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+            const float *dx = xd + i * (K / 32) + b;
+            __m256 acc = lane_step(_mm256_loadu_ps(lanes + 8 * i), d0 * dx[0], _mm512_castsi512_si256(p));
+            _mm256_storeu_ps(lanes + 8 * i, lane_step(acc, d1 * dx[1], _mm512_extracti64x4_epi64(p, 1)));
+        }
+    }
+#endif
+    for (; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        if (b % 2 == 0) _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        __m256i w = signed_q32(t, blk);
+        float d = rd_f16(blk);
+        for (int64_t i = 0; i < mc; i++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + 32 * b));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+#else
+            __m256i p = _mm256_madd_epi16(pairs_s8(w, x), ones);
+#endif
+            _mm256_storeu_ps(lanes + 8 * i, lane_step(_mm256_loadu_ps(lanes + 8 * i), d * xd[i * (K / 32) + b], p));
+        }
+    }
+    (void)ones;
+}
+
+/* The 8 six-bit scales and mins of a Q4_K block, as bytes sc[0..7], m[0..7]: the byte
+ * loop of q4k_scale_min done four bytes at a time. */
+static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *m) {
+    uint32_t a, b, c, lo = 0x3f3f3f3f, nib = 0x0f0f0f0f, top = 0x03030303;
+    memcpy(&a, s, 4);
+    memcpy(&b, s + 4, 4);
+    memcpy(&c, s + 8, 4);
+    uint32_t sc0 = a & lo, sc1 = (c & nib) | (((a >> 6) & top) << 4);
+    uint32_t m0 = b & lo, m1 = ((c >> 4) & nib) | (((b >> 6) & top) << 4);
+    memcpy(sc, &sc0, 4);
+    memcpy(sc + 4, &sc1, 4);
+    memcpy(m, &m0, 4);
+    memcpy(m + 4, &m1, 4);
+}
+
+static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const int16_t *xs,
+                    int64_t K, int64_t mc, float *lanes, float *macc) {
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 144;
+        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+        float d = rd_f16(blk), dmin = rd_f16(blk + 2);
+        uint8_t sc[8], mn[8];
+        q4k_scales(blk + 4, sc, mn);
+        int64_t mn8;
+        memcpy(&mn8, mn, 8);
+        __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8));
+        __m256i codes[8], scale[8];
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+            codes[2 * c] = _mm256_and_si256(q, nib);
+            codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), nib);
+        }
+        for (int j = 0; j < 8; j++) scale[j] = _mm256_set1_epi16(sc[j]);
+#ifdef WIDE512
+        __m512i codes2[4], scale2[4];
+        for (int c = 0; c < 4; c++) {
+            codes2[c] = pair512(codes[2 * c], codes[2 * c + 1]);
+            scale2[c] = pair512(scale[2 * c], scale[2 * c + 1]);
+        }
+#endif
+        for (int64_t i = 0; i < mc; i++) {
+            const int8_t *x = xq + i * K + 256 * b;
+#ifdef WIDE512
+            __m512i wide = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++)
+                wide = _mm512_dpwssd_epi32(wide, _mm512_maddubs_epi16(codes2[c], _mm512_loadu_si512(x + 64 * c)),
+                                           scale2[c]);
+            __m256i isum = fold512(wide);
+#else
+            __m256i isum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                isum = add_scaled(isum, pairs_u8(codes[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), scale[j]);
+#endif
+            float dx = xd[i * (K / 256) + b];
+            _mm256_storeu_ps(lanes + 8 * i, lane_step(_mm256_loadu_ps(lanes + 8 * i), d * dx, isum));
+            __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(xs + i * (K / 32) + 8 * b)));
+            prod = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
+            int32_t msum = _mm_cvtsi128_si32(_mm_add_epi32(prod, _mm_shuffle_epi32(prod, 1)));
+            macc[i] = fmaf(dmin * dx, (float)msum, macc[i]);
+        }
+    }
+}
+
+static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K, int64_t mc,
+                    float *lanes) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 210;
+        for (int c = 0; c < 256; c += 64) _mm_prefetch((const char *)blk + PREFETCH + c, _MM_HINT_T0);
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = rd_f16(blk + 208);
+        __m256i codes[8], scale[8];
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            __m256i lo[4] = {_mm256_and_si256(l0, nib), _mm256_and_si256(l1, nib),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), nib),
+                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), nib)};
+            __m256i hi[4] = {_mm256_and_si256(q, two), _mm256_and_si256(_mm256_srli_epi16(q, 2), two),
+                             _mm256_and_si256(_mm256_srli_epi16(q, 4), two),
+                             _mm256_and_si256(_mm256_srli_epi16(q, 6), two)};
+            for (int r = 0; r < 4; r++)
+                codes[4 * h + r] = _mm256_sub_epi8(_mm256_or_si256(lo[r], _mm256_slli_epi16(hi[r], 4)), off);
+        }
+        for (int j = 0; j < 8; j++) scale[j] = _mm256_setr_m128i(_mm_set1_epi16(sc[2 * j]), _mm_set1_epi16(sc[2 * j + 1]));
+#ifdef WIDE512
+        __m512i codes2[4], scale2[4];
+        for (int c = 0; c < 4; c++) {
+            codes2[c] = pair512(codes[2 * c], codes[2 * c + 1]);
+            scale2[c] = pair512(scale[2 * c], scale[2 * c + 1]);
+        }
+#endif
+        for (int64_t i = 0; i < mc; i++) {
+            const int8_t *x = xq + i * K + 256 * b;
+#ifdef WIDE512
+            __m512i wide = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++)
+                wide = _mm512_dpwssd_epi32(wide, pairs_s8_512(codes2[c], _mm512_loadu_si512(x + 64 * c)), scale2[c]);
+            __m256i isum = fold512(wide);
+#else
+            __m256i isum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                isum = add_scaled(isum, pairs_s8(codes[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), scale[j]);
+#endif
+            _mm256_storeu_ps(lanes + 8 * i, lane_step(_mm256_loadu_ps(lanes + 8 * i), d * xd[i * (K / 256) + b], isum));
+        }
+    }
+}
+#endif
+
+/* ----------------------------------------------------------------- the product */
+
+#define MCHUNK 32
+
+/* out[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N; w rows of row_bytes bytes. */
+int specray_matmul(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   int64_t row_bytes, float *out, int threads, void *scratch) {
+    int bs = specray_block_size(t), bb = specray_block_bytes(t);
+    if (bb < 0) return -1;
+    if (K % bs) return -2;
+    if (row_bytes != K / bs * bb) return -3;
+    /* scratch: int8 codes [M, K], float scales [M, K/32], int16 sums [M, K/32] */
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(xq + ((M * K + 63) / 64) * 64);
+    int16_t *xs = (int16_t *)(xd + M * (K / 32));
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
+    for (int64_t m = 0; m < M; m++)
+        quantize_x(x + m * K, K, bs, xq + m * K, xd + m * (K / bs), xs + m * (K / 32));
+    int64_t nb = K / bs;
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+            int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+            float lanes[8 * MCHUNK], macc[MCHUNK];
+            for (int64_t i = 0; i < 8 * mc; i++) lanes[i] = 0.0f;
+            for (int64_t i = 0; i < mc; i++) macc[i] = 0.0f;
+            const int8_t *xm = xq + m0 * K;
+            if (t == Q4_K) row_q4k(row, nb, xm, xd + m0 * nb, xs + m0 * (K / 32), K, mc, lanes, macc);
+            else if (t == Q6_K) row_q6k(row, nb, xm, xd + m0 * nb, K, mc, lanes);
+            else row_q32(t, row, nb, xm, xd + m0 * nb, K, mc, lanes);
+            for (int64_t i = 0; i < mc; i++) out[(m0 + i) * N + n] = hsum8(lanes + 8 * i) - macc[i];
+        }
+    }
+    return 0;
+}
+
+/* Bytes of scratch specray_matmul needs for M rows of K. */
+int64_t specray_scratch_bytes(int64_t M, int64_t K) {
+    return ((M * K + 63) / 64) * 64 + 2 * M * (K / 32) * 4 + 64;
+}
+
+/* Which SIMD path this build took: 0 scalar, 1 avx2, 2 avx512vnni. */
+int specray_variant(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
