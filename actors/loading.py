@@ -290,6 +290,13 @@ def gguf_file(name: str) -> Path | None:
     return found[0] if found else None
 
 
+def check_gguf(name: str, dtype: str, flag: str) -> None:
+    """`gguf` keeps a GGUF file's own quantization: refuse it, before loading, for a model without one."""
+    if dtype == "gguf" and gguf_file(name) is None:
+        raise ValueError(f"{flag} gguf keeps a GGUF file's own quantization, and model {name!r} has no .gguf "
+                         "file; use int8 or int4 (quantized here), or a dense dtype")
+
+
 def load(name: str, dtype: str = "float32", progress: bool = True, device: str = "cpu") -> LoadedModel:
     """Load `name` in precision `dtype` (a --dtype name, `auto` included), as it resolves
     on `device` (`actors.hardware.resolve_dtype`)."""
@@ -304,11 +311,8 @@ def load(name: str, dtype: str = "float32", progress: bool = True, device: str =
     if precision == "gguf":
         from actors import gguf_model
 
-        source = gguf_file(name)
-        if source is None:
-            raise ValueError(f"model {name!r} has no GGUF file: --dtype gguf keeps a GGUF file's own quantization; "
-                             "use float32, bfloat16, int8 or int4 for this model")
-        hf_model, transformer = None, gguf_model.load(source, config)
+        check_gguf(name, precision, "dtype")
+        hf_model, transformer = None, gguf_model.load(gguf_file(name), config)
     elif precision in QUANTIZED:
         from actors.model import Transformer
         from actors.quantized import quantize_linears

@@ -57,10 +57,13 @@ class ModelRunner:
         self.reset(context + max(sizes) + 1)
         self.feed([(7 * i + 3) % vocab for i in range(context)])
         base, costs = self.cache.length, {}
+        sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
         for k in sizes:
             self.cache.crop(base)
+            sync()
             start = time.perf_counter()
             self.model(torch.arange(k) % vocab, self.cache)
+            sync()
             costs[k] = time.perf_counter() - start
         self.reset()
         return costs

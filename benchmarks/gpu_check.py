@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from actors.hardware import probe, resolve_dtype
+    from actors.model import Transformer
     from actors.runner import ModelRunner
     from cluster.local import autoregressive_generate, speculative_generate
     from decoding.request import DecodeConfig
@@ -56,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no CUDA device here; run on the GPU machine, or pass --device cpu --small")
     vocab = 512 if args.small else 151936
     caps = probe(args.device)
-    draft_dtype = resolve_dtype("auto", args.device)
+    draft_dtype = {"bfloat16": torch.bfloat16}.get(resolve_dtype("auto", args.device), torch.float32)
     target = random_model(SMALL if args.small else SHAPES["target"], vocab, torch.float32, args.device, 0)
     # A random draft agrees with a random target only by chance: identity is the check, not acceptance.
     draft = random_model(SMALL if args.small else SHAPES["draft"], vocab, draft_dtype, args.device, 1)
-    t_run, d_run = ModelRunner.for_serving(target, 512), ModelRunner.for_serving(draft, 512)
+    t_run = ModelRunner.for_serving(Transformer.from_hf(target), 512)
+    d_run = ModelRunner.for_serving(Transformer.from_hf(draft), 512)
     prompt = list(range(10, 42))
     report = {"capabilities": caps.to_dict(), "draft_dtype": str(draft_dtype), "checks": {}}
 

@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
 import zmq

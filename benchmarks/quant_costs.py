@@ -14,10 +14,11 @@ numbers say how close to the memory limit each form runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.reporting import save_report
 
 SIZES = (1, 2, 4, 8, 16)
 
@@ -95,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                          "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2),
                          "command": "python -m benchmarks.quant_costs " + " ".join(sys.argv[1:])},
               "precisions": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render(report))
-    plot(report, out / "report.png")
-    print(render(report))
+    save_report(args.out, report, render, plot)
     return 0
 
 

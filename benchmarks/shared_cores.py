@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.reporting import save_report
+
 POLICIES = {  # name -> environment of the decoding process
     "default": {"SPECRAY_OMP_WAIT": "default"},  # OpenMP's own defaults: the "before"
     "short-spin": {},  # specray's policy (actors/threads.py): the "after"
@@ -104,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{total}] {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()
                                                             if isinstance(v, float)), file=sys.stderr, flush=True)
     report = make_report(args, runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render(report))
-    plot(report, out / "report.png")
-    print(render(report))
+    save_report(args.out, report, render, plot)
     return 0
 
 

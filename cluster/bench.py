@@ -119,7 +119,7 @@ class MethodRunner:
             return self.engine.draft.hf_model
         if getattr(self, "_assistant", None) is None:
             dense = "bfloat16" if hardware.probe("cpu").native_bf16 else "float32"
-            self._assistant = loading.load(self.engine.cfg.draft, dense, progress=False)
+            self._assistant = loading.load(self.engine.cfg.draft, dense, progress=True)
         return self._assistant.hf_model
 
     def run(self, method: str, ids: list[int]) -> Run:

@@ -55,9 +55,9 @@ class LlamaCpp:
 
     def flags(self, method: str) -> list[str]:
         common = ["-m", str(self.target), "-n", str(self.max_new), "-t", str(self.threads), "--temp", "0",
-                  "-c", "4096", "--no-warmup"]
+                  "-c", "4096"]
         if method == "llamacpp":
-            return common + ["-no-cnv", "--no-display-prompt"]
+            return common + ["-no-cnv", "--no-display-prompt", "--no-warmup"]
         return common + ["-md", str(self.draft), "-td", str(self.threads), "--spec-type", "draft-simple",
                          "--spec-draft-n-max", str(self.draft_max)]
 

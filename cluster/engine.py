@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 
 from actors import hardware, loading, threads
 from actors.runner import ModelRunner
@@ -37,9 +36,11 @@ def check_models(cfg: EngineConfig):
     """Refuse unknown models and mismatched vocabularies before any weights load.
     Returns the target's tokenizer, so callers can check the prompt next."""
     loading.resolve(cfg.target)
+    loading.check_gguf(cfg.target, cfg.dtype, "--dtype")
     tokenizer = loading.load_tokenizer(cfg.target)
     if cfg.draft is not None:
         loading.resolve(cfg.draft)
+        loading.check_gguf(cfg.draft, cfg.draft_dtype, "--draft-dtype")
         loading.check_same_vocab(
             tokenizer,
             loading.load_tokenizer(cfg.draft),

@@ -39,6 +39,21 @@ def exact_sequence_probs(target: ModelRunner, params: SamplingParams) -> dict[tu
     return probs
 
 
+def sample_sequences(target, draft, params, width: int = 1, n: int = SAMPLES) -> list[tuple[int, ...]]:
+    """n whole sequences from the local decode loop with a fixed draft length, one seed each."""
+    from cluster.local import DecodeConfig, speculative_generate
+    from decoding.draft_length import DraftLengthPolicy
+
+    policy = DraftLengthPolicy(fixed=NEW - 1, tokens_per_node=width)
+    cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=1234, tree_width=width, draft_length=NEW - 1)
+    gen_seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(99)).tolist()
+    out = []
+    for s in gen_seeds:
+        cfg.seed = s
+        out.append(tuple(speculative_generate(target, draft, PROMPT, cfg, policy).token_ids))
+    return out
+
+
 def chi2_pvalue(samples: list[tuple[int, ...]], probs: dict[tuple[int, ...], float]) -> float:
     counts = {s: 0 for s in probs}
     for s in samples:

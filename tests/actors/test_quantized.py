@@ -15,10 +15,9 @@ from actors import loading, native, tiny
 from actors.model import Transformer
 from actors.quantized import QuantEmbedding, QuantLinear
 from cluster.engine import EngineConfig, LocalEngine
-from cluster.local import DecodeConfig, speculative_generate
-from decoding.draft_length import DraftLengthPolicy
+from cluster.local import DecodeConfig
 from decoding.sampling import SamplingParams
-from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
+from sampling_check import chi2_pvalue, exact_sequence_probs, runners, sample_sequences
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernels")
 
@@ -129,22 +128,11 @@ def test_greedy_speculation_is_the_quantized_target_alone(gguf_dir, tiny_dir, ta
             assert engine.generate(prompt, cfg).token_ids == alone, (trial, draft_length, width)
 
 
-def sampled(target, draft, params, n=SAMPLES):
-    policy = DraftLengthPolicy(fixed=NEW - 1)
-    cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, draft_length=NEW - 1, eos_token_ids=(-1,))
-    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(7)).tolist()
-    out = []
-    for s in seeds:
-        cfg.seed = s
-        out.append(tuple(speculative_generate(target, draft, PROMPT, cfg, policy).token_ids))
-    return out
-
-
 def test_sampling_with_quantized_target_and_draft_follows_the_quantized_target(tiny_dir, monkeypatch):
     target, draft = runners(tiny_dir, target_dtype="int8", draft_dtype="int4")
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params)  # of the int8 target, as loaded
-    assert chi2_pvalue(sampled(target, draft, params), probs) > 1e-3
+    assert chi2_pvalue(sample_sequences(target, draft, params), probs) > 1e-3
     # power check: the classic residual bug must be caught with these models too
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
-    assert chi2_pvalue(sampled(target, draft, params, n=2500), probs) < 1e-6
+    assert chi2_pvalue(sample_sequences(target, draft, params, n=2500), probs) < 1e-6

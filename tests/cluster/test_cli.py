@@ -101,3 +101,11 @@ def test_generate_json_contract(tiny_dir):
     assert runtime["target"]["dtype"] == "float32" and runtime["draft"]["dtype"] == "float32"
     assert "64x64 float32" in runtime["target"]["kernels"]  # tiny: hidden 64 -> q_proj 64x64
     assert runtime["cpu"]["native_bf16"] in (True, False) and runtime["threading"]["threads"] >= 1
+
+
+def test_gguf_dtype_for_a_model_without_a_gguf_file_is_refused_first(capsys, no_model_loads, tiny_dir):
+    code, err = run(["generate", "--target", tiny_dir("llama"), "--prompt", "hi", "--dtype", "gguf"], capsys)
+    assert code != 0 and "--dtype gguf" in err and "int8 or int4" in err
+    code, err = run(["generate", "--target", tiny_dir("llama"), "--draft", tiny_dir("llama"), "--prompt", "hi",
+                     "--draft-dtype", "gguf"], capsys)
+    assert code != 0 and "--draft-dtype gguf" in err

@@ -7,14 +7,10 @@ import pytest
 import torch
 
 import decoding.acceptance as acceptance
-from actors import loading
-from actors.model import Transformer
-from actors.runner import ModelRunner
 from cluster.engine import EngineConfig, LocalEngine
-from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
-from decoding.draft_length import DraftLengthPolicy
+from cluster.local import DecodeConfig, autoregressive_generate
 from decoding.sampling import SamplingParams
-from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
+from sampling_check import NEW, PROMPT, chi2_pvalue, exact_sequence_probs, runners, sample_sequences
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -56,17 +52,6 @@ def test_eos_stops_generation(tiny_dir):
 
 
 # ---- sampling: the distribution of whole sequences -----------------------------------
-def sample_sequences(target, draft, params, width, n=SAMPLES) -> list[tuple[int, ...]]:
-    policy = DraftLengthPolicy(fixed=NEW - 1, tokens_per_node=width)
-    cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=1234, tree_width=width, draft_length=NEW - 1)
-    gen_seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(99)).tolist()
-    out = []
-    for s in gen_seeds:
-        cfg.seed = s
-        out.append(tuple(speculative_generate(target, draft, PROMPT, cfg, policy).token_ids))
-    return out
-
-
 SAMPLING_CASES = [
     ("chain", SamplingParams(temperature=1.0), 1),
     ("tree", SamplingParams(temperature=1.0), 3),
