@@ -229,6 +229,10 @@ class _AttnPlan:
     causal: bool  # plain prefill of an empty cache: let SDPA do the causal mask
     cos: Tensor  # [T, head_dim]
     sin: Tensor
+    # Row-exact models only: per new token, the cache slots it sees, in order (a slice when
+    # they are contiguous). Each row then attends alone, in exactly the call a one-token
+    # decoding step makes, so its result cannot depend on what else is in the forward.
+    rows: list[slice | Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -256,6 +260,9 @@ class Attention(nn.Module):
         end = start + T
         kc[:, start:end] = k
         vc[:, start:end] = v
+        if plan.rows is not None:
+            o = torch.stack([self._attend_row(q[:, r], kc, vc, slots) for r, slots in enumerate(plan.rows)], dim=1)
+            return self.wo(o.transpose(0, 1).reshape(T, self.n_heads * D))
         keys, vals = kc[None, :, plan.lo:end], vc[None, :, plan.lo:end]
         if plan.causal:
             o = F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=self.scale,
@@ -266,6 +273,16 @@ class Attention(nn.Module):
                                                attn_mask=plan.mask, scale=self.scale)
         o = o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D)
         return self.wo(o)
+
+    def _attend_row(self, q: Tensor, kc: Tensor, vc: Tensor, slots: slice | Tensor) -> Tensor:
+        """One token's query heads [H, D] over the given cache slots -> [H, D]."""
+        if isinstance(slots, slice):
+            keys, vals = kc[None, :, slots], vc[None, :, slots]
+        else:
+            keys, vals = kc[:, slots][None], vc[:, slots][None]
+        o = F.scaled_dot_product_attention(q.reshape(1, self.n_kv, self.group, q.shape[-1]), keys, vals,
+                                           scale=self.scale)
+        return o.reshape(self.n_heads, -1)
 
 
 class MLP(nn.Module):
@@ -316,6 +333,7 @@ class Transformer(nn.Module):
         self.config = cfg = config
         self.tok_embeddings = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.quant_embedding: nn.Module | None = None  # a GGUF model's embedding blocks (actors.gguf_model)
+        self._row_exact: bool | None = None  # decided on first use, once the linears are final
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -335,6 +353,19 @@ class Transformer(nn.Module):
         scale = math.sqrt(cfg.hidden_size) if cfg.gemma else 1.0
         # Gemma scales embeddings by sqrt(hidden) rounded to the embedding dtype, as transformers does.
         self.register_buffer("embed_scale", torch.tensor(scale, device=device).to(self.dtype), persistent=False)
+
+    @property
+    def row_exact(self) -> bool:
+        """True when every row of a forward is computed as it would be alone: all linears
+        run row-independent kernels (the quantized ones), and attention then goes row by
+        row. Verifying T tokens then gives bitwise the logits of T one-token steps, so greedy
+        speculation equals decoding alone even at near-ties. Dense BLAS kernels change
+        their summation order with the row count, so dense models are not row-exact."""
+        if self._row_exact is None:
+            linears = [self.output] + [m for blk in self.layers for m in (
+                blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.w_gate, blk.mlp.w_up, blk.mlp.w_down)]
+            self._row_exact = all(getattr(m, "row_independent", False) for m in linears)
+        return self._row_exact
 
     @property
     def dtype(self) -> torch.dtype:
@@ -544,4 +575,25 @@ class Transformer(nn.Module):
                     m &= (pos[:, None] - kpos[None, :]) < w
                 plan = _AttnPlan(lo, fold(m), False, cos, sin)
             plans["sliding_attention"] = plan
+        if self.row_exact and not (tree_mask is None and start == 0 and T > 1):  # a fresh prefill is the same call either way
+            visible = new_part().tolist()
+            for kind, plan in plans.items():
+                window = cfg.sliding_window if kind == "sliding_attention" else None
+                plan.rows = self._row_slots(start, pos.tolist(), visible, window)
         return plans
+
+    @staticmethod
+    def _row_slots(start: int, pos: list[int], visible: list[list[bool]], window: int | None) -> list[slice | Tensor]:
+        """For each new token, the cache slots it attends to, in slot order: the committed
+        slots [0, start) (those in its window), then the new tokens it may see. A decoding
+        step sees the same keys in the same order, as one contiguous slice."""
+        rows: list[slice | Tensor] = []
+        for r, p in enumerate(pos):
+            lo = 0 if window is None else max(0, p - window + 1)
+            slots = list(range(min(lo, start), start)) + [
+                start + j for j, seen in enumerate(visible[r]) if seen and (window is None or p - pos[j] < window)]
+            if slots == list(range(slots[0], slots[-1] + 1)):
+                rows.append(slice(slots[0], slots[-1] + 1))
+            else:
+                rows.append(torch.tensor(slots))
+        return rows

@@ -68,6 +68,8 @@ class QuantWeight:
 class QuantLinear(nn.Module):
     """x @ w.T + b with w as GGUF blocks. float32 in, float32 out."""
 
+    row_independent = True  # a row's result is the same bits whatever else is in x (tested)
+
     def __init__(self, weight: QuantWeight, bias: Tensor | None = None):
         super().__init__()
         self.qweight = weight

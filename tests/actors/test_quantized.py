@@ -136,3 +136,32 @@ def test_sampling_with_quantized_target_and_draft_follows_the_quantized_target(t
     # power check: the classic residual bug must be caught with these models too
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
     assert chi2_pvalue(sample_sequences(target, draft, params, n=2500), probs) < 1e-6
+
+
+@pytest.mark.parametrize("family,linear,embed,sizes", [CASES[1], CASES[3], CASES[4]])
+def test_verifying_a_tree_gives_each_path_the_bits_of_decoding_it_alone(gguf_dir, family, linear, embed, sizes):
+    """The quantized model is row-exact: score a token tree in one forward, and every node's
+    logits are bitwise those of feeding its path one token at a time. This is what makes
+    greedy speculation on a quantized target equal its decoding alone even at near-ties
+    (with int8-rounded activations, a last-bit difference in attention can move a code)."""
+    from actors.runner import ModelRunner
+    from decoding.tree import TokenTree
+
+    model = loading.load(str(gguf_dir(family, linear, embed, sizes)), "gguf", progress=False).build()
+    assert model.row_exact
+    runner = ModelRunner(model, 64)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, 64, (9,), generator=gen).tolist()
+    paths = [[5, 7, 9, 11], [5, 7, 13], [6, 8], [5, 12, 14, 3]]
+    tree = TokenTree.from_paths(prompt[-1], paths)
+    runner.reset()
+    runner.feed(prompt[:-1])
+    scored = runner.score_tree(prompt, tree)
+    for node in range(tree.size):
+        path = [prompt[-1]] + [int(tree.tokens[n]) for n in tree.path(node)]  # root to node
+        runner.reset()
+        runner.feed(prompt[:-1])
+        for tok in path[:-1]:
+            runner.feed([tok])
+        alone = runner.feed([path[-1]])
+        assert torch.equal(scored[node], alone), (node, path, float((scored[node] - alone).abs().max()))
