@@ -346,31 +346,83 @@ static inline __m512i pairs_s8_512(__m512i w, __m512i x) {
 }
 #endif
 
+#ifdef WIDE512
+/* Signed codes of two consecutive 32-blocks (a in the low half, b in the high): the
+ * nibbles and Q5_0's fifth bits unpacked for both blocks at once. */
+static inline __m512i signed_q32_pair(int t, const uint8_t *a, const uint8_t *b) {
+    if (t == Q8_0) return pair512(_mm256_loadu_si256((const __m256i *)(a + 2)), _mm256_loadu_si256((const __m256i *)(b + 2)));
+    int qs = t == Q4_0 ? 2 : 6;
+    __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(b + qs)), _mm_loadu_si128((const __m128i *)(a + qs)));
+    __m256i nib = _mm256_set1_epi8(0x0f);
+    __m512i lohi = pair512(_mm256_and_si256(v, nib), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+    __m512i codes = _mm512_shuffle_i64x2(lohi, lohi, _MM_SHUFFLE(3, 1, 2, 0)); /* lo a, hi a, lo b, hi b */
+    if (t == Q4_0) return _mm512_sub_epi8(codes, _mm512_set1_epi8(8));
+    uint32_t qa, qb;
+    memcpy(&qa, a + 2, 4);
+    memcpy(&qb, b + 2, 4);
+    /* w = (q | bit << 4) - 16: elements with the bit set keep q, the others lose 16 */
+    __mmask64 low = _knot_mask64(_cvtu64_mask64((uint64_t)qa | ((uint64_t)qb << 32)));
+    return _mm512_mask_sub_epi8(codes, low, codes, _mm512_set1_epi8(16));
+}
+#endif
+
 static inline __m256 lane_step(__m256 acc, float scale, __m256i isum) {
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(isum), acc);
 }
 
+/* One 32-block's signed codes w (scale d) against one activation row x (scale dx). */
+static inline __m256 q32_step(__m256i w, float d, const int8_t *x, float dx, __m256 acc) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+#else
+    __m256i p = _mm256_madd_epi16(pairs_s8(w, xv), _mm256_set1_epi16(1));
+#endif
+    return lane_step(acc, d * dx, p);
+}
+
+#ifdef WIDE512
+/* Two consecutive blocks (codes w, scales d0, d1) against one row: block 0's lanes added first. */
+static inline __m256 q32_pair(__m512i w, float d0, float d1, const int8_t *x, const float *dx, __m256 acc) {
+    __m512i xv = _mm512_loadu_si512(x);
+    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w),
+                                    _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv));
+    acc = lane_step(acc, d0 * dx[0], _mm512_castsi512_si256(p));
+    return lane_step(acc, d1 * dx[1], _mm512_extracti64x4_epi64(p, 1));
+}
+#endif
+
 static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K,
                     int64_t mc, float *lanes) {
     int bb = specray_block_bytes(t);
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t b = 0;
+    if (mc == 1) { /* decoding: the accumulator stays in a register across blocks, not in memory */
+        __m256 acc = _mm256_loadu_ps(lanes);
+        int64_t b = 0;
 #ifdef WIDE512
-    for (; b + 1 < nb; b += 2) { /* two blocks per register; each block's lanes added in order */
+        for (; b + 1 < nb; b += 2) {
+            const uint8_t *blk = row + b * bb;
+            _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+            acc = q32_pair(signed_q32_pair(t, blk, blk + bb), rd_f16(blk), rd_f16(blk + bb), xq + 32 * b, xd + b, acc);
+        }
+#endif
+        for (; b < nb; b++) {
+            const uint8_t *blk = row + b * bb;
+            if (b % 2 == 0) _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+            acc = q32_step(signed_q32(t, blk), rd_f16(blk), xq + 32 * b, xd[b], acc);
+        }
+        _mm256_storeu_ps(lanes, acc);
+        return;
+    }
+    int64_t b = 0; /* verifying: each block's codes are unpacked once for all rows */
+#ifdef WIDE512
+    for (; b + 1 < nb; b += 2) {
         const uint8_t *blk = row + b * bb;
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        __m512i w = pair512(signed_q32(t, blk), signed_q32(t, blk + bb));
-        __m512i wabs = _mm512_abs_epi8(w);
-        __mmask64 neg = _mm512_movepi8_mask(w);
+        __m512i w = signed_q32_pair(t, blk, blk + bb);
         float d0 = rd_f16(blk), d1 = rd_f16(blk + bb);
-        for (int64_t i = 0; i < mc; i++) {
-            __m512i x = _mm512_loadu_si512(xq + i * K + 32 * b);
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wabs,
-                                            _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
-            const float *dx = xd + i * (K / 32) + b;
-            __m256 acc = lane_step(_mm256_loadu_ps(lanes + 8 * i), d0 * dx[0], _mm512_castsi512_si256(p));
-            _mm256_storeu_ps(lanes + 8 * i, lane_step(acc, d1 * dx[1], _mm512_extracti64x4_epi64(p, 1)));
-        }
+        for (int64_t i = 0; i < mc; i++)
+            _mm256_storeu_ps(lanes + 8 * i, q32_pair(w, d0, d1, xq + i * K + 32 * b, xd + i * (K / 32) + b,
+                                                      _mm256_loadu_ps(lanes + 8 * i)));
     }
 #endif
     for (; b < nb; b++) {
@@ -378,17 +430,10 @@ static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, con
         if (b % 2 == 0) _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         __m256i w = signed_q32(t, blk);
         float d = rd_f16(blk);
-        for (int64_t i = 0; i < mc; i++) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + 32 * b));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-#else
-            __m256i p = _mm256_madd_epi16(pairs_s8(w, x), ones);
-#endif
-            _mm256_storeu_ps(lanes + 8 * i, lane_step(_mm256_loadu_ps(lanes + 8 * i), d * xd[i * (K / 32) + b], p));
-        }
+        for (int64_t i = 0; i < mc; i++)
+            _mm256_storeu_ps(lanes + 8 * i, q32_step(w, d, xq + i * K + 32 * b, xd[i * (K / 32) + b],
+                                                      _mm256_loadu_ps(lanes + 8 * i)));
     }
-    (void)ones;
 }
 
 /* The 8 six-bit scales and mins of a Q4_K block, as bytes sc[0..7], m[0..7]: the byte
