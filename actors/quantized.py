@@ -13,8 +13,9 @@ Where they come from:
 Why these kernels and not torch's: on the dev CPU (BENCHMARKS.md, "Quantized kernels"),
 torch's `_weight_int8pack_mm` keeps one scale per output channel (not group-wise, so it
 cannot hold the file's Q8_0/Q6_K/Q5_0 weights exactly) and `_weight_int4pack_mm_for_cpu`
-takes groups of 32 or more (Q6_K's are 16); both measured slower per byte than the native
-kernels at 1-16 rows. torchao adds no CPU kernel for these formats on x86.
+takes groups of 32 or more (Q6_K's are 16); and at 1 row they measured 7x and 17x slower
+than the native kernels, growing linearly with rows (`benchmarks/quant_kernels.py`).
+torchao adds no CPU kernel for these formats on x86.
 """
 
 from __future__ import annotations
