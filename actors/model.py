@@ -590,10 +590,11 @@ class Transformer(nn.Module):
         rows: list[slice | Tensor] = []
         for r, p in enumerate(pos):
             lo = 0 if window is None else max(0, p - window + 1)
-            slots = list(range(min(lo, start), start)) + [
-                start + j for j, seen in enumerate(visible[r]) if seen and (window is None or p - pos[j] < window)]
-            if slots == list(range(slots[0], slots[-1] + 1)):
-                rows.append(slice(slots[0], slots[-1] + 1))
+            prefix = range(min(lo, start), start)
+            new = [start + j for j, seen in enumerate(visible[r]) if seen and (window is None or p - pos[j] < window)]
+            first = prefix.start if prefix else new[0]
+            if new == list(range(start if prefix else first, new[-1] + 1)):  # no gap: one slice, as decoding has
+                rows.append(slice(first, new[-1] + 1))
             else:
-                rows.append(torch.tensor(slots))
+                rows.append(torch.tensor([*prefix, *new]))
         return rows
