@@ -104,7 +104,7 @@ class ModelConfig:
         return self.query_pre_attn_scalar ** -0.5 if self.gemma else self.head_dim ** -0.5
 
     @classmethod
-    def from_hf(cls, hf_config) -> "ModelConfig":
+    def from_hf(cls, hf_config) -> ModelConfig:
         """Translate a transformers (v5) config; refuse what this implementation can't run."""
         model_type = getattr(hf_config, "model_type", None)
         if model_type == "gemma3" and getattr(hf_config, "text_config", None) is not None:
@@ -379,7 +379,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_hf(cls, hf_model) -> "Transformer":
+    def from_hf(cls, hf_model) -> Transformer:
         """Wrap an HF *ForCausalLM's parameters (the very same tensors: zero copy)."""
         cfg = ModelConfig.from_hf(hf_model.config)
         base = hf_model.model

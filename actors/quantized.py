@@ -41,7 +41,7 @@ class QuantWeight:
         self.blocks, self.qtype, self.n, self.k = blocks.contiguous(), qtype, n, k
 
     @classmethod
-    def quantize(cls, weight: Tensor, qtype: int) -> "QuantWeight":
+    def quantize(cls, weight: Tensor, qtype: int) -> QuantWeight:
         import gguf
 
         n, k = weight.shape
