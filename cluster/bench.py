@@ -29,7 +29,9 @@ from cluster.bench_llamacpp import LlamaCpp, find_binaries, same_text
 from cluster.engine import EngineConfig, LocalEngine, check_models, encode_prompt
 from cluster.local import DecodeConfig
 
-LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local", *LLAMACPP_METHODS)
+HEAD_METHODS = {"medusa-static": "static", "medusa-dynamic": "dynamic"}  # draft heads, tree kind
+LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local", *HEAD_METHODS, *LLAMACPP_METHODS)
+DRAFT_METHODS = ("hf-assisted", "spec-local", "spec-sync", "spec-async", "llamacpp-spec")  # need --draft
 RAY_METHODS = {"spec-sync": "sync", "spec-async": "async"}
 METHODS = LOCAL_METHODS + tuple(RAY_METHODS)
 DEFAULT_METHODS = "hf,hf-assisted,ar,spec-local"
@@ -83,6 +85,9 @@ class MethodTotals:
     texts: list[str] = field(default_factory=list)  # llama.cpp rows: what it printed
     draft_s: float = 0.0  # Ray pipelines: drafting time, and how much of it the verifier waited for
     wait_s: float = 0.0
+    rounds: int = 0  # draft heads: verify rounds, nodes drafted and tree-build time over them
+    drafted: int = 0
+    build_s: float = 0.0
 
 
 @dataclass
@@ -93,6 +98,9 @@ class Run:
     draft_s: float = 0.0
     wait_s: float = 0.0
     text: str | None = None  # llama.cpp rows: its output text (tokens then only count)
+    rounds: int = 0
+    drafted: int = 0
+    build_s: float = 0.0
 
 
 class MethodRunner:
@@ -131,6 +139,11 @@ class MethodRunner:
             prompt = self.engine.tokenizer.decode(ids, skip_special_tokens=False)
             run = self.llamacpp.run(method, prompt)
             return Run([0] * run.tokens, run.seconds, text=run.text)
+        if method in HEAD_METHODS:
+            result = self.engine.generate(ids, self.cfg, tree=HEAD_METHODS[method])
+            s = result.stats
+            return Run(result.token_ids, s.wall_s, s.mean_accepted, rounds=s.verify_rounds,
+                       drafted=s.drafted_tokens, build_s=s.tree_build_s)
         result = self.engine.generate(ids, self.cfg, speculative=(method == "spec-local"))
         return Run(result.token_ids, result.stats.wall_s, result.stats.mean_accepted)
 
@@ -221,17 +234,25 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         from cluster.bench_ensemble import ensemble_bench_from_args
 
         return ensemble_bench_from_args(args)
-    if args.target is None or args.draft is None:
-        raise ValueError("bench needs --target and --draft (or --ensemble A,B --combine RULE)")
+    if args.target is None:
+        raise ValueError("bench needs --target (or --ensemble A,B --combine RULE)")
     if getattr(args, "temperature", 0.0) != 0:
         raise ValueError("--temperature applies to ensemble benches (--ensemble); the pair bench is greedy")
     methods = parse_methods(args.methods or DEFAULT_METHODS)
+    if args.draft is None and any(m in DRAFT_METHODS for m in methods):
+        raise ValueError(f"bench methods {', '.join(m for m in methods if m in DRAFT_METHODS)} need --draft")
+    heads = None
+    if any(m in HEAD_METHODS for m in methods):
+        if any(m in RAY_METHODS for m in methods):
+            raise ValueError("medusa methods run in this process; bench spec-sync/spec-async separately")
+        heads = getattr(args, "heads", None) or "medusa"
     hf_methods = [m for m in methods if m.startswith("hf")]
     if hf_methods and args.dtype in hardware.QUANTIZED:
         raise ValueError(f"{', '.join(hf_methods)} run transformers on a dense target; with --dtype {args.dtype} "
                          "compare ar, spec-local, llamacpp and llamacpp-spec (or bench a dense target)")
     prompts = load_prompts(args.prompts, args.limit)
-    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
+    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
+                              heads=heads)
     tokenizer = check_models(engine_cfg)
     use_ray = any(m in RAY_METHODS for m in methods)
     if "spec-async" in methods and args.tree_width != 1:
@@ -262,6 +283,9 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                     t.texts.append(run.text)
                 t.draft_s += run.draft_s
                 t.wait_s += run.wait_s
+                t.rounds += run.rounds
+                t.drafted += run.drafted
+                t.build_s += run.build_s
                 if run.mean_accepted is not None:
                     t.accepted_per_step.append(run.mean_accepted)
                 bar.update()
@@ -311,10 +335,14 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             rows[m]["hidden_draft_fraction"] = round(min(1.0, max(0.0, hidden)), 4)
             rows[m]["draft_seconds"] = round(t.draft_s, 3)
             rows[m]["verifier_wait_seconds"] = round(t.wait_s, 3)
+        if m in HEAD_METHODS and t.rounds:
+            rows[m]["mean_tree_nodes"] = round(t.drafted / t.rounds, 2)  # drafted nodes verified per step
+            rows[m]["tree_build_ms"] = round(1e3 * t.build_s / t.rounds, 4)
     return {
         "config": {
             "target": args.target,
             "draft": args.draft,
+            "heads": (runtime or {}).get("heads"),
             "prompts": str(args.prompts),
             "limit": len(prompts),
             "max_new_tokens": args.max_new_tokens,
@@ -339,20 +367,25 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
 def render_markdown(report: dict) -> str:
     c = report["config"]
     lines = [
-        f"# specray bench: {c['target']} with draft {c['draft']}",
+        f"# specray bench: {c['target']}" + "".join(
+            f" with {what} {c[key] if key == 'draft' else c[key]['trained_for'] + ' ' + c[key]['kind'] + ' heads'}"
+            for what, key in (("draft", "draft"), ("", "heads")) if c.get(key)).replace("with  ", "with "),
         "",
         f"{c['limit']} prompts from `{c['prompts']}`, {c['max_new_tokens']} new tokens, greedy, "
         f"methods interleaved; reference output: `{c['reference']}`.",
         "",
-        "| method | tokens/s | speedup vs hf | vs ar | mean accepted | drafting hidden | identical to target |",
-        "|---|---|---|---|---|---|---|",
+        "| method | tokens/s | speedup vs hf | vs ar | mean accepted | drafting hidden | tree nodes | "
+        "tree build ms | identical to target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["methods"].items():
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
         sp = "-" if r["speedup_vs_hf"] is None else f"{r['speedup_vs_hf']:.2f}x"
         hidden = f"{r['hidden_draft_fraction']:.0%}" if "hidden_draft_fraction" in r else "-"
         vs_ar = "-" if r.get("speedup_vs_ar") is None else f"{r['speedup_vs_ar']:.2f}x"
-        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {vs_ar} | {acc} | {hidden} | "
+        nodes = f"{r['mean_tree_nodes']:.1f}" if "mean_tree_nodes" in r else "-"
+        build = f"{r['tree_build_ms']:.3f}" if "tree_build_ms" in r else "-"
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {vs_ar} | {acc} | {hidden} | {nodes} | {build} | "
                      f"{r['identical_to_target']} |")
     return "\n".join(lines + render_runtime(c.get("runtime") or {})) + "\n"
 
@@ -398,7 +431,8 @@ def write_report(report: dict, out_dir: Path) -> None:
     for x, v in enumerate(accepted):
         ax2.text(x, v, f"{v:.2f}" if v else "n/a", ha="center", va="bottom")
     c = report["config"]
-    fig.suptitle(c.get("title") or f"{c['target']} + {c['draft']}, {c['limit']} prompts")
+    drafter = c.get("draft") or ("heads" if c.get("heads") else "no draft")
+    fig.suptitle(c.get("title") or f"{c['target']} + {drafter}, {c['limit']} prompts")
     fig.tight_layout()
     fig.savefig(out_dir / "report.png", dpi=100)
     plt.close(fig)

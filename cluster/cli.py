@@ -25,6 +25,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     who.add_argument("--target", help="built-in alias, local directory or hub id")
     who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
     p.add_argument("--draft", help="draft model (same tokenizer as the target)")
+    p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa) or directory")
+    p.add_argument("--tree", choices=("static", "dynamic"), default="dynamic",
+                   help="with --heads: a fixed tree from the heads' measured accuracies, or one built per step")
     p.add_argument("--combine", help="ensemble rule: we:LAMBDA (2 models), we:W1,W2,... (one weight per model) "
                                      "or cd:MU (expert first, amateur second)")
     p.add_argument("--ensemble-method", choices=("cos", "ensemble"), default="cos",
@@ -61,7 +64,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="required unless --ensemble")
-    p.add_argument("--draft", help="required unless --ensemble")
+    p.add_argument("--draft", help="the draft model of spec-* and hf-assisted (required unless --ensemble)")
+    p.add_argument("--heads", default=None, help="heads of the medusa-* methods (default: the target's built-in medusa)")
     p.add_argument("--ensemble", help="comma-separated models: bench methods ensemble,cos on this ensemble")
     p.add_argument("--combine", help="ensemble rule (with --ensemble): we:LAMBDA, we:W1,W2,... or cd:MU")
     p.add_argument("--ensemble-local", action="store_true",
@@ -86,12 +90,30 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_pipeline_args(p)
 
 
+def add_train_heads_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="the model the heads draft for (kept frozen)")
+    p.add_argument("--kind", default="medusa", choices=("medusa",))
+    p.add_argument("--out", required=True, help="directory for heads.json + heads.safetensors")
+    p.add_argument("--heads", type=_positive_int, default=4, help="K: head k guesses the token k+1 past the next")
+    p.add_argument("--tokens", type=_positive_int, default=300_000, help="target-prefilled training tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--hot-vocab", type=_positive_int, default=16384,
+                   help="output rows the heads score (the target's most frequent predictions)")
+    p.add_argument("--work", default=None,
+                   help="cache of answers, features and checkpoints (default under ~/.cache/specray/train-heads); "
+                        "rerun the same command to resume")
+    p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl whose answers the target writes "
+                                                     "(default ../shared/data/spec_bench/question.jsonl)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specray", description="Lossless speculative decoding on Ray")
     sub = p.add_subparsers(dest="command", required=True)
     add_generate_args(sub.add_parser("generate", help="generate text"))
     add_bench_args(sub.add_parser("bench", help="compare methods on a prompt set"))
     sub.add_parser("bench-protocol", help="benchmark the ZeroMQ wire protocol", add_help=False)
+    add_train_heads_args(sub.add_parser("train-heads", help="train draft heads on a frozen target"))
     return p
 
 
@@ -119,6 +141,19 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_heads(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from actors.loading import cache_root
+    from training.medusa import DEFAULT_QUESTIONS, TrainConfig, run
+
+    work = Path(args.work) if args.work else cache_root() / "train-heads" / f"{Path(args.target).name}-{args.kind}-{args.seed}"
+    run(TrainConfig(args.target, Path(args.out), work, kind=args.kind, heads=args.heads, tokens=args.tokens,
+                    seed=args.seed, epochs=args.epochs, hot_vocab=args.hot_vocab,
+                    questions=Path(args.questions) if args.questions else DEFAULT_QUESTIONS))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench-protocol"]:
@@ -128,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return run_generate(args) if args.command == "generate" else run_bench(args)
+        commands = {"generate": run_generate, "bench": run_bench, "train-heads": run_train_heads}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"specray {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from actors import hardware, loading, threads
 from actors.runner import ModelRunner
-from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, speculative_generate
+from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
 from decoding.request import TokenSink
 from decoding.draft_length import DraftLengthPolicy
 
@@ -26,10 +26,16 @@ class EngineConfig:
     dtype: str = "float32"  # the target's precision defines "the target"
     draft_dtype: str = "auto"  # bf16 where the device runs it natively, else fp32
     max_len: int = 4096
+    heads: str | None = None  # draft heads (built-in name or directory) on the target's hidden states
+    tree: str = "dynamic"  # the heads' candidate trees: static | dynamic
 
     def __post_init__(self) -> None:
+        from actors.head_drafter import TREES
+
         for name in ("dtype", "draft_dtype"):
             hardware.check_dtype_name(getattr(self, name), name)
+        if self.tree not in TREES:
+            raise ValueError(f"tree must be one of {', '.join(TREES)}, got {self.tree!r}")
 
 
 def check_models(cfg: EngineConfig):
@@ -48,7 +54,19 @@ def check_models(cfg: EngineConfig):
             loading.read_config(cfg.draft).get_text_config().vocab_size,
             (cfg.target, cfg.draft),
         )
+    if cfg.heads is not None:
+        heads_dir(cfg)
     return tokenizer
+
+
+def heads_dir(cfg: EngineConfig):
+    """The heads' directory, refused (naming both models) if trained for another target."""
+    from actors.heads import check_heads, resolve_heads
+
+    text = loading.read_config(cfg.target).get_text_config()
+    path = resolve_heads(cfg.heads, cfg.target)
+    check_heads(path, cfg.target, text.hidden_size, text.vocab_size)
+    return path
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -90,9 +108,18 @@ class LocalEngine:
                 (cfg.target, cfg.draft),
             )
             self.draft_runner = ModelRunner.for_serving(self.draft.build(), max_len, progress)
+        self.heads = None
+        if cfg.heads is not None:
+            from actors.heads import load_heads
+
+            self.heads = load_heads(heads_dir(cfg), self.target_runner.model)
         self.eos_token_ids = loading.eos_token_ids(self.target)
-        # How verify cost grows with tokens on this target: seeds every draft-length policy.
-        self.verify_costs = self.target_runner.measure_verify_costs() if self.draft_runner is not None else {}
+        # How verify cost grows with tokens on this target: seeds every draft-length policy,
+        # and sizes the heads' trees (up to 64 nodes).
+        sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads is not None else (1, 2, 4, 8, 16)
+        speculates = self.draft_runner is not None or self.heads is not None
+        self.verify_costs = self.target_runner.measure_verify_costs(sizes) if speculates else {}
+        self.head_drafters: dict[str, object] = {}
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}
 
@@ -102,6 +129,10 @@ class LocalEngine:
                 "target": self.target_runner.runtime_info()}
         if self.draft_runner is not None:
             info["draft"] = self.draft_runner.runtime_info()
+        if self.heads is not None:
+            info["heads"] = {"kind": self.heads.cfg.kind, "n_heads": self.heads.n_heads,
+                             "hot_vocab": self.heads.cfg.hot_vocab, "trained_for": self.heads.cfg.target}
+        if self.verify_costs:
             info["target"]["verify_ms"] = {k: round(s * 1e3, 2) for k, s in self.verify_costs.items()}
         return info
 
@@ -111,12 +142,28 @@ class LocalEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def head_drafter(self, tree: str):
+        """One drafter per tree kind, kept across requests (static shapes are built once)."""
+        from actors.head_drafter import HeadDrafter
+
+        if tree not in self.head_drafters:
+            self.head_drafters[tree] = HeadDrafter(self.heads, tree, verify_s=self.verify_costs)
+        return self.head_drafters[tree]
+
     def generate(
-        self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True, on_tokens: TokenSink | None = None
+        self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True, on_tokens: TokenSink | None = None,
+        tree: str | None = None,
     ) -> GenerationResult:
+        """`tree`: draft with the heads (static | dynamic); default: the draft model if there
+        is one, else the heads with the configured tree."""
         check_prompt(len(prompt_ids), cfg.max_new_tokens, self.context_length)
         if not cfg.eos_token_ids:
             cfg = dataclasses.replace(cfg, eos_token_ids=self.eos_token_ids)
+        if speculative and self.heads is not None and (tree is not None or self.draft_runner is None):
+            return heads_generate(self.target_runner, self.head_drafter(tree or self.cfg.tree), prompt_ids, cfg,
+                                  on_tokens)
+        if tree is not None:
+            raise ValueError(f"tree {tree!r} needs heads; this engine has none")
         if not speculative or self.draft_runner is None:
             return autoregressive_generate(self.target_runner, prompt_ids, cfg, on_tokens)
         key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)

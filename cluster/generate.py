@@ -73,12 +73,20 @@ def generate_from_args(args: argparse.Namespace) -> dict:
     if args.ensemble is not None or args.combine is not None:
         return ensemble_from_args(args)
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
+    heads = getattr(args, "heads", None)
+    if heads is not None:
+        if args.draft is not None:
+            raise ValueError("--heads and --draft are two ways to draft; give one")
+        if args.pipeline != "local":
+            raise ValueError(f"--heads runs with --pipeline local (heads in the target's process); "
+                             f"--pipeline {args.pipeline} drafts with a draft model actor")
     ray_pipeline = args.pipeline in ("sync", "async")
     if ray_pipeline:
         if args.draft is None:
             raise ValueError(f"--pipeline {args.pipeline} needs --draft (the drafter actor's model)")
         options, placement = pipeline_options(args, args.pipeline), placement_config(args)
-    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
+    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
+                              heads=heads, tree=getattr(args, "tree", "dynamic"))
     tokenizer = check_models(engine_cfg)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
     check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)))

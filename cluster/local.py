@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
+from actors.head_drafter import HeadDrafter
 from actors.runner import ModelRunner
-from decoding.acceptance import verify_greedy, verify_sampling
+from decoding.acceptance import verify_greedy, verify_sampling, verify_sampling_point_mass
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import (  # noqa: F401  (DecodeConfig etc. are imported from here too)
     DecodeConfig,
@@ -93,5 +94,43 @@ def speculative_generate(
         stats.accepted_tokens += len(verdict.accepted)
         stats.draft_s += proposal.seconds
         stats.verify_s += verify_s
+    stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
+    return GenerationResult(out.tokens, stats)
+
+
+def heads_generate(
+    target: ModelRunner, drafter: HeadDrafter, prompt: list[int], cfg: DecodeConfig,
+    on_tokens: TokenSink | None = None,
+) -> GenerationResult:
+    """Speculation with draft heads: the hidden state of the last committed token gives the
+    next tree, and verifying a tree gives the hidden states for the round after, so each
+    round is one target forward. Candidates are the heads' top-k (point-mass proposals),
+    so sampling verifies with `verify_sampling_point_mass`; the output is the target's."""
+    stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
+    start = time.perf_counter()
+    target.reset(cfg.cache_room(len(prompt)) + drafter.max_nodes)
+    hidden, logits = target.feed_hidden(prompt)
+    out.extend([next_token(logits, cfg.sampling, gen)])
+    stats.target_forwards = 1
+    while not out.done:
+        context = prompt + out.tokens
+        proposal = drafter.propose(hidden, context[-1], max_depth=out.remaining - 1)
+        verify_start = time.perf_counter()
+        states = target.score_tree_hidden(context, proposal.tree)
+        logits = target.model.logits(states)
+        if cfg.sampling.greedy:
+            verdict = verify_greedy(proposal.tree, logits)
+        else:
+            verdict = verify_sampling_point_mass(proposal.tree, logits_to_probs(logits, cfg.sampling), gen)
+        target.commit_path(proposal.tree, verdict.accepted)
+        hidden = states[verdict.last_node]
+        out.extend(proposal.tree.tokens[verdict.accepted].tolist() + [verdict.next_token])
+        stats.target_forwards += 1
+        stats.verify_rounds += 1
+        stats.drafted_tokens += proposal.tree.size - 1
+        stats.accepted_tokens += len(verdict.accepted)
+        stats.draft_s += proposal.seconds
+        stats.tree_build_s += proposal.build_s
+        stats.verify_s += time.perf_counter() - verify_start
     stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
     return GenerationResult(out.tokens, stats)

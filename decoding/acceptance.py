@@ -39,6 +39,7 @@ __all__ = [
     "verify_chain_sampling",
     "verify_greedy",
     "verify_sampling",
+    "verify_sampling_point_mass",
 ]
 
 
@@ -229,6 +230,48 @@ def verify_sampling(
                 chosen = c
                 break
             r = residual_distribution(r, q)
+        if chosen is None:
+            return Verdict(accepted, int(sample(r, generator)))
+        accepted.append(chosen)
+        node = chosen
+
+
+def verify_sampling_point_mass(
+    tree: TokenTree,
+    target_probs: Tensor,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """Recursive rejection over a tree of deterministically chosen, distinct candidates
+    (draft heads' top-k): each candidate is a point-mass proposal q = one-hot(x).
+
+    At node i the residual r starts as p_i; child c (token x) is accepted with
+    probability min(1, r(x) / 1) = r(x), else r = residual_distribution(r, one-hot(x))
+    (x zeroed, renormalised) and the next sibling is tried. No child accepted:
+    next_token ~ r. Reached a leaf: next_token ~ p_leaf. Whatever the candidates, the
+    committed token at each step is distributed exactly as p. Same random stream as
+    `verify_sampling`: N - 1 float64 uniforms up front, then one `sample` call.
+    """
+    n_nodes = tree.size
+    _check_rows("target_probs", target_probs, n_nodes)
+    u = _uniforms(n_nodes - 1, generator).tolist()
+    tokens = tree.tokens.tolist()
+    one = torch.ones((), dtype=target_probs.dtype, device=target_probs.device)
+    accepted: list[int] = []
+    node = 0
+    while True:
+        kids = tree._children[node]
+        if not kids:
+            return Verdict(accepted, int(sample(target_probs[node], generator)))
+        r = target_probs[node]
+        chosen = None
+        for c in kids:
+            x = tokens[c]
+            if u[c - 1] < float(acceptance_probability(r[x], one)):
+                chosen = c
+                break
+            point = torch.zeros_like(r)
+            point[x] = 1.0
+            r = residual_distribution(r, point)
         if chosen is None:
             return Verdict(accepted, int(sample(r, generator)))
         accepted.append(chosen)

@@ -59,6 +59,7 @@ class GenerationStats:
     wait_s: float = 0.0  # time the verifier sat waiting for drafts (Ray pipelines)
     rollbacks: int = 0  # async: times the drafter threw its speculation away
     drafter_lost: bool = False  # the drafter died or went silent; the rest was target-only
+    tree_build_s: float = 0.0  # draft heads: time spent choosing trees (inside draft_s)
 
     @property
     def mean_accepted(self) -> float:
@@ -85,6 +86,10 @@ class GenerationStats:
             "mean_accepted": round(self.mean_accepted, 4),
             "tokens_per_s": round(self.tokens_per_s, 4),
             "wall_s": round(self.wall_s, 4),
+            "mean_drafted": round(self.drafted_tokens / self.verify_rounds, 4) if self.verify_rounds else 0.0,
+            # draft heads: ms per step choosing the tree (static trees only gather tokens)
+            **({"tree_build_ms": round(1e3 * self.tree_build_s / self.verify_rounds, 4)}
+               if self.tree_build_s and self.verify_rounds else {}),
         }
 
     def to_dict(self) -> dict:

@@ -1,0 +1,163 @@
+"""Medusa draft heads: K small blocks on the target's last hidden state.
+
+Head k maps the target's final normed hidden state h_t (the input of its lm_head, which
+predicts token t+1) to a guess at token t+k+2: `h + SiLU(W_k h + b_k)`, then the target's
+own frozen output projection. The projection is restricted to a "hot" vocabulary (the
+tokens the target predicts most often, FR-Spec's idea), so all K heads together cost K
+d x d blocks plus one [K, d] x [d, H] product instead of K passes over the full vocab.
+Heads can only propose hot tokens; verification is by the target over the full vocab,
+so the restriction never changes the output.
+
+On disk a heads directory holds `heads.json` (kind, target, shapes, accuracies) and
+`heads.safetensors` (bf16 blocks, int32 hot token ids). `check_heads` compares the json
+against a target's config without loading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEADS_JSON = "heads.json"
+HEADS_WEIGHTS = "heads.safetensors"
+KINDS = ("medusa",)
+BUILTIN_HEADS_DIR = Path(__file__).parent / "builtin_heads"  # <target alias>/<name>/
+
+
+@dataclass
+class HeadsConfig:
+    kind: str
+    target: str  # the model the heads were trained on (name as given to train-heads)
+    hidden_size: int
+    vocab_size: int  # the target's full vocabulary
+    n_heads: int = 4
+    hot_vocab: int = 16384  # rows of the output projection the heads use
+    accuracy: dict = field(default_factory=dict)  # held-out top-1 / top-5 per head, filled by training
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown heads kind {self.kind!r}; supported: {', '.join(KINDS)}")
+        for name in ("hidden_size", "vocab_size", "n_heads", "hot_vocab"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hot_vocab > self.vocab_size:
+            raise ValueError(f"hot_vocab ({self.hot_vocab}) exceeds the vocabulary ({self.vocab_size})")
+
+    @classmethod
+    def read(cls, directory: Path) -> HeadsConfig:
+        path = Path(directory) / HEADS_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a heads directory (no {HEADS_JSON})")
+        return cls(**json.loads(path.read_text()))
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / HEADS_JSON).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, cfg: HeadsConfig, hot_ids: Tensor, hot_rows: Tensor):
+        """`hot_ids` long [H]: the full-vocab ids of the hot tokens; `hot_rows` [H, d]: those
+        rows of the target's output projection (`output_rows`), kept frozen."""
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.hidden_size, cfg.n_heads
+        self.weight = nn.Parameter(torch.zeros(k, d, d))  # zero: every head starts as the lm_head
+        self.bias = nn.Parameter(torch.zeros(k, d))
+        self.register_buffer("hot_ids", hot_ids.to(torch.long).clone())
+        self.register_buffer("hot_head", hot_rows.detach().clone())
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    def features(self, hidden: Tensor) -> Tensor:
+        """hidden [B, d] -> [K, B, d]: each head's residual block."""
+        x = hidden.to(self.weight.dtype)
+        return x.unsqueeze(0) + F.silu(torch.baddbmm(self.bias.unsqueeze(1), x.expand(self.n_heads, -1, -1),
+                                                     self.weight.transpose(1, 2)))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden [B, d] (the target's final normed states) -> hot-vocab logits [K, B, H]."""
+        feats = self.features(hidden)
+        return feats.to(self.hot_head.dtype) @ self.hot_head.T
+
+    @torch.inference_mode()
+    def top(self, hidden: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """For one hidden state [d]: each head's m likeliest tokens, (full-vocab ids [K, m],
+        probabilities [K, m]), from the softmax over the hot vocabulary."""
+        logits = self.forward(hidden.reshape(1, -1))[:, 0].float()
+        probs, idx = torch.softmax(logits, -1).topk(m, dim=-1)
+        return self.hot_ids[idx], probs
+
+    @torch.inference_mode()
+    def probs(self, hidden: Tensor) -> Tensor:
+        """For one hidden state [d]: each head's full-vocab distribution [K, V] (zero off the
+        hot vocabulary); what sampled proposals are drawn from."""
+        logits = self.forward(hidden.reshape(1, -1))[:, 0].float()
+        out = torch.zeros(self.n_heads, self.cfg.vocab_size)
+        out[:, self.hot_ids] = torch.softmax(logits, -1)
+        return out
+
+    # ---- files ---------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.detach().to(torch.bfloat16).contiguous(),
+                   "bias": self.bias.detach().to(torch.bfloat16).contiguous(),
+                   "hot_ids": self.hot_ids.to(torch.int32).contiguous()}, str(directory / HEADS_WEIGHTS))
+        self.cfg.write(directory)
+
+
+def resolve_heads(name: str, target: str) -> Path:
+    """A heads directory, or the name of built-in heads for `target` (e.g. `medusa`)."""
+    builtin = BUILTIN_HEADS_DIR / target / name
+    if "/" not in name and (builtin / HEADS_JSON).is_file():
+        return builtin
+    path = Path(name).expanduser()
+    if (path / HEADS_JSON).is_file():
+        return path
+    available = sorted(p.name for p in (BUILTIN_HEADS_DIR / target).glob("*") if (p / HEADS_JSON).is_file())
+    hint = f"built-in heads for {target}: {', '.join(available)}" if available else f"no built-in heads for {target}"
+    raise FileNotFoundError(f"heads {name!r} are neither built-in nor a directory with {HEADS_JSON} ({hint})")
+
+
+def check_heads(directory: Path, target: str, hidden_size: int, vocab_size: int) -> HeadsConfig:
+    """Refuse heads trained for another model, naming both, before any weights load."""
+    cfg = HeadsConfig.read(directory)
+    if (cfg.hidden_size, cfg.vocab_size) != (hidden_size, vocab_size):
+        raise ValueError(
+            f"heads in {directory} were trained for {cfg.target!r} (hidden size {cfg.hidden_size}, vocabulary "
+            f"{cfg.vocab_size}); target {target!r} has hidden size {hidden_size}, vocabulary {vocab_size}")
+    return cfg
+
+
+def output_rows(model, ids: Tensor) -> Tensor:
+    """Rows `ids` of a Transformer's output projection as float32 [len(ids), d], whether it
+    is dense or GGUF blocks (dequantized row by row, never the whole matrix)."""
+    from actors.quantized import QuantLinear
+
+    if isinstance(model.output, QuantLinear):
+        return model.output.qweight.rows(ids).float()
+    return model.output.weight.detach()[ids].float()
+
+
+def load_heads(directory: Path, model, dtype: torch.dtype = torch.float32) -> MedusaHeads:
+    """Heads from `directory` on top of `model`'s (the target Transformer's) output projection."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = HeadsConfig.read(directory)
+    tensors = load_file(str(directory / HEADS_WEIGHTS))
+    hot = tensors["hot_ids"].long()
+    heads = MedusaHeads(cfg, hot, output_rows(model, hot).to(dtype))
+    with torch.no_grad():
+        heads.weight.copy_(tensors["weight"])
+        heads.bias.copy_(tensors["bias"])
+    return heads.to(dtype).eval().requires_grad_(False)

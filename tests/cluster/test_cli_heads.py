@@ -1,0 +1,60 @@
+"""`specray generate --heads` and `specray bench --methods ...,medusa-static,medusa-dynamic`."""
+
+from __future__ import annotations
+
+import json
+
+from actors import tiny
+from cluster import cli
+
+
+def test_generate_with_heads_equals_the_target_alone(tiny_dir, tmp_path, capsys):
+    target = tiny_dir("qwen2")
+    heads = tiny.make_tiny_heads(tmp_path / "heads", target, scale=0.3)
+    outputs = {}
+    for name, extra in (("ar", []), ("static", ["--heads", str(heads), "--tree", "static"]),
+                        ("dynamic", ["--heads", str(heads)])):
+        assert cli.main(["generate", "--target", target, "--prompt", "hello there", "--max-new-tokens", "30",
+                         "--json", *extra]) == 0
+        outputs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert outputs["static"]["token_ids"] == outputs["dynamic"]["token_ids"] == outputs["ar"]["token_ids"]
+    stats = outputs["dynamic"]["stats"]
+    assert stats["mean_accepted"] > 1.0 and stats["mean_drafted"] > 0 and stats["tree_build_ms"] > 0
+    assert stats["runtime"]["heads"]["kind"] == "medusa"
+
+
+def test_heads_misuse_is_refused_before_loading(tiny_dir, tmp_path, capsys):
+    target = tiny_dir("qwen2")
+    other = tiny_dir("qwen2", vocab_size=48)
+    wrong = tiny.make_tiny_heads(tmp_path / "wrong", other)
+    cases = [
+        (["--heads", str(wrong)], "trained for"),
+        (["--heads", str(wrong), "--draft", target], "two ways to draft"),
+        (["--heads", str(wrong), "--pipeline", "async"], "--pipeline local"),
+        (["--heads", str(tmp_path / "none")], "neither built-in nor a directory"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["generate", "--target", target, "--prompt", "x", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_bench_reports_tree_size_and_build_time_for_medusa_methods(tiny_dir, tmp_path, capsys):
+    target = tiny_dir("qwen2")
+    heads = tiny.make_tiny_heads(tmp_path / "heads", target, scale=0.3)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("hello there", "def f(x):")))
+    out = tmp_path / "bench"
+    methods = ["ar", "medusa-static", "medusa-dynamic"]
+    assert cli.main(["bench", "--target", target, "--heads", str(heads), "--prompts", str(prompts), "--methods",
+                     ",".join(methods), "--max-new-tokens", "20", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == methods
+    for name in methods:
+        assert report["methods"][name]["identical_to_target"] is True, name
+    for name in methods[1:]:
+        row = report["methods"][name]
+        assert row["mean_tree_nodes"] > 0 and row["tree_build_ms"] > 0 and row["mean_accepted"] > 1.0
+    assert "tree nodes" in capsys.readouterr().out
+    assert cli.main(["bench", "--target", target, "--prompts", str(prompts), "--methods", "spec-local",
+                     "--out", str(out)]) == 2
+    assert "need --draft" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""`specray train-heads` on a tiny target: every stage, determinism, resume, accuracy report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.medusa as medusa
+from actors.heads import HeadsConfig, load_heads
+from cluster import cli
+
+
+@pytest.fixture
+def questions(tmp_path):
+    rows = [{"question_id": 1, "category": "writing", "turns": ["write a poem about the sea"]},
+            {"question_id": 2, "category": "coding", "turns": ["a benchmark category: never trained on"]},
+            {"question_id": 3, "category": "qa", "turns": ["what is the sun?"]}]
+    path = tmp_path / "question.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def train(target, out, work, questions, *extra):
+    return cli.main(["train-heads", "--target", target, "--out", str(out), "--work", str(work), "--tokens", "3000",
+                     "--heads", "3", "--hot-vocab", "40", "--questions", str(questions), *extra])
+
+
+def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, questions, capsys):
+    target = tiny_dir("qwen2")
+    assert train(target, tmp_path / "a", tmp_path / "wa", questions) == 0
+    printed = capsys.readouterr().out
+    assert "head 2: top-1" in printed and "top-5" in printed
+    assert train(target, tmp_path / "b", tmp_path / "wb", questions) == 0
+    a, b = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
+    assert a.keys() == {"weight", "bias", "hot_ids"}
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["weight"].dtype == torch.bfloat16
+    assert a["weight"].abs().sum() > 0  # training moved the heads off their zero start
+    cfg = HeadsConfig.read(tmp_path / "a")
+    assert cfg.n_heads == 3 and cfg.hot_vocab == 40 and len(cfg.accuracy["rank_accuracy"]) == 3
+    assert all(0 <= t1 <= t5 <= 1 for t1, t5 in zip(cfg.accuracy["top1"], cfg.accuracy["top5"]))
+    answered = [json.loads(line)["question_id"] for line in (tmp_path / "wa" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(answered) == [1, 3]  # the benchmarks' categories are never generated, let alone trained on
+
+
+def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questions, monkeypatch):
+    target = tiny_dir("qwen2")
+    assert train(target, tmp_path / "whole", tmp_path / "w1", questions) == 0
+    monkeypatch.setattr(medusa, "CHECKPOINT_EVERY", 2)
+    save = medusa._save_state
+
+    def save_then_stop(path, heads, opt, step):
+        save(path, heads, opt, step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(medusa, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(target, tmp_path / "resumed", tmp_path / "w2", questions)
+    monkeypatch.setattr(medusa, "_save_state", save)
+    assert train(target, tmp_path / "resumed", tmp_path / "w2", questions) == 0
+    whole = load_file(str(tmp_path / "whole" / "heads.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "heads.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions):
+    """Self-distillation has to teach something: on held-out text, the trained heads' loss
+    against the target's own distributions is below that of the zero start (where every
+    head repeats the target's next-token guess)."""
+    from actors import loading
+
+    target = tiny_dir("qwen2")
+    assert train(target, tmp_path / "h", tmp_path / "w", questions, "--epochs", "4") == 0
+    heldout = medusa._load_shards(sorted((tmp_path / "w").glob("feat-heldout-*.safetensors")))
+    model = loading.load(target, "float32", progress=False).build()
+    trained, zero = load_heads(tmp_path / "h", model), load_heads(tmp_path / "h", model)
+    with torch.no_grad():
+        zero.weight.zero_()
+        zero.bias.zero_()
+
+    def heldout_loss(heads):
+        hot_index = torch.full((heads.cfg.vocab_size,), -1, dtype=torch.long)
+        hot_index[heads.hot_ids] = torch.arange(heads.hot_ids.numel())
+        pos, ends = medusa._positions(heldout["lengths"], heads.n_heads)
+        with torch.no_grad():
+            return float(medusa._loss(heads, heldout, hot_index, pos, ends, bf16=False))
+
+    assert heldout_loss(trained) < heldout_loss(zero) - 0.01
