@@ -148,15 +148,44 @@ def output_rows(model, ids: Tensor) -> Tensor:
     return model.output.weight.detach()[ids].float()
 
 
+def output_rows_from_files(model_dir: Path, ids: Tensor) -> Tensor:
+    """Rows `ids` (sorted) of a model's output projection, read from its safetensors files
+    without loading the model: what a heads actor needs, on a device without the target.
+    Tied models keep the projection in the token embedding."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    names = ("lm_head.weight", "model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+    for name in names:
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                if name not in f.keys():
+                    continue
+                rows, table = [], f.get_slice(name)
+                ids_list = ids.tolist()
+                start = 0
+                while start < len(ids_list):  # contiguous runs of ids: one read each
+                    end = start + 1
+                    while end < len(ids_list) and ids_list[end] == ids_list[end - 1] + 1:
+                        end += 1
+                    rows.append(table[ids_list[start]:ids_list[end - 1] + 1].float())
+                    start = end
+                return torch.cat(rows)
+    raise FileNotFoundError(f"{model_dir} has no safetensors file holding {' or '.join(names)}: a heads actor "
+                            "reads the target's output rows from there")
+
+
 def load_heads(directory: Path, model, dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Heads from `directory` on top of `model`'s (the target Transformer's) output projection."""
+    """Heads from `directory` on top of the target's output projection: `model` is the
+    target Transformer, or the directory of its weights (`output_rows_from_files`)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     cfg = HeadsConfig.read(directory)
     tensors = load_file(str(directory / HEADS_WEIGHTS))
     hot = tensors["hot_ids"].long()
-    heads = MedusaHeads(cfg, hot, output_rows(model, hot).to(dtype))
+    rows = output_rows_from_files(model, hot) if isinstance(model, (str, Path)) else output_rows(model, hot)
+    heads = MedusaHeads(cfg, hot, rows.to(dtype))
     with torch.no_grad():
         heads.weight.copy_(tensors["weight"])
         heads.bias.copy_(tensors["bias"])

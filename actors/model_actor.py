@@ -89,6 +89,11 @@ class ModelActor:
     def cancel(self, session: str) -> None:
         self._cancelled.add(session)
 
+    def verify_costs(self, sizes: list[int]) -> dict[int, float]:
+        """Milliseconds of one target forward of k tokens, per k: sizes a heads drafter's trees."""
+        with self._busy:
+            return {k: s * 1e3 for k, s in self.runner.measure_verify_costs(tuple(sizes)).items()}
+
     def stop(self, session: str) -> None:
         """End `session` after its current round and answer normally (a stop string was seen)."""
         self._stopped.add(session)

@@ -51,6 +51,7 @@ class _Session:
         self.channel, self.opts, self.session, self.cancelled = channel, opts, session, cancelled
         self.prompt: list[int] = []
         self.committed: list[int] = []
+        self.hidden = None  # heads: the target's state at the newest committed token's predecessor
         self.done = False
 
     def recv(self, block: bool) -> Message | None:
@@ -75,6 +76,8 @@ class _Session:
                     self.prompt = list(message.token_ids)
                 del self.committed[message.position:]
                 self.committed.extend(message.token_ids)
+                if message.hidden is not None:
+                    self.hidden = message.hidden
             return message
 
     @property
@@ -198,3 +201,50 @@ def _apply_verdict(s: _Session, spec: list[int], verdict: Verdict, epoch: int, s
     if verdict.committed_length != len(s.committed):
         raise ProtocolError(f"verdict says {verdict.committed_length} committed tokens, we have {len(s.committed)}")
     return epoch
+
+
+def propose_with_heads(
+    drafter,
+    channel: DealerChannel,
+    fingerprint: ModelFingerprint,
+    session: str,
+    cfg: DecodeConfig,
+    opts: PipelineOptions,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Draft heads over the wire (sync only): each verdict brings the target's hidden state
+    at the last accepted node; the heads turn it into the next tree (`HeadDrafter`)."""
+    channel.handshake(Handshake(session_id=session, step=0, role=Role.DRAFTER, fingerprint=fingerprint),
+                      timeout_s=opts.handshake_timeout_s)
+    s = _Session(channel, opts, session, cancelled)
+    stats = {"draft_s": 0.0, "drafted": 0, "rollbacks": 0, "rounds": 0, "build_s": 0.0}
+    step = 0
+    while not s.done:
+        if not s.started or s.hidden is None:
+            s.recv(block=True)
+            continue
+        remaining = cfg.max_new_tokens - (len(s.committed) - len(s.prompt))
+        proposal = drafter.propose(torch.as_tensor(s.hidden), s.committed[-1], max_depth=remaining - 1)
+        s.hidden = None
+        stats["draft_s"] += proposal.seconds
+        stats["build_s"] += proposal.build_s
+        stats["drafted"] += proposal.tree.size - 1
+        tree = CandidateTree(session_id=s.session, step=step, position=len(s.committed) - 1,
+                             token_ids=proposal.tree.tokens, parents=proposal.tree.parents)
+        s.channel.send(tree)
+        step += 1
+        message = s.recv(block=True)
+        while not isinstance(message, (Verdict, Shutdown)):
+            message = s.recv(block=True)
+        if isinstance(message, Verdict):
+            s.committed.extend(tree.path_tokens(message.accepted_path))
+            s.committed.append(message.bonus_token_id)
+            if message.committed_length != len(s.committed):
+                raise ProtocolError(f"verdict says {message.committed_length} committed tokens, we have "
+                                    f"{len(s.committed)}")
+            if message.hidden is None:
+                raise ProtocolError("a verdict for draft heads must carry the target's hidden state")
+            s.hidden = message.hidden
+            stats["rounds"] += 1
+    channel.sessions.close(session)
+    return stats

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from actors.runner import ModelRunner
-from decoding.acceptance import verify_greedy, verify_sampling
+from decoding.acceptance import verify_greedy, verify_sampling, verify_sampling_point_mass
 from decoding.draft_stream import DraftStream
 from decoding.request import (
     DecodeConfig,
@@ -80,10 +80,13 @@ class PipelineOptions:
     draft_timeout_s: float = 60.0  # longest silence from a drafter before going target-only
     verdict_timeout_s: float = 300.0  # drafter: longest wait for the verifier
     poll_s: float = 0.02  # how often a waiting side checks liveness and cancellation
+    heads: bool = False  # the drafter is draft heads: send it the target's hidden states (sync only)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"pipeline mode must be one of {MODES}, got {self.mode!r}")
+        if self.heads and self.mode != "sync":
+            raise ValueError("draft heads run with the sync pipeline: each tree needs the verdict's hidden state")
         if not isinstance(self.lookahead, int) or self.lookahead < 1:
             raise ValueError(f"lookahead must be an int >= 1, got {self.lookahead!r}")
         for name in ("handshake_timeout_s", "draft_timeout_s", "verdict_timeout_s", "poll_s"):
@@ -212,11 +215,13 @@ def verify_request(
         if str(exc):
             log.warning("session %s: %s; decoding with the target alone", session, exc)
         link.lost = stats.drafter_lost = True
-    out.extend([next_token(runner.feed(prompt), cfg.sampling, gen)])
+    hidden, logits = runner.feed_hidden(prompt)
+    out.extend([next_token(logits, cfg.sampling, gen)])
     stats.target_forwards = 1
     stream = DraftStream()
     try:
-        link.send(ContextUpdate(session_id=session, step=step, token_ids=out.tokens[:1], position=len(prompt)))
+        link.send(ContextUpdate(session_id=session, step=step, token_ids=out.tokens[:1], position=len(prompt),
+                                hidden=hidden.float() if opts.heads else None))
         while not out.done:
             if cancelled():
                 raise Cancelled(session)
@@ -237,9 +242,12 @@ def verify_request(
                 link.lost = stats.drafter_lost = True
                 continue
             verify_start = time.perf_counter()
-            logits = runner.score_tree(committed, tree)
+            states = runner.score_tree_hidden(committed, tree)
+            logits = runner.model.logits(states)
             if cfg.sampling.greedy:
                 verdict = verify_greedy(tree, logits)
+            elif opts.heads:  # the heads' top-k: distinct, deterministic candidates
+                verdict = verify_sampling_point_mass(tree, logits_to_probs(logits, cfg.sampling), gen)
             else:
                 verdict = verify_sampling(tree, logits_to_probs(logits, cfg.sampling), q, gen)
             runner.commit_path(tree, verdict.accepted)
@@ -255,7 +263,8 @@ def verify_request(
                 stream.advance(len(verdict.accepted), verdict.next_token)
             try:
                 link.send(Verdict(session_id=session, step=step, accepted_path=verdict.accepted,
-                                  bonus_token_id=verdict.next_token, committed_length=len(committed) + len(new)))
+                                  bonus_token_id=verdict.next_token, committed_length=len(committed) + len(new),
+                                  hidden=states[verdict.last_node].float() if opts.heads else None))
             except DrafterLost as exc:
                 log.warning("session %s: %s; finishing with the target alone", session, exc)
                 link.lost = stats.drafter_lost = True

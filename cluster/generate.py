@@ -77,12 +77,12 @@ def generate_from_args(args: argparse.Namespace) -> dict:
     if heads is not None:
         if args.draft is not None:
             raise ValueError("--heads and --draft are two ways to draft; give one")
-        if args.pipeline != "local":
-            raise ValueError(f"--heads runs with --pipeline local (heads in the target's process); "
-                             f"--pipeline {args.pipeline} drafts with a draft model actor")
+        if args.pipeline == "async":
+            raise ValueError("--heads runs with --pipeline local (heads in the target's process) or sync (heads in "
+                             "their own actor): each tree needs the hidden state of the previous verify")
     ray_pipeline = args.pipeline in ("sync", "async")
     if ray_pipeline:
-        if args.draft is None:
+        if args.draft is None and heads is None:
             raise ValueError(f"--pipeline {args.pipeline} needs --draft (the drafter actor's model)")
         options, placement = pipeline_options(args, args.pipeline), placement_config(args)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
@@ -100,7 +100,8 @@ def generate_from_args(args: argparse.Namespace) -> dict:
         from cluster.pipeline import PipelineConfig, RayPipeline
 
         with RayPipeline(PipelineConfig(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                                        placement=placement)) as pipeline:
+                                        placement=placement, heads=heads,
+                                        tree=getattr(args, "tree", "dynamic"))) as pipeline:
             result = pipeline.generate(prompt_ids, cfg, options)
             runtime = pipeline.runtime_info()
         text = tokenizer.decode(result.token_ids, skip_special_tokens=True)

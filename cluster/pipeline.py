@@ -17,6 +17,7 @@ Faults. Actors restart (Ray `max_restarts`), so:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PipelineConfig:
     target: str
-    draft: str
+    draft: str | None  # the drafter actor's model; None with `heads`
     dtype: str = "float32"
     draft_dtype: str = "auto"  # resolved in the drafter actor, on its own device
     max_len: int = 4096
@@ -43,8 +44,12 @@ class PipelineConfig:
     load_timeout_s: float = 900.0  # first load may convert a built-in (minutes on a small box)
     request_timeout_s: float = 1800.0
     drafter_ready_s: float = 300.0  # how long a request waits for a (re)starting drafter
+    heads: str | None = None  # draft heads (name or directory) in the drafter actor instead of a model
+    tree: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if (self.draft is None) == (self.heads is None):
+            raise ValueError("a pipeline drafts with a draft model or with heads: give exactly one")
         if self.placement.n_actors != 2:
             raise ValueError(f"a draft/verify pipeline places 2 actors, not {self.placement.n_actors}")
         for name in ("load_timeout_s", "request_timeout_s", "drafter_ready_s"):
@@ -56,7 +61,7 @@ class PipelineConfig:
 
 def actor_runtime(info: dict) -> dict:
     """The part of `ModelActor.info()` that says what the actor runs with, on its own device."""
-    keys = ("node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading")
+    keys = ("model", "node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading")
     return {k: info.get(k) for k in keys}
 
 
@@ -122,12 +127,29 @@ class RayPipeline:
 
         try:
             self.verifier = start(0, cfg.target, cfg.dtype)
-            self.drafter = start(1, cfg.draft, cfg.draft_dtype)
+            if cfg.heads is None:
+                self.drafter = start(1, cfg.draft, cfg.draft_dtype)
+            else:
+                self.drafter = self._start_heads(secret)
             self.verifier_info, self.drafter_info = ray.get(
                 [self.verifier.info.remote(), self.drafter.info.remote()], timeout=cfg.load_timeout_s)
         except BaseException:
             self.close()
             raise
+
+    def _start_heads(self, secret: str):
+        """The heads' actor, its trees sized from the verifier's measured cost per tree size."""
+        import ray
+
+        from actors.heads_actor import HeadsActor
+        from cluster.engine import EngineConfig, heads_dir
+
+        path = heads_dir(EngineConfig(self.cfg.target, heads=self.cfg.heads, tree=self.cfg.tree))
+        verify_ms = ray.get(self.verifier.verify_costs.remote([1, 2, 4, 8, 16, 32, 64]), timeout=self.cfg.load_timeout_s)
+        return ray.remote(HeadsActor).options(**self.placement.actor_options(1), max_restarts=self.cfg.max_restarts,
+                                              max_concurrency=4).remote(
+            {"target": self.cfg.target, "heads_dir": str(path), "tree": self.cfg.tree, "verify_ms": verify_ms,
+             "secret": secret})
 
     def generate(self, prompt: list[int], cfg: DecodeConfig, options: PipelineOptions,
                  on_tokens: TokenSink | None = None, speculative: bool = True) -> GenerationResult:
@@ -141,6 +163,8 @@ class RayPipeline:
         start = time.perf_counter()
         deadline = time.monotonic() + self.cfg.request_timeout_s
         session = new_session_id()
+        if self.cfg.heads is not None:
+            options = dataclasses.replace(options, heads=True)  # the verifier sends hidden states
         decode, opts = cfg.to_dict(), options.to_dict()
         try:
             endpoint = _call_restarting(lambda: self.verifier.listen.remote(self.drafter_info["node_ip"]),
@@ -209,6 +233,7 @@ class RayPipeline:
             return
         stats.draft_s = drafted.get("draft_s", 0.0)
         stats.rollbacks = drafted.get("rollbacks", 0)
+        stats.tree_build_s = drafted.get("build_s", 0.0)
 
     def close(self) -> None:
         import ray

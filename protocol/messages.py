@@ -25,7 +25,10 @@ import numpy as np
 
 from protocol.errors import ErrorCode, InvalidMessage, InvalidTree, ProtocolError, error_class_for
 
-PROTOCOL_VERSION = 2  # 2: CandidateTree carries the root's `position`
+# 2: CandidateTree carries the root's `position`
+# 3: ContextUpdate and Verdict may carry the target's last hidden state (`hidden`) for draft heads
+PROTOCOL_VERSION = 3
+MAX_HIDDEN_SIZE = 65536
 
 MAX_SESSION_ID_CHARS = 128
 MAX_STEP = 2**63 - 1
@@ -98,6 +101,20 @@ def _as_text(name: str, value: Any, min_chars: int, max_chars: int) -> str:
 def _is_torch_tensor(value: Any) -> bool:
     # Checked by module name so that this module never imports torch.
     return type(value).__module__.startswith("torch") and hasattr(value, "dtype")
+
+
+def _check_hidden(value: Any) -> None:
+    """A hidden state: a 1-D float32/float16 numpy array or torch tensor, [hidden_size]."""
+    if isinstance(value, np.ndarray):
+        dtype_ok = value.dtype.kind == "f" and value.dtype.itemsize in (2, 4)
+    elif _is_torch_tensor(value):
+        dtype_ok = str(value.dtype) in ("torch.float32", "torch.float16")
+    else:
+        raise InvalidMessage(f"hidden must be a numpy array or torch tensor, got {type(value).__name__}")
+    if not dtype_ok:
+        raise InvalidMessage(f"hidden must be float32 or float16, got {value.dtype}")
+    if len(value.shape) != 1 or not 0 < value.shape[0] <= MAX_HIDDEN_SIZE:
+        raise InvalidMessage(f"hidden must have shape [hidden_size <= {MAX_HIDDEN_SIZE}], got {tuple(value.shape)}")
 
 
 def check_tree_parents(parents: tuple[int, ...]) -> None:
@@ -236,19 +253,30 @@ class Handshake(Message):
         return None
 
 
-@dataclass(kw_only=True)
+def _same_array(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    mine, theirs = np.asarray(a), np.asarray(b)
+    return mine.dtype == theirs.dtype and mine.shape == theirs.shape and bool(np.array_equal(mine, theirs, equal_nan=True))
+
+
+@dataclass(kw_only=True, eq=False)
 class ContextUpdate(Message):
     """Tokens the receiver must add to its context: the prompt, or newly committed tokens.
 
     `position` is the index of token_ids[0] in the full sequence, so after applying it the
-    committed length is `position + len(token_ids)`.
+    committed length is `position + len(token_ids)`. `hidden`, for a drafter made of heads,
+    is the target's final hidden state at the last of these tokens' predecessors: the state
+    whose next-token guess was token_ids[-1] (a tensor frame).
     """
 
     token_ids: tuple[int, ...]
     position: int
     is_prompt: bool = False
+    hidden: Any = None
 
     TYPE_ID: ClassVar[int] = 2
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (3,)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -258,19 +286,28 @@ class ContextUpdate(Message):
             raise InvalidMessage("is_prompt must be a bool")
         if self.is_prompt and self.position != 0:
             raise InvalidMessage("a prompt starts at position 0")
+        if self.hidden is not None:
+            _check_hidden(self.hidden)
 
     @property
     def committed_length(self) -> int:
         return self.position + len(self.token_ids)
 
     def to_wire(self) -> tuple:
-        return (self.token_ids, self.position, self.is_prompt)
+        return (self.token_ids, self.position, self.is_prompt, self.hidden)
 
     @classmethod
     def from_wire(cls, session_id, step, version, body):
-        token_ids, position, is_prompt = _body(body, cls, 3)
+        token_ids, position, is_prompt, hidden = _body(body, cls, 4)
         return cls(session_id=session_id, step=step, version=version,
-                   token_ids=token_ids, position=position, is_prompt=is_prompt)
+                   token_ids=token_ids, position=position, is_prompt=is_prompt, hidden=hidden)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not ContextUpdate:
+            return NotImplemented
+        return (self.session_id, self.step, self.version, self.token_ids, self.position, self.is_prompt) == (
+            other.session_id, other.step, other.version, other.token_ids, other.position, other.is_prompt
+        ) and _same_array(self.hidden, other.hidden)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -359,21 +396,25 @@ class CandidateTree(Message):
             np.array_equal(mine, theirs, equal_nan=True))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Verdict(Message):
     """The verifier's answer to a candidate tree of the same step.
 
     `accepted_path` lists accepted node indices from depth 1 down (root excluded); each is a
     child of the previous, so they strictly increase. `bonus_token_id` is the token the target
     model produced after the last accepted node, and `committed_length` the sequence length
-    once accepted tokens and the bonus token are committed.
+    once accepted tokens and the bonus token are committed. `hidden`, for a drafter made of
+    heads, is the target's final hidden state at the last accepted node (the root if none):
+    where the next tree is drafted from (a tensor frame).
     """
 
     accepted_path: tuple[int, ...]
     bonus_token_id: int
     committed_length: int
+    hidden: Any = None
 
     TYPE_ID: ClassVar[int] = 4
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (3,)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -383,15 +424,25 @@ class Verdict(Message):
             raise InvalidMessage(f"accepted_path {path} must strictly increase (children follow parents)")
         self.bonus_token_id = _as_int("bonus_token_id", self.bonus_token_id, 0, MAX_TOKEN_ID)
         self.committed_length = _as_int("committed_length", self.committed_length, len(path) + 1, MAX_STEP)
+        if self.hidden is not None:
+            _check_hidden(self.hidden)
 
     def to_wire(self) -> tuple:
-        return (self.accepted_path, self.bonus_token_id, self.committed_length)
+        return (self.accepted_path, self.bonus_token_id, self.committed_length, self.hidden)
 
     @classmethod
     def from_wire(cls, session_id, step, version, body):
-        path, bonus, length = _body(body, cls, 3)
+        path, bonus, length, hidden = _body(body, cls, 4)
         return cls(session_id=session_id, step=step, version=version,
-                   accepted_path=path, bonus_token_id=bonus, committed_length=length)
+                   accepted_path=path, bonus_token_id=bonus, committed_length=length, hidden=hidden)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Verdict:
+            return NotImplemented
+        return (self.session_id, self.step, self.version, self.accepted_path, self.bonus_token_id,
+                self.committed_length) == (other.session_id, other.step, other.version, other.accepted_path,
+                                           other.bonus_token_id, other.committed_length) and _same_array(
+            self.hidden, other.hidden)
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,8 @@
 
 - `pipeline: local`: target and draft in the replica's own process (`LocalEngine`);
 - `pipeline: sync|async`: a verifier and a drafter actor, each on its own device bundle
-  (`RayPipeline`); the replica only routes;
+  (`RayPipeline`); the replica only routes; with `heads`, the drafter actor holds only the
+  draft heads (sync);
 - `ensemble: [A, B, ...]`: CoS over the members, in the replica (`pipeline: local`,
   `LocalEnsemble`) or one actor per member (`RayEnsemble`); `speculative: false` runs
   standard collaborative decoding (every model, every token).
@@ -41,7 +42,7 @@ class Backend:
 
             torch.set_num_threads(assigned_cpus())
             self.decoder = LocalEngine(EngineConfig(args.target, args.draft, args.dtype, args.draft_dtype,
-                                                    args.max_len), progress=False)
+                                                    args.max_len, heads=args.heads, tree=args.tree), progress=False)
             self.tokenizer, self.context = self.decoder.tokenizer, self.decoder.context_length
         else:
             from cluster.pipeline import PipelineConfig, RayPipeline
@@ -50,7 +51,8 @@ class Backend:
                                         cpus_per_actor=args.cpus_per_actor, spread=args.spread)
             self.decoder = RayPipeline(PipelineConfig(args.target, args.draft, args.dtype, args.draft_dtype,
                                                       args.max_len, placement=placement,
-                                                      request_timeout_s=args.request_timeout_s))
+                                                      request_timeout_s=args.request_timeout_s,
+                                                      heads=args.heads, tree=args.tree))
             self.options = PipelineOptions(mode=args.pipeline, lookahead=args.lookahead)
             self.tokenizer = loading.load_tokenizer(args.target)
             self.context = loading.context_length(loading.read_config(args.target))

@@ -16,6 +16,8 @@ class ServeArgs(BaseModel):
 
     target: str | None = DEFAULT_TARGET
     draft: str | None = DEFAULT_DRAFT  # null: the target alone
+    heads: str | None = None  # draft heads (built-in name such as medusa, or a directory) instead of a draft
+    tree: Literal["static", "dynamic"] = "dynamic"  # the heads' candidate trees
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
     # local: models in the replica; sync/async: one actor per model. Default: async for a
@@ -51,11 +53,19 @@ class ServeArgs(BaseModel):
             raise ValueError("combine applies to an ensemble; set ensemble too")
         elif self.target is None:
             raise ValueError("name a target (or an ensemble)")
+        if self.heads is not None:
+            if self.ensemble is not None:
+                raise ValueError("heads draft for a target; an ensemble's members draft for each other")
+            if "draft" in self.model_fields_set and self.draft is not None:
+                raise ValueError("heads and draft are two ways to draft; give one")
+            self.draft = None
+            if self.pipeline == "async":
+                raise ValueError("heads run with pipeline local (in the replica) or sync (their own actor)")
         if self.pipeline is None:
-            self.pipeline = "sync" if self.ensemble is not None else "async"
+            self.pipeline = "sync" if self.ensemble is not None or self.heads is not None else "async"
         if self.ensemble is not None and self.pipeline == "async":
             raise ValueError("ensembles run with pipeline local (in the replica) or sync (one actor per member)")
-        if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None:
+        if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None and self.heads is None:
             raise ValueError(f"pipeline {self.pipeline} needs a draft; use pipeline local for the target alone")
         return self
 

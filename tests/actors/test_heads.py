@@ -110,3 +110,58 @@ def test_a_broken_residual_is_caught(vocab4, monkeypatch):
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p)
     samples = sample_with_heads(target, HeadDrafter(heads, "dynamic", max_nodes=6, top_m=2), params, 4000)
     assert sc.chi2_pvalue(samples, sc.exact_sequence_probs(target, params)) < 1e-6
+
+
+# ---- over the wire: the sync pipeline's verifier and a heads drafter on real ZeroMQ sockets ----
+
+
+def wire_generate(target, drafter, prompt, cfg):
+    import threading
+
+    from actors.proposing import propose_with_heads
+    from actors.verifying import PipelineOptions, verify_request
+    from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, ipc_endpoint, new_session_id
+
+    fingerprint = ModelFingerprint(vocab_size=1, tokenizer_hash="t" * 64)
+    channel = ChannelConfig(tensor_lib="torch", recv_timeout_s=10, connection_heartbeat_s=None)
+    opts = PipelineOptions(mode="sync", heads=True)
+    session, box = new_session_id(), {}
+    with RouterChannel(ipc_endpoint(), config=channel) as router:
+        def drafting():
+            with DealerChannel(router.endpoint, config=channel) as dealer:
+                try:
+                    box["stats"] = propose_with_heads(drafter, dealer, fingerprint, session, cfg, opts)
+                except BaseException as exc:  # noqa: BLE001 - reported to the test
+                    box["error"] = exc
+
+        thread = threading.Thread(target=drafting, daemon=True)
+        thread.start()
+        result = verify_request(target, router, fingerprint, session, prompt, cfg, opts, drafter_alive=thread.is_alive)
+        thread.join(10)
+    assert "error" not in box, box
+    assert not result.stats.drafter_lost
+    return result, box["stats"]
+
+
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_heads_over_zeromq_give_the_targets_greedy_output(tiny_dir, tmp_path, tree):
+    runner, heads = runner_and_heads(tiny_dir, tmp_path, "llama")
+    gen = torch.Generator().manual_seed(3)
+    drafter = HeadDrafter(heads, tree, max_nodes=16, top_m=4)
+    for _ in range(3):
+        prompt = torch.randint(2, 64, (int(torch.randint(1, 20, (), generator=gen)),), generator=gen).tolist()
+        cfg = DecodeConfig(max_new_tokens=40, eos_token_ids=(-1,))
+        expected = autoregressive_generate(runner, prompt, cfg).token_ids
+        result, stats = wire_generate(runner, drafter, prompt, cfg)
+        assert result.token_ids == expected
+        assert result.stats.accepted_tokens > 0 and stats["rounds"] == result.stats.verify_rounds
+
+
+def test_heads_over_zeromq_keep_the_targets_distribution(vocab4):
+    target, heads = vocab4
+    params = SamplingParams(temperature=1.0)
+    drafter = HeadDrafter(heads, "dynamic", max_nodes=6, top_m=2)
+    seeds = torch.randint(0, 2**62, (sc.SAMPLES,), generator=torch.Generator().manual_seed(11)).tolist()
+    samples = [tuple(wire_generate(target, drafter, sc.PROMPT, DecodeConfig(
+        max_new_tokens=sc.NEW, sampling=params, seed=s, eos_token_ids=(-1,)))[0].token_ids) for s in seeds]
+    assert sc.chi2_pvalue(samples, sc.exact_sequence_probs(target, params)) > 1e-3

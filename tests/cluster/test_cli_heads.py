@@ -31,6 +31,7 @@ def test_heads_misuse_is_refused_before_loading(tiny_dir, tmp_path, capsys):
         (["--heads", str(wrong)], "trained for"),
         (["--heads", str(wrong), "--draft", target], "two ways to draft"),
         (["--heads", str(wrong), "--pipeline", "async"], "--pipeline local"),
+        (["--heads", str(wrong), "--pipeline", "sync"], "trained for"),  # before any actor starts
         (["--heads", str(tmp_path / "none")], "neither built-in nor a directory"),
     ]
     for extra, message in cases:
@@ -58,3 +59,24 @@ def test_bench_reports_tree_size_and_build_time_for_medusa_methods(tiny_dir, tmp
     assert cli.main(["bench", "--target", target, "--prompts", str(prompts), "--methods", "spec-local",
                      "--out", str(out)]) == 2
     assert "need --draft" in capsys.readouterr().err
+
+
+def test_heads_in_their_own_ray_actor_give_the_targets_output(local_ray, tiny_dir, tmp_path):
+    from actors import loading
+    from actors.runner import ModelRunner
+    from actors.verifying import PipelineOptions
+    from cluster.local import DecodeConfig, autoregressive_generate
+    from cluster.pipeline import PipelineConfig, RayPipeline
+
+    target = tiny_dir("llama")
+    heads = tiny.make_tiny_heads(tmp_path / "heads", target, scale=0.3)
+    runner = ModelRunner(loading.load(target, progress=False).build(), 256)
+    with RayPipeline(PipelineConfig(target, None, heads=str(heads), tree="dynamic", drafter_ready_s=60,
+                                    request_timeout_s=120)) as pipe:
+        assert pipe.drafter_info["tree"] == "dynamic" and pipe.drafter_info["pid"] != pipe.verifier_info["pid"]
+        for prompt in ([5, 6, 7], [9], [3, 14, 15, 9, 2]):
+            cfg = DecodeConfig(max_new_tokens=30, eos_token_ids=(-1,))
+            result = pipe.generate(prompt, cfg, PipelineOptions(mode="sync"))
+            assert result.token_ids == autoregressive_generate(runner, prompt, cfg).token_ids
+            assert not result.stats.drafter_lost and result.stats.accepted_tokens > 0
+            assert result.stats.tree_build_s > 0

@@ -63,8 +63,11 @@ def main() -> None:
             message.path_tokens(path)  # raises InvalidTree if we got the tree wrong
             length = committed.get(message.session_id, 0) + len(path) + 1
             committed[message.session_id] = length
+            # A head drafter's hidden state rides along: inline (6 KB) on even steps, its own
+            # frame (80 KB) on odd ones.
+            hidden = np.full(20_000 if message.step % 2 else 1536, message.step, dtype=np.float32)
             return Verdict(session_id=message.session_id, step=message.step, accepted_path=path,
-                           bonus_token_id=checksum % 1000, committed_length=length)
+                           bonus_token_id=checksum % 1000, committed_length=length, hidden=hidden)
         elif isinstance(message, Shutdown):
             done = True
         return None

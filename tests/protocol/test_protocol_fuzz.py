@@ -45,6 +45,11 @@ def corpus() -> list[Message]:
         # 6 x 2731 x 4 bytes > 64 KiB: an out-of-band tensor frame
         CandidateTree(session_id="sess", step=2, **chain, draft_probs=rng.random((6, 2731), dtype=np.float32)),
         Verdict(session_id="sess", step=2, accepted_path=[1, 3, 4], bonus_token_id=99, committed_length=60),
+        # protocol 3: hidden states for draft heads, inline and in their own frame
+        Verdict(session_id="sess", step=2, accepted_path=[1], bonus_token_id=9, committed_length=60,
+                hidden=rng.random(1536, dtype=np.float32)),
+        ContextUpdate(session_id="sess", step=9, token_ids=[3], position=77,
+                      hidden=rng.random(40_000).astype(np.float16)),
         Rollback(session_id="sess", step=3, committed_length=55),
         Heartbeat(session_id="sess", step=3, sent_at_ns=123456789),
         Error(session_id="sess", step=3, code=8, detail="bad tree"),

@@ -209,3 +209,25 @@ def test_tree_position_is_a_non_negative_int():
     for bad in (-1, 1.5, "3"):
         with pytest.raises(InvalidMessage):
             tree(position=bad)
+
+
+def test_hidden_states_cross_the_wire_intact_and_bad_ones_are_refused():
+    import torch
+
+    from protocol import decode, encode
+
+    for hidden in (np.arange(1536, dtype=np.float32), torch.arange(1536, dtype=torch.float16),
+                   np.linspace(0, 1, 30_000, dtype=np.float32)):  # 120 KB: its own frame
+        for message in (Verdict(session_id="s", step=1, accepted_path=[1], bonus_token_id=2, committed_length=10,
+                                hidden=hidden),
+                        ContextUpdate(session_id="s", step=0, token_ids=[5], position=9, hidden=hidden)):
+            back = decode(encode(message))
+            assert back == message and np.array_equal(np.asarray(back.hidden), np.asarray(hidden))
+    assert decode(encode(Verdict(session_id="s", step=1, accepted_path=[], bonus_token_id=2,
+                                 committed_length=10))).hidden is None
+    for bad, why in ((np.zeros((2, 4), np.float32), "shape"), (np.zeros(4, np.int32), "float32 or float16"),
+                     ([0.5, 0.5], "numpy array or torch tensor"), (np.zeros(0, np.float32), "shape")):
+        with pytest.raises(InvalidMessage, match=why):
+            Verdict(session_id="s", step=1, accepted_path=[], bonus_token_id=2, committed_length=10, hidden=bad)
+        with pytest.raises(InvalidMessage, match=why):
+            ContextUpdate(session_id="s", step=0, token_ids=[5], position=9, hidden=bad)

@@ -82,6 +82,8 @@ def test_two_processes(transport, tmp_path):
                 assert verdict.committed_length == committed
                 checksum = 0 if shape is None else round(0.25 * np.prod(shape))
                 assert verdict.bonus_token_id == checksum % 1000
+                hidden = np.asarray(verdict.hidden)
+                assert hidden.shape == (20_000 if step % 2 else 1536,) and bool((hidden == step).all())
 
             # A stale step is dropped by the verifier (no answer), the next one served.
             drafter.send(random_tree(rng, "s", 5, 4, None))
@@ -92,7 +94,7 @@ def test_two_processes(transport, tmp_path):
             raw = zmq.Context.instance().socket(zmq.DEALER)
             raw.linger = 0
             raw.connect(endpoint)
-            raw.send_multipart([b"\x96\x02\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"])  # v2, parents (0, 5)
+            raw.send_multipart([b"\x96\x03\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"])  # v3, parents (0, 5)
             assert raw.poll(20_000)
             error = decode(raw.recv_multipart())
             assert isinstance(error, Error) and error.code == ErrorCode.INVALID_TREE

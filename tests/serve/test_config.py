@@ -43,6 +43,10 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     ({"ensemble": ["a", "b"], "combine": "we:0.5", "pipeline": "async"}, "local .* or sync"),
     ({"ensemble": ["a", "b", "c"], "combine": "cd:0.1"}, "cd"),
     ({"targte": "x"}, "targte"),
+    ({"heads": "medusa", "draft": "qwen2.5-coder-0.5b"}, "two ways to draft"),
+    ({"heads": "medusa", "pipeline": "async"}, "local .* or sync"),
+    ({"heads": "medusa", "tree": "random"}, "tree"),
+    ({"heads": "medusa", "ensemble": ["a", "b"], "combine": "we:0.5"}, "members draft"),
 ])
 def test_bad_args_name_what_is_wrong(args, mentions):
     with pytest.raises(ValidationError, match=mentions):
@@ -54,3 +58,9 @@ def test_target_alone_runs_local_and_an_ensemble_replaces_the_target():
     ens = ServeArgs(ensemble=["a", "b"], combine="we:0.5")
     assert ens.target is None and ens.draft is None and ens.model_name == "a+b" and ens.pipeline == "sync"
     assert ServeArgs().pipeline == "async"
+
+
+def test_heads_replace_the_draft_and_default_to_their_own_actor():
+    args = ServeArgs(heads="medusa")
+    assert args.draft is None and args.pipeline == "sync" and args.tree == "dynamic"
+    assert ServeArgs(heads="medusa", pipeline="local", tree="static").pipeline == "local"

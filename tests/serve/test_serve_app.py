@@ -8,7 +8,9 @@ Two applications on one `serve run`, tiny models:
 - `/small`: the local pipeline in the replica, room for 1 (full-queue and disconnect tests),
   with the capability probe forced to "native bf16" (`SPECRAY_NATIVE_BF16=1`) and no native
   GGUF kernels (`SPECRAY_NATIVE_ISA=none`);
-- `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member.
+- `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member;
+- `/heads`: the target with Medusa heads (`heads:` instead of `draft:`), the heads in their
+  own actor (sync pipeline).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 import requests
 import yaml
 
+from actors import tiny
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from decoding.sampling import SamplingParams
@@ -82,10 +85,13 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
             {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
                       "served_model_name": ENSEMBLE, "max_pending": 8}},
+            {"name": "heads", "route_prefix": "/heads", "import_path": "cluster.serve.app:build",
+             "args": {"target": target, "heads": str(tiny.make_tiny_heads(tmp / "heads", target, scale=0.3)),
+                      "served_model_name": MODEL, "max_pending": 4}},
         ],
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    with ray_head(tmp / "head.log", num_cpus=6) as head:
+    with ray_head(tmp / "head.log", num_cpus=8) as head:
         log = tmp / "serve.log"
         env = {**head.env, "RAY_ADDRESS": head.address}
         with log.open("w") as out:
@@ -93,7 +99,8 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy([f"{base}/health", f"{base}/small/health", f"{base}/ens/health"], proc, log)
+            wait_healthy([f"{base}/health", f"{base}/small/health", f"{base}/ens/health", f"{base}/heads/health"],
+                         proc, log)
             yield Server(base, head, target, config)
         finally:
             stop(proc, signal.SIGINT)  # serve run tears its applications down on Ctrl-C
@@ -199,6 +206,15 @@ def test_sampling_parameters_reach_the_decoder(server, target_alone):
     assert samples == {local(1.5, 1.0, s) for s in range(4)} and len(samples) > 1
     # a nucleus this small keeps only the top token: top_p makes T = 1.5 greedy
     assert served(temperature=1.5, top_p=1e-6, seed=3) == target_alone(ids, 16)
+
+
+def test_a_heads_endpoint_serves_the_targets_output(server, target_alone):
+    client = openai.OpenAI(base_url=f"{server.base}/heads/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = target_alone.engine.encode("def f(x):")
+    answer = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=24, temperature=0)
+    assert answer.choices[0].text == target_alone(ids, 24)
+    health = requests.get(f"{server.base}/heads/health", timeout=10).json()
+    assert health["runtime"]["draft"]["model"].startswith("medusa heads")
 
 
 def test_stop_strings_cut_the_text(server):
