@@ -165,3 +165,19 @@ def test_heads_over_zeromq_keep_the_targets_distribution(vocab4):
     samples = [tuple(wire_generate(target, drafter, sc.PROMPT, DecodeConfig(
         max_new_tokens=sc.NEW, sampling=params, seed=s, eos_token_ids=(-1,)))[0].token_ids) for s in seeds]
     assert sc.chi2_pvalue(samples, sc.exact_sequence_probs(target, params)) > 1e-3
+
+
+def test_heads_on_a_gguf_target_read_its_quantized_output_rows(tmp_path):
+    """A GGUF target keeps its lm_head as blocks: the heads dequantize only their hot rows."""
+    from actors.heads import output_rows
+
+    path = tiny.make_tiny_gguf(tmp_path / "q", "qwen2", "Q8_0", "Q8_0", vocab_size=64)
+    runner = ModelRunner(loading.load(str(path), "gguf", progress=False).build(), 256)
+    hot = torch.tensor([1, 5, 9, 63])
+    rows = output_rows(runner.model, hot)
+    dense = runner.model.output.qweight.dense()
+    assert torch.equal(rows, dense[hot].float())
+    heads = load_heads(tiny.make_tiny_heads(tmp_path / "heads", path, hot_vocab=48, scale=0.3), runner.model)
+    cfg = DecodeConfig(max_new_tokens=30)
+    want = autoregressive_generate(runner, [5, 6, 7], cfg).token_ids
+    assert heads_generate(runner, HeadDrafter(heads, "dynamic", max_nodes=8, top_m=4), [5, 6, 7], cfg).token_ids == want
