@@ -64,6 +64,7 @@ class HeadDrafter:
         else:
             shape = self.shape if self.shape.depth <= depth else self._cut(depth)
             tree, predicted = shape.tree(root, top_ids), self.static_expected
+        tree.attention_mask()  # built (and cached on the tree) here, so build_s counts it
         end = time.perf_counter()
         self.draft_s = 0.9 * self.draft_s + 0.1 * (built - start) if self.draft_s else built - start
         return HeadProposal(tree, predicted, end - start, end - built)

@@ -70,6 +70,15 @@ class TrainConfig:
         self.out, self.work, self.questions = Path(self.out), Path(self.work), Path(self.questions)
 
 
+def _add_time(work: Path, stage: str, seconds: float) -> dict:
+    """Seconds spent per stage, summed over the runs that worked on it (timings.json)."""
+    path = work / "timings.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = round(times.get(stage, 0.0) + seconds, 1)
+    _atomic_json(path, times)
+    return times
+
+
 def _atomic_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
@@ -378,16 +387,25 @@ def run(cfg: TrainConfig) -> dict:
 
     cfg.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
     dtype = "bfloat16" if hardware.probe("cpu").native_bf16 else "float32"
     target = loading.load(cfg.target, dtype)
     if target.hf_model is None:
         raise ValueError(f"train-heads needs a dense target; {cfg.target!r} loaded as {target.precision}")
     model = target.build()
     model.tune_kernels(progress=True)
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        _add_time(cfg.work, stage, time.perf_counter() - clock)
+        clock = time.perf_counter()
+
+    lap("load")
     generate_answers(cfg, target.hf_model, target.tokenizer)
+    lap("answers")
     chunks = build_chunks(cfg, target.tokenizer)
     shards = extract_features(model, chunks, cfg.work)
+    lap("features")
     train_data = _load_shards(shards["train"])
     heads_cfg = HeadsConfig("medusa", cfg.target, model.config.hidden_size, model.config.vocab_size,
                             n_heads=cfg.heads, hot_vocab=min(cfg.hot_vocab, model.config.vocab_size))
@@ -395,13 +413,16 @@ def run(cfg: TrainConfig) -> dict:
     heads = MedusaHeads(heads_cfg, hot, output_rows(model, hot))
     del target, model  # the heads keep their own copy of the hot rows; the 1.5B can go
     train(cfg, heads, train_data)
+    lap("train")
     heldout = _load_shards(shards["heldout"])
     acc = evaluate(heads, heldout)
+    times = _add_time(cfg.work, "evaluate", time.perf_counter() - clock)
     coverage = float(torch.isin(heldout["top_ids"][:, 0].long(), heads.hot_ids).float().mean())
     heads.cfg.accuracy = {**acc, "hot_coverage": round(coverage, 4),
                           "train_tokens": int(train_data["lengths"].sum()),
                           "heldout_tokens": int(heldout["lengths"].sum()),
-                          "minutes": round((time.perf_counter() - started) / 60, 1), "config": {
+                          "minutes": round(sum(times.values()) / 60, 1), "stage_seconds": times,
+                          "config": {
                               k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                               if k not in ("out", "work")}}
     heads.save(cfg.out)

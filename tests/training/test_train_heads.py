@@ -41,6 +41,7 @@ def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, ques
     cfg = HeadsConfig.read(tmp_path / "a")
     assert cfg.n_heads == 3 and cfg.hot_vocab == 40 and len(cfg.accuracy["rank_accuracy"]) == 3
     assert all(0 <= t1 <= t5 <= 1 for t1, t5 in zip(cfg.accuracy["top1"], cfg.accuracy["top5"]))
+    assert set(cfg.accuracy["stage_seconds"]) == {"load", "answers", "features", "train", "evaluate"}
     answered = [json.loads(line)["question_id"] for line in (tmp_path / "wa" / "answers.jsonl").read_text().splitlines()]
     assert sorted(answered) == [1, 3]  # the benchmarks' categories are never generated, let alone trained on
 
