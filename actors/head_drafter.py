@@ -16,18 +16,25 @@ from dataclasses import dataclass
 import torch
 
 from actors.heads import MedusaHeads
-from decoding.head_tree import best_first, best_size, dynamic_tree, static_shape
+from decoding.head_tree import best_first, best_size, depth_mass, dynamic_tree, static_shape
 from decoding.tree import TokenTree
 
 TREES = ("static", "dynamic")
+CALIBRATION_DECAY = 0.97  # about the last 30 steps
+CALIBRATION_PRIOR = 2.0  # pseudo-steps at ratio 1 before any is observed
 
 
 @dataclass
 class HeadProposal:
     tree: TokenTree  # root = the newest committed token, then the heads' candidates
-    predicted: float  # expected accepted drafts (sum of node scores)
+    depth_mass: list[float]  # per depth: predicted chance the verify accepts a node there
     seconds: float  # heads forward + tree build
     build_s: float  # tree build alone
+
+    @property
+    def predicted(self) -> float:
+        """Expected accepted drafts."""
+        return sum(self.depth_mass)
 
 
 class HeadDrafter:
@@ -40,13 +47,17 @@ class HeadDrafter:
         self.heads, self.mode, self.max_nodes, self.top_m = heads, tree, max_nodes, top_m
         self.verify_s = dict(verify_s or {})
         self.draft_s = 0.0  # running mean of the heads' forward: part of every step's cost
+        # Per depth, decayed sums of predicted and observed acceptance: how far the heads'
+        # probabilities are from what the target accepts (dynamic trees are sized with it).
+        self.predicted = [CALIBRATION_PRIOR] * heads.n_heads
+        self.observed = [CALIBRATION_PRIOR] * heads.n_heads
         self.shape = None
         if tree == "static":
             ranks = heads.cfg.accuracy.get("rank_accuracy") or self._uniform_ranks()
             paths, scores = best_first(ranks, max_nodes)
             keep = best_size(scores, self.verify_s) if self.verify_s else len(paths)
             self.shape = static_shape(ranks, max(1, keep))
-            self.static_expected = float(sum(scores[:keep]))
+            self.static_mass = depth_mass(paths[:keep], scores[:keep], heads.n_heads)
 
     def _uniform_ranks(self) -> list[list[float]]:
         """Heads without measured accuracies: assume rank r is right 1/(r+2) of the time."""
@@ -59,15 +70,25 @@ class HeadDrafter:
         built = time.perf_counter()
         depth = min(max_depth, self.heads.n_heads)
         if self.mode == "dynamic":
-            tree, predicted = dynamic_tree(root, top_ids, top_p, self.max_nodes, depth, self.verify_s,
-                                           self.draft_s)
+            tree, mass = dynamic_tree(root, top_ids, top_p, self.max_nodes, depth, self.verify_s, self.draft_s,
+                                      self.calibration)
         else:
             shape = self.shape if self.shape.depth <= depth else self._cut(depth)
-            tree, predicted = shape.tree(root, top_ids), self.static_expected
+            tree, mass = shape.tree(root, top_ids), self.static_mass[:depth]
         tree.attention_mask()  # built (and cached on the tree) here, so build_s counts it
         end = time.perf_counter()
         self.draft_s = 0.9 * self.draft_s + 0.1 * (built - start) if self.draft_s else built - start
-        return HeadProposal(tree, predicted, end - start, end - built)
+        return HeadProposal(tree, mass, end - start, end - built)
+
+    @property
+    def calibration(self) -> list[float]:
+        return [o / p for o, p in zip(self.observed, self.predicted)]
+
+    def observe(self, proposal: HeadProposal, accepted: int) -> None:
+        """After a verify: the target accepted `accepted` drafts of this proposal."""
+        for d, mass in enumerate(proposal.depth_mass):
+            self.predicted[d] = CALIBRATION_DECAY * self.predicted[d] + mass
+            self.observed[d] = CALIBRATION_DECAY * self.observed[d] + float(accepted > d)
 
     def _cut(self, depth: int):
         from decoding.head_tree import TreeShape

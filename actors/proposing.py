@@ -245,6 +245,7 @@ def propose_with_heads(
             if message.hidden is None:
                 raise ProtocolError("a verdict for draft heads must carry the target's hidden state")
             s.hidden = message.hidden
+            drafter.observe(proposal, len(message.accepted_path))
             stats["rounds"] += 1
     channel.sessions.close(session)
     return stats

@@ -123,6 +123,7 @@ def heads_generate(
         else:
             verdict = verify_sampling_point_mass(proposal.tree, logits_to_probs(logits, cfg.sampling), gen)
         target.commit_path(proposal.tree, verdict.accepted)
+        drafter.observe(proposal, len(verdict.accepted))
         hidden = states[verdict.last_node]
         out.extend(proposal.tree.tokens[verdict.accepted].tolist() + [verdict.next_token])
         stats.target_forwards += 1

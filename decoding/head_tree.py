@@ -131,13 +131,25 @@ def static_shape(rank_accuracy: Sequence[Sequence[float]], n: int) -> TreeShape:
 
 
 def dynamic_tree(root: int, top_ids: Tensor, top_p: Tensor, n: int, max_depth: int | None = None,
-                 verify_s: Mapping[int, float] | None = None, overhead_s: float = 0.0) -> tuple[TokenTree, float]:
+                 verify_s: Mapping[int, float] | None = None, overhead_s: float = 0.0,
+                 calibration: Sequence[float] | None = None) -> tuple[TokenTree, list[float]]:
     """This step's tree from the heads' top-m (ids and probabilities [K, m]): the best n
     nodes, cut to the size that maximises tokens per verify second when `verify_s` is
-    given. Returns the tree and its expected number of accepted drafts."""
+    given. `calibration[d]` rescales depth-(d+1) scores for that cut (observed acceptance
+    over the heads' predicted, per depth); the order stays the heads' own. Returns the
+    tree and its expected acceptance mass per depth (uncalibrated)."""
     probs = top_p[: top_p.shape[0] if max_depth is None else max_depth].tolist()
     paths, scores = best_first(probs, n)
     if verify_s:
-        keep = best_size(scores, verify_s, overhead_s)
+        factor = calibration or [1.0] * len(probs)
+        keep = best_size([min(1.0, s * factor[len(p) - 1]) for p, s in zip(paths, scores)], verify_s, overhead_s)
         paths, scores = paths[:keep], scores[:keep]
-    return TreeShape(paths).tree(root, top_ids), float(sum(scores))
+    return TreeShape(paths).tree(root, top_ids), depth_mass(paths, scores, len(probs))
+
+
+def depth_mass(paths: Sequence[RankPath], scores: Sequence[float], depth: int) -> list[float]:
+    """Sum of node scores per depth: the predicted chance that the verify reaches depth d+1."""
+    mass = [0.0] * depth
+    for p, s in zip(paths, scores):
+        mass[len(p) - 1] += s
+    return mass

@@ -68,6 +68,20 @@ def test_greedy_with_heads_is_token_identical_to_the_target(tiny_dir, tmp_path, 
         assert result.stats.drafted_tokens > result.stats.accepted_tokens  # and some rejected
 
 
+def test_the_drafter_learns_how_far_to_trust_its_heads(tiny_dir, tmp_path):
+    runner, heads = runner_and_heads(tiny_dir, tmp_path)
+    drafter = HeadDrafter(heads, "dynamic", max_nodes=16, top_m=4, verify_s={1: 1.0, 64: 1.0})
+    proposal = drafter.propose(torch.randn(64), 3, max_depth=3)
+    assert drafter.calibration == [1.0, 1.0, 1.0]
+    for _ in range(30):
+        drafter.observe(proposal, 0)  # never accepted: the heads promised too much
+    seen = [d for d, mass in enumerate(proposal.depth_mass) if mass > 0]
+    assert seen and all(drafter.calibration[d] < 0.9 for d in seen), drafter.calibration
+    for _ in range(60):
+        drafter.observe(proposal, 3)  # always accepted to the bottom
+    assert all(drafter.calibration[d] > 1.0 for d in seen), drafter.calibration
+
+
 # ---- sampling: the exact target distribution, for static and dynamic trees ----------------------
 
 

@@ -82,11 +82,20 @@ def test_static_shape_follows_the_measured_rank_accuracies():
 def test_dynamic_tree_respects_depth_and_size():
     top_ids = torch.arange(12).reshape(3, 4)
     top_p = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.5, 0.4, 0.05, 0.05], [0.7, 0.1, 0.1, 0.1]])
-    tree, expected = dynamic_tree(1, top_ids, top_p, n=5)
+    tree, mass = dynamic_tree(1, top_ids, top_p, n=5)
     assert tree.size == 6
     assert int(tree.depth.max()) == 3
-    assert expected == pytest.approx(0.9 + 0.45 + 0.36 + 0.315 + 0.252)
+    assert mass == pytest.approx([0.9, 0.45 + 0.36, 0.315 + 0.252])  # (0,), (0,0) (0,1), (0,0,0) (0,1,0)
     shallow, _ = dynamic_tree(1, top_ids, top_p, n=5, max_depth=1)
     assert int(shallow.depth.max()) == 1 and shallow.size == 5
     root_only, none = dynamic_tree(1, top_ids, top_p, n=5, max_depth=0)
-    assert root_only.size == 1 and none == 0.0
+    assert root_only.size == 1 and none == []
+
+
+def test_calibration_shrinks_the_tree_when_the_heads_are_overconfident():
+    top_ids = torch.arange(12).reshape(3, 4)
+    top_p = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.5, 0.4, 0.05, 0.05], [0.7, 0.1, 0.1, 0.1]])
+    costs = {1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4}
+    trusted, _ = dynamic_tree(1, top_ids, top_p, n=8, verify_s=costs)
+    doubted, _ = dynamic_tree(1, top_ids, top_p, n=8, verify_s=costs, calibration=[0.3, 0.1, 0.1])
+    assert 1 < doubted.size < trusted.size
