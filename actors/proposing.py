@@ -80,6 +80,21 @@ class _Session:
                     self.hidden = message.hidden
             return message
 
+    def round_trip(self, tree: CandidateTree) -> Verdict | None:
+        """sync: send a tree, wait for its verdict, commit what it accepted (None: shutdown)."""
+        self.channel.send(tree)
+        message = self.recv(block=True)
+        while not isinstance(message, (Verdict, Shutdown)):
+            message = self.recv(block=True)
+        if isinstance(message, Shutdown):
+            return None
+        self.committed.extend(tree.path_tokens(message.accepted_path))  # raises if the path is not in our tree
+        self.committed.append(message.bonus_token_id)
+        if message.committed_length != len(self.committed):
+            raise ProtocolError(f"verdict says {message.committed_length} committed tokens, we have "
+                                f"{len(self.committed)}")
+        return message
+
     @property
     def started(self) -> bool:  # the target has produced its first token
         return len(self.committed) > len(self.prompt) > 0
@@ -133,22 +148,13 @@ def _draft_sync(runner, s: _Session, cfg: DecodeConfig, policy, gen, stats: dict
         tree = CandidateTree(session_id=s.session, step=step, position=len(context) - 1,
                              token_ids=proposal.tree.tokens, parents=proposal.tree.parents,
                              draft_probs=proposal.draft_probs)
-        s.channel.send(tree)
         step += 1
-        message = s.recv(block=True)
-        while not isinstance(message, (Verdict, Shutdown)):
-            message = s.recv(block=True)
-        if isinstance(message, Verdict):
-            path = message.accepted_path
-            s.committed.extend(tree.path_tokens(path))  # raises if the path is not in our tree
-            s.committed.append(message.bonus_token_id)
-            if message.committed_length != len(s.committed):
-                raise ProtocolError(f"verdict says {message.committed_length} committed tokens, we have "
-                                    f"{len(s.committed)}")
+        verdict = s.round_trip(tree)
+        if verdict is not None:
             # The round trip is what a verify costs us, transport included.
             policy.costs.observe_draft(proposal.seconds, proposal.depth)
             policy.costs.observe_verify(time.perf_counter() - sent, proposal.tree.size)
-            policy.observe_acceptance(len(path), proposal.predicted)
+            policy.observe_acceptance(len(verdict.accepted_path), proposal.predicted)
             stats["rounds"] += 1
 
 
@@ -231,21 +237,13 @@ def propose_with_heads(
         stats["drafted"] += proposal.tree.size - 1
         tree = CandidateTree(session_id=s.session, step=step, position=len(s.committed) - 1,
                              token_ids=proposal.tree.tokens, parents=proposal.tree.parents)
-        s.channel.send(tree)
         step += 1
-        message = s.recv(block=True)
-        while not isinstance(message, (Verdict, Shutdown)):
-            message = s.recv(block=True)
-        if isinstance(message, Verdict):
-            s.committed.extend(tree.path_tokens(message.accepted_path))
-            s.committed.append(message.bonus_token_id)
-            if message.committed_length != len(s.committed):
-                raise ProtocolError(f"verdict says {message.committed_length} committed tokens, we have "
-                                    f"{len(s.committed)}")
-            if message.hidden is None:
+        verdict = s.round_trip(tree)
+        if verdict is not None:
+            if verdict.hidden is None:
                 raise ProtocolError("a verdict for draft heads must carry the target's hidden state")
-            s.hidden = message.hidden
-            drafter.observe(proposal, len(message.accepted_path))
+            s.hidden = verdict.hidden
+            drafter.observe(proposal, len(verdict.accepted_path))
             stats["rounds"] += 1
     channel.sessions.close(session)
     return stats

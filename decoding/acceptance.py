@@ -210,7 +210,14 @@ def verify_sampling(
             f"draft_probs and target_probs must share V, got {draft_probs.shape[1]} "
             f"and {target_probs.shape[1]}"
         )
-    u = _uniforms(n_nodes - 1, generator).tolist()
+    return _recursive_rejection(tree, target_probs, lambda node, x, r: draft_probs[node].to(r.device), generator)
+
+
+def _recursive_rejection(tree: TokenTree, target_probs: Tensor, proposal, generator) -> Verdict:
+    """The walk both sampling rules share: at each node, try its children in index order
+    against the residual r (`proposal(node, token, r)` gives the q the child's token was
+    proposed from), descend into the first accepted, else sample from what is left."""
+    u = _uniforms(tree.size - 1, generator).tolist()
     tokens = tree.tokens.tolist()
     accepted: list[int] = []
     node = 0
@@ -219,10 +226,10 @@ def verify_sampling(
         if not kids:
             return Verdict(accepted, int(sample(target_probs[node], generator)))
         r = target_probs[node]
-        q = draft_probs[node].to(r.device)
         chosen = None
         for c in kids:
             x = tokens[c]
+            q = proposal(node, x, r)
             q_x = q[x]
             if not float(q_x) > 0:
                 raise _undrafted(f"node {c}, token {x}")
@@ -251,28 +258,11 @@ def verify_sampling_point_mass(
     committed token at each step is distributed exactly as p. Same random stream as
     `verify_sampling`: N - 1 float64 uniforms up front, then one `sample` call.
     """
-    n_nodes = tree.size
-    _check_rows("target_probs", target_probs, n_nodes)
-    u = _uniforms(n_nodes - 1, generator).tolist()
-    tokens = tree.tokens.tolist()
-    one = torch.ones((), dtype=target_probs.dtype, device=target_probs.device)
-    accepted: list[int] = []
-    node = 0
-    while True:
-        kids = tree._children[node]
-        if not kids:
-            return Verdict(accepted, int(sample(target_probs[node], generator)))
-        r = target_probs[node]
-        chosen = None
-        for c in kids:
-            x = tokens[c]
-            if u[c - 1] < float(acceptance_probability(r[x], one)):
-                chosen = c
-                break
-            point = torch.zeros_like(r)
-            point[x] = 1.0
-            r = residual_distribution(r, point)
-        if chosen is None:
-            return Verdict(accepted, int(sample(r, generator)))
-        accepted.append(chosen)
-        node = chosen
+    _check_rows("target_probs", target_probs, tree.size)
+
+    def point_mass(node: int, x: int, r: Tensor) -> Tensor:
+        q = torch.zeros_like(r)
+        q[x] = 1.0
+        return q
+
+    return _recursive_rejection(tree, target_probs, point_mass, generator)
