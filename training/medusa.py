@@ -387,13 +387,13 @@ def run(cfg: TrainConfig) -> dict:
 
     cfg.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    clock = time.perf_counter()
     dtype = "bfloat16" if hardware.probe("cpu").native_bf16 else "float32"
     target = loading.load(cfg.target, dtype)
     if target.hf_model is None:
         raise ValueError(f"train-heads needs a dense target; {cfg.target!r} loaded as {target.precision}")
     model = target.build()
     model.tune_kernels(progress=True)
-    clock = time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal clock
