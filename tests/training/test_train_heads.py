@@ -90,3 +90,11 @@ def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions):
             return float(medusa._loss(heads, heldout, hot_index, pos, ends, bf16=False))
 
     assert heldout_loss(trained) < heldout_loss(zero) - 0.01
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_training_runs_whether_or_not_the_cpu_has_native_bf16(tiny_dir, tmp_path, questions, monkeypatch, native):
+    """The probe decides the features' dtype and the bf16 product: both branches train."""
+    monkeypatch.setenv("SPECRAY_NATIVE_BF16", native)
+    assert train(tiny_dir("qwen2"), tmp_path / "h", tmp_path / "w", questions) == 0
+    assert HeadsConfig.read(tmp_path / "h").accuracy["top1"][0] > 0
