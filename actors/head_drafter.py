@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.heads import MedusaHeads
+from actors.heads import DraftHeads
 from decoding.head_tree import best_first, best_size, depth_mass, dynamic_tree, static_shape
 from decoding.tree import TokenTree
 
@@ -38,7 +38,7 @@ class HeadProposal:
 
 
 class HeadDrafter:
-    def __init__(self, heads: MedusaHeads, tree: str = "dynamic", max_nodes: int = 64, top_m: int = 32,
+    def __init__(self, heads: DraftHeads, tree: str = "dynamic", max_nodes: int = 64, top_m: int = 32,
                  verify_s: Mapping[int, float] | None = None):
         if tree not in TREES:
             raise ValueError(f"tree must be one of {', '.join(TREES)}, got {tree!r}")
@@ -66,7 +66,7 @@ class HeadDrafter:
     def propose(self, hidden: torch.Tensor, root: int, max_depth: int) -> HeadProposal:
         start = time.perf_counter()
         m = self.top_m if self.mode == "dynamic" else int(self.shape.rank.max()) + 1
-        top_ids, top_p = self.heads.top(hidden, min(m, self.heads.hot_ids.numel()))
+        top_ids, top_p = self.heads.top(hidden, min(m, self.heads.hot_ids.numel()), root)
         built = time.perf_counter()
         depth = min(max_depth, self.heads.n_heads)
         if self.mode == "dynamic":

@@ -16,6 +16,7 @@ against a target's config without loading any weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 HEADS_JSON = "heads.json"
 HEADS_WEIGHTS = "heads.safetensors"
-KINDS = ("medusa",)
+KINDS = ("medusa", "amphista")
 BUILTIN_HEADS_DIR = Path(__file__).parent / "builtin_heads"  # <target alias>/<name>/
 
 
@@ -37,12 +38,13 @@ class HeadsConfig:
     vocab_size: int  # the target's full vocabulary
     n_heads: int = 4
     hot_vocab: int = 16384  # rows of the output projection the heads use
+    width: int = 512  # amphista: width of the auto-embedding block over the K head positions
     accuracy: dict = field(default_factory=dict)  # held-out top-1 / top-5 per head, filled by training
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown heads kind {self.kind!r}; supported: {', '.join(KINDS)}")
-        for name in ("hidden_size", "vocab_size", "n_heads", "hot_vocab"):
+        for name in ("hidden_size", "vocab_size", "n_heads", "hot_vocab", "width"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hot_vocab > self.vocab_size:
@@ -59,15 +61,18 @@ class HeadsConfig:
         (Path(directory) / HEADS_JSON).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-class MedusaHeads(nn.Module):
+class DraftHeads(nn.Module):
+    """What every kind of heads shares: the hot vocabulary and the frozen output rows, the
+    scoring through them, and the files. A kind defines `features` (and its parameters)."""
+
+    uses_token = False  # whether features need the newest committed token (its embedding)
+
     def __init__(self, cfg: HeadsConfig, hot_ids: Tensor, hot_rows: Tensor):
         """`hot_ids` long [H]: the full-vocab ids of the hot tokens; `hot_rows` [H, d]: those
         rows of the target's output projection (`output_rows`), kept frozen."""
         super().__init__()
         self.cfg = cfg
-        d, k = cfg.hidden_size, cfg.n_heads
-        self.weight = nn.Parameter(torch.zeros(k, d, d))  # zero: every head starts as the lm_head
-        self.bias = nn.Parameter(torch.zeros(k, d))
+        self.embed: Callable[[Tensor], Tensor] | None = None  # token ids -> the target's embedding rows
         self.register_buffer("hot_ids", hot_ids.to(torch.long).clone())
         self.register_buffer("hot_head", hot_rows.detach().clone())
 
@@ -75,33 +80,41 @@ class MedusaHeads(nn.Module):
     def n_heads(self) -> int:
         return self.cfg.n_heads
 
-    def features(self, hidden: Tensor) -> Tensor:
-        """hidden [B, d] -> [K, B, d]: each head's residual block."""
-        x = hidden.to(self.weight.dtype)
-        return x.unsqueeze(0) + F.silu(torch.baddbmm(self.bias.unsqueeze(1), x.expand(self.n_heads, -1, -1),
-                                                     self.weight.transpose(1, 2)))
+    def features(self, hidden: Tensor, embedded: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden [B, d] (the target's final normed states) -> hot-vocab logits [K, B, H]."""
-        feats = self.features(hidden)
+    def forward(self, hidden: Tensor, embedded: Tensor | None = None) -> Tensor:
+        """hidden [B, d] (the target's final normed states at t), embedded [B, d] (the
+        target's embedding of token t+1, for kinds that use it) -> hot-vocab logits [K, B, H]."""
+        feats = self.features(hidden, embedded)
         return feats.to(self.hot_head.dtype) @ self.hot_head.T
 
+    def _logits(self, hidden: Tensor, token: int | None) -> Tensor:
+        embedded = None
+        if self.uses_token:
+            if token is None or self.embed is None:
+                raise ValueError(f"{self.cfg.kind} heads need the newest token and the target's embedding")
+            embedded = self.embed(torch.tensor([token])).to(device=hidden.device, dtype=hidden.dtype)
+        return self.forward(hidden.reshape(1, -1), embedded)[:, 0].float()
+
     @torch.inference_mode()
-    def top(self, hidden: Tensor, m: int) -> tuple[Tensor, Tensor]:
-        """For one hidden state [d]: each head's m likeliest tokens, (full-vocab ids [K, m],
-        probabilities [K, m]), from the softmax over the hot vocabulary."""
-        logits = self.forward(hidden.reshape(1, -1))[:, 0].float()
-        probs, idx = torch.softmax(logits, -1).topk(m, dim=-1)
+    def top(self, hidden: Tensor, m: int, token: int | None = None) -> tuple[Tensor, Tensor]:
+        """For one hidden state [d] (and the token it predicted, now committed): each head's
+        m likeliest tokens, (full-vocab ids [K, m], probabilities [K, m]), from the softmax
+        over the hot vocabulary."""
+        probs, idx = torch.softmax(self._logits(hidden, token), -1).topk(m, dim=-1)
         return self.hot_ids[idx], probs
 
     @torch.inference_mode()
-    def probs(self, hidden: Tensor) -> Tensor:
-        """For one hidden state [d]: each head's full-vocab distribution [K, V] (zero off the
-        hot vocabulary); what sampled proposals are drawn from."""
-        logits = self.forward(hidden.reshape(1, -1))[:, 0].float()
+    def probs(self, hidden: Tensor, token: int | None = None) -> Tensor:
+        """Each head's full-vocab distribution [K, V] (zero off the hot vocabulary)."""
         out = torch.zeros(self.n_heads, self.cfg.vocab_size)
-        out[:, self.hot_ids] = torch.softmax(logits, -1)
+        out[:, self.hot_ids] = torch.softmax(self._logits(hidden, token), -1)
         return out
+
+    def trained(self) -> dict[str, nn.Parameter]:
+        """The parameters training moves and the files keep (the hot rows stay the target's)."""
+        return dict(self.named_parameters())
 
     # ---- files ---------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -109,10 +122,23 @@ class MedusaHeads(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.detach().to(torch.bfloat16).contiguous(),
-                   "bias": self.bias.detach().to(torch.bfloat16).contiguous(),
-                   "hot_ids": self.hot_ids.to(torch.int32).contiguous()}, str(directory / HEADS_WEIGHTS))
+        tensors = {name: p.detach().to(torch.bfloat16).contiguous() for name, p in self.trained().items()}
+        save_file({**tensors, "hot_ids": self.hot_ids.to(torch.int32).contiguous()}, str(directory / HEADS_WEIGHTS))
         self.cfg.write(directory)
+
+
+class MedusaHeads(DraftHeads):
+    def __init__(self, cfg: HeadsConfig, hot_ids: Tensor, hot_rows: Tensor):
+        super().__init__(cfg, hot_ids, hot_rows)
+        d, k = cfg.hidden_size, cfg.n_heads
+        self.weight = nn.Parameter(torch.zeros(k, d, d))  # zero: every head starts as the lm_head
+        self.bias = nn.Parameter(torch.zeros(k, d))
+
+    def features(self, hidden: Tensor, embedded: Tensor | None = None) -> Tensor:
+        """hidden [B, d] -> [K, B, d]: each head's residual block."""
+        x = hidden.to(self.weight.dtype)
+        return x.unsqueeze(0) + F.silu(torch.baddbmm(self.bias.unsqueeze(1), x.expand(self.n_heads, -1, -1),
+                                                     self.weight.transpose(1, 2)))
 
 
 def resolve_heads(name: str, target: str) -> Path:
@@ -175,18 +201,62 @@ def output_rows_from_files(model_dir: Path, ids: Tensor) -> Tensor:
                             "reads the target's output rows from there")
 
 
-def load_heads(directory: Path, model, dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Heads from `directory` on top of the target's output projection: `model` is the
-    target Transformer, or the directory of its weights (`output_rows_from_files`)."""
+def embedding_rows(model, ids: Tensor) -> Tensor:
+    """The target's token embedding rows for `ids` as float32 (dense or GGUF blocks), before
+    any model-specific scaling: what Amphista heads read the newest token through."""
+    if model.quant_embedding is not None:
+        return model.quant_embedding(ids).float()
+    return F.embedding(ids, model.tok_embeddings).float()
+
+
+class EmbeddingFromFiles:
+    """Embedding rows read on demand from the target's safetensors files (memory-mapped), so
+    a heads actor holds no copy of the table."""
+
+    NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            handle = safe_open(str(file), "pt")
+            for name in self.NAMES:
+                if name in handle.keys():
+                    self.handle, self.table = handle, handle.get_slice(name)
+                    return
+        raise FileNotFoundError(f"{model_dir} has no safetensors file holding {' or '.join(self.NAMES)}")
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        return torch.cat([self.table[i:i + 1].float() for i in ids.tolist()])
+
+
+def make_heads(cfg: HeadsConfig, hot_ids: Tensor, hot_rows: Tensor) -> DraftHeads:
+    """Fresh heads of `cfg.kind` (zero-initialised where it matters: they start as the lm_head)."""
+    if cfg.kind == "amphista":
+        from actors.amphista import AmphistaHeads
+
+        return AmphistaHeads(cfg, hot_ids, hot_rows)
+    return MedusaHeads(cfg, hot_ids, hot_rows)
+
+
+def load_heads(directory: Path, model, dtype: torch.dtype = torch.float32) -> DraftHeads:
+    """Heads from `directory` on top of the target's output projection (and, for Amphista,
+    its token embedding): `model` is the target Transformer, or the directory of its weights."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     cfg = HeadsConfig.read(directory)
     tensors = load_file(str(directory / HEADS_WEIGHTS))
-    hot = tensors["hot_ids"].long()
-    rows = output_rows_from_files(model, hot) if isinstance(model, (str, Path)) else output_rows(model, hot)
-    heads = MedusaHeads(cfg, hot, rows.to(dtype))
+    hot = tensors.pop("hot_ids").long()
+    from_files = isinstance(model, (str, Path))
+    rows = output_rows_from_files(model, hot) if from_files else output_rows(model, hot)
+    heads = make_heads(cfg, hot, rows.to(dtype))
+    params = heads.trained()
+    if set(tensors) != set(params):
+        raise ValueError(f"{directory / HEADS_WEIGHTS} holds {sorted(tensors)}; {cfg.kind} heads need {sorted(params)}")
     with torch.no_grad():
-        heads.weight.copy_(tensors["weight"])
-        heads.bias.copy_(tensors["bias"])
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    if heads.uses_token:
+        heads.embed = EmbeddingFromFiles(model) if from_files else (lambda ids: embedding_rows(model, ids))
     return heads.to(dtype).eval().requires_grad_(False)

@@ -168,20 +168,23 @@ def random_blocks(rng, qtype, n: int, k: int, weight_scale: float = 0.05):
 
 
 def make_tiny_heads(path: str | Path, model_dir: str | Path, n_heads: int = 3, hot_vocab: int | None = None,
-                    seed: int = 0, scale: float = 1.0) -> Path:
-    """Seeded random Medusa heads for a tiny model: confident enough that trees vary,
-    wrong often enough that rejections happen. Hot vocab: the lowest ids."""
-    from actors.heads import HeadsConfig, MedusaHeads
+                    seed: int = 0, scale: float = 1.0, kind: str = "medusa") -> Path:
+    """Seeded random heads (`medusa` or `amphista`) for a tiny model: confident enough that
+    trees vary, wrong often enough that rejections happen. Hot vocab: the lowest ids."""
+    from actors.heads import HeadsConfig, make_heads
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)
     vocab = cfg.vocab_size
-    heads_cfg = HeadsConfig("medusa", str(model_dir), cfg.hidden_size, vocab, n_heads=n_heads,
-                            hot_vocab=hot_vocab or vocab)
+    heads_cfg = HeadsConfig(kind, str(model_dir), cfg.hidden_size, vocab, n_heads=n_heads,
+                            hot_vocab=hot_vocab or vocab, width=32)
     g = torch.Generator().manual_seed(seed)
-    heads = MedusaHeads(heads_cfg, torch.arange(heads_cfg.hot_vocab), torch.zeros(heads_cfg.hot_vocab, cfg.hidden_size))
+    heads = make_heads(heads_cfg, torch.arange(heads_cfg.hot_vocab), torch.zeros(heads_cfg.hot_vocab, cfg.hidden_size))
     with torch.no_grad():
-        heads.weight.normal_(0.0, scale / cfg.hidden_size**0.5, generator=g)
-        heads.bias.normal_(0.0, 0.1, generator=g)
+        for name, p in heads.trained().items():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.1, generator=g)
+            else:
+                p.normal_(0.0, scale / p.shape[-1] ** 0.5, generator=g)
     heads.save(path)
     return Path(path)

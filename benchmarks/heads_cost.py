@@ -1,9 +1,10 @@
 """What drafting with heads costs per step, part by part (no target forward).
 
-    python -m benchmarks.heads_cost [--heads DIR] [--target NAME] [--repeats 50]
+    python -m benchmarks.heads_cost [--heads medusa,amphista] [--target NAME] [--repeats 50]
 
-- heads forward: K residual blocks plus the output projection over the hot vocabulary, and
-  the same heads over the full vocabulary (what the hot vocabulary saves);
+- heads forward, for each heads given: their layers plus the output projection over the
+  hot vocabulary, and the same heads over the full vocabulary (what the hot vocabulary
+  saves);
 - tree build: the best-first dynamic tree (N nodes from the top-m of each head) against
   scoring every one of the m^K rank paths and keeping the best N (the enumeration the
   seed paper's dynamic tree did; m = 8 here, 4680 paths for 4 heads), both from the same
@@ -14,14 +15,13 @@ Interleaved repeats, medians, one process.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
 
 import torch
 
-from actors.heads import MedusaHeads, load_heads, output_rows_from_files, resolve_heads
+from actors.heads import load_heads, make_heads, output_rows_from_files, resolve_heads
 from decoding.head_tree import TreeShape, dynamic_tree
 
 
@@ -65,35 +65,44 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="qwen2.5-coder-1.5b")
-    p.add_argument("--heads", default="medusa")
+    p.add_argument("--heads", default="medusa", help="built-in names or directories, comma-separated")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--nodes", type=int, default=64)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    path = resolve_heads(args.heads, args.target)
+    paths = [resolve_heads(name, args.target) for name in args.heads.split(",")]
     weights = loading.ensure_converted(args.target, progress=True) if args.target in loading.BUILTINS \
         else loading.resolve(args.target)
-    hot = load_heads(path, weights)
-    full = MedusaHeads(hot.cfg, torch.arange(hot.cfg.vocab_size),
-                       output_rows_from_files(weights, torch.arange(hot.cfg.vocab_size)))
-    with torch.no_grad():
-        full.weight.copy_(hot.weight)
-        full.bias.copy_(hot.bias)
-    hidden = torch.randn(hot.cfg.hidden_size)
-    top_ids, top_p = hot.top(hidden, 32)
-    small_ids, small_p = hot.top(hidden, 8)
-    results = {}
+    every_row = None
+    hidden = torch.randn(load_heads(paths[0], weights).cfg.hidden_size)
+    timed = []
+    for path in paths:
+        hot = load_heads(path, weights)
+        if every_row is None:
+            every_row = output_rows_from_files(weights, torch.arange(hot.cfg.vocab_size))
+        full = make_heads(hot.cfg, torch.arange(hot.cfg.vocab_size), every_row)
+        full.load_state_dict(hot.trained(), strict=False)
+        full.embed = hot.embed
+        name = hot.cfg.kind
+        timed += [(f"{name}_hot_vocab_ms", lambda h=hot: h.top(hidden, 32, 0)),
+                  (f"{name}_full_vocab_ms", lambda h=full: h.top(hidden, 32, 0))]
+        params = sum(p.numel() for p in hot.trained().values())
+        timed_params = {f"{name}_parameters_m": round(params / 1e6, 2)}
+        timed.append(("", timed_params))
+    top_ids, top_p = hot.top(hidden, 32, 0)
+    small_ids, small_p = hot.top(hidden, 8, 0)
+    timed += [("dynamic_tree_m32_ms", lambda: dynamic_tree(0, top_ids, top_p, args.nodes)[0].attention_mask()),
+              ("enumerate_m8_ms", lambda: enumerate_all(small_ids, small_p, args.nodes, 0).attention_mask())]
+    results, sizes = {}, {}
     for _ in range(3):  # interleaved rounds
-        for name, fn in (
-            ("heads_hot_vocab_ms", lambda: hot.top(hidden, 32)),
-            ("heads_full_vocab_ms", lambda: full.top(hidden, 32)),
-            ("dynamic_tree_m32_ms", lambda: dynamic_tree(0, top_ids, top_p, args.nodes)[0].attention_mask()),
-            ("enumerate_m8_ms", lambda: enumerate_all(small_ids, small_p, args.nodes, 0).attention_mask()),
-        ):
+        for name, fn in timed:
+            if not name:
+                sizes.update(fn)
+                continue
             results.setdefault(name, []).append(median_ms(fn, args.repeats))
-    summary = {name: round(min(v), 3) for name, v in results.items()}
-    summary["config"] = {"nodes": args.nodes, "heads": str(path), "threads": torch.get_num_threads(),
+    summary = {name: round(min(v), 3) for name, v in results.items()} | sizes
+    summary["config"] = {"nodes": args.nodes, "heads": [str(p) for p in paths], "threads": torch.get_num_threads(),
                          "enumerated_paths_m8": sum(8 ** d for d in range(1, hot.n_heads + 1))}
     print(json.dumps(summary, indent=2))
     if args.out:

@@ -29,7 +29,8 @@ from cluster.bench_llamacpp import LlamaCpp, find_binaries, same_text
 from cluster.engine import EngineConfig, LocalEngine, check_models, encode_prompt
 from cluster.local import DecodeConfig
 
-HEAD_METHODS = {"medusa-static": "static", "medusa-dynamic": "dynamic"}  # draft heads, tree kind
+HEAD_METHODS = {f"{kind}-{tree}": (kind, tree) for kind in ("medusa", "amphista")  # draft heads: kind, tree
+                for tree in ("static", "dynamic")}
 LOCAL_METHODS = ("hf", "hf-assisted", "ar", "spec-local", *HEAD_METHODS, *LLAMACPP_METHODS)
 DRAFT_METHODS = ("hf-assisted", "spec-local", "spec-sync", "spec-async", "llamacpp-spec")  # need --draft
 RAY_METHODS = {"spec-sync": "sync", "spec-async": "async"}
@@ -88,6 +89,7 @@ class MethodTotals:
     rounds: int = 0  # draft heads: verify rounds, nodes drafted and tree-build time over them
     drafted: int = 0
     build_s: float = 0.0
+    verify_s: float = 0.0  # draft heads: target forwards over the trees
 
 
 @dataclass
@@ -101,13 +103,15 @@ class Run:
     rounds: int = 0
     drafted: int = 0
     build_s: float = 0.0
+    verify_s: float = 0.0
 
 
 class MethodRunner:
     """Runs one engine method on one prompt, in this process."""
 
-    def __init__(self, engine: LocalEngine, cfg: DecodeConfig, llamacpp=None):
+    def __init__(self, engine: LocalEngine, cfg: DecodeConfig, llamacpp=None, heads_for: dict | None = None):
         self.engine, self.cfg, self.max_new = engine, cfg, cfg.max_new_tokens
+        self.heads_for = heads_for or {}  # heads kind -> the name they were loaded under
         self.llamacpp = llamacpp  # a bench_llamacpp.LlamaCpp, when its methods are in the run
 
     def _hf(self, ids: list[int], assistant) -> Run:
@@ -140,10 +144,11 @@ class MethodRunner:
             run = self.llamacpp.run(method, prompt)
             return Run([0] * run.tokens, run.seconds, text=run.text)
         if method in HEAD_METHODS:
-            result = self.engine.generate(ids, self.cfg, tree=HEAD_METHODS[method])
+            kind, tree = HEAD_METHODS[method]
+            result = self.engine.generate(ids, self.cfg, tree=tree, heads=self.heads_for[kind])
             s = result.stats
-            return Run(result.token_ids, s.wall_s, s.mean_accepted, rounds=s.verify_rounds,
-                       drafted=s.drafted_tokens, build_s=s.tree_build_s)
+            return Run(result.token_ids, s.wall_s, s.mean_accepted, draft_s=s.draft_s, rounds=s.verify_rounds,
+                       drafted=s.drafted_tokens, build_s=s.tree_build_s, verify_s=s.verify_s)
         result = self.engine.generate(ids, self.cfg, speculative=(method == "spec-local"))
         return Run(result.token_ids, result.stats.wall_s, result.stats.mean_accepted)
 
@@ -241,18 +246,20 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     methods = parse_methods(args.methods or DEFAULT_METHODS)
     if args.draft is None and any(m in DRAFT_METHODS for m in methods):
         raise ValueError(f"bench methods {', '.join(m for m in methods if m in DRAFT_METHODS)} need --draft")
-    heads = None
+    heads_for = {}  # kind -> heads (built-in name or directory)
     if any(m in HEAD_METHODS for m in methods):
         if any(m in RAY_METHODS for m in methods):
-            raise ValueError("medusa methods run in this process; bench spec-sync/spec-async separately")
-        heads = getattr(args, "heads", None) or "medusa"
+            raise ValueError("medusa and amphista methods run in this process; bench spec-sync/spec-async separately")
+        given = {"medusa": getattr(args, "heads", None), "amphista": getattr(args, "amphista_heads", None)}
+        heads_for = {kind: given[kind] or kind for kind, _ in (HEAD_METHODS[m] for m in methods if m in HEAD_METHODS)}
+    heads_names = list(dict.fromkeys(heads_for.values()))
     hf_methods = [m for m in methods if m.startswith("hf")]
     if hf_methods and args.dtype in hardware.QUANTIZED:
         raise ValueError(f"{', '.join(hf_methods)} run transformers on a dense target; with --dtype {args.dtype} "
                          "compare ar, spec-local, llamacpp and llamacpp-spec (or bench a dense target)")
     prompts = load_prompts(args.prompts, args.limit)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                              heads=heads)
+                              heads=heads_names[0] if heads_names else None, more_heads=tuple(heads_names[1:]))
     tokenizer = check_models(engine_cfg)
     use_ray = any(m in RAY_METHODS for m in methods)
     if "spec-async" in methods and args.tree_width != 1:
@@ -262,7 +269,7 @@ def bench_from_args(args: argparse.Namespace) -> dict:
 
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, tree_width=args.tree_width)
     llamacpp = llamacpp_for(args, methods) if any(m in LLAMACPP_METHODS for m in methods) else None
-    runner = PipelineMethods(args, cfg) if use_ray else MethodRunner(LocalEngine(engine_cfg), cfg, llamacpp)
+    runner = PipelineMethods(args, cfg) if use_ray else MethodRunner(LocalEngine(engine_cfg), cfg, llamacpp, heads_for)
     try:
         encoded = [encode_prompt(tokenizer, p, args.chat) for p in prompts]
         # Warm up every method once (kernels, allocator, learned draft costs), untimed.
@@ -286,6 +293,7 @@ def bench_from_args(args: argparse.Namespace) -> dict:
                 t.rounds += run.rounds
                 t.drafted += run.drafted
                 t.build_s += run.build_s
+                t.verify_s += run.verify_s
                 if run.mean_accepted is not None:
                     t.accepted_per_step.append(run.mean_accepted)
                 bar.update()
@@ -338,6 +346,9 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
         if m in HEAD_METHODS and t.rounds:
             rows[m]["mean_tree_nodes"] = round(t.drafted / t.rounds, 2)  # drafted nodes verified per step
             rows[m]["tree_build_ms"] = round(1e3 * t.build_s / t.rounds, 4)
+            # what drafting costs per step beside what verifying the tree costs
+            rows[m]["heads_ms_per_step"] = round(1e3 * (t.draft_s - t.build_s) / t.rounds, 3)
+            rows[m]["verify_ms_per_step"] = round(1e3 * t.verify_s / t.rounds, 3)
     return {
         "config": {
             "target": args.target,
@@ -367,16 +378,15 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
 def render_markdown(report: dict) -> str:
     c = report["config"]
     lines = [
-        f"# specray bench: {c['target']}" + "".join(
-            f" with {what} {c[key] if key == 'draft' else c[key]['trained_for'] + ' ' + c[key]['kind'] + ' heads'}"
-            for what, key in (("draft", "draft"), ("", "heads")) if c.get(key)).replace("with  ", "with "),
+        f"# specray bench: {c['target']}" + (f" with {c['draft']}" if c.get("draft") else "") + "".join(
+            f" with {' and '.join(h['kind'] for h in heads)} heads" for heads in [_heads_described(c)] if heads),
         "",
         f"{c['limit']} prompts from `{c['prompts']}`, {c['max_new_tokens']} new tokens, greedy, "
         f"methods interleaved; reference output: `{c['reference']}`.",
         "",
         "| method | tokens/s | speedup vs hf | vs ar | mean accepted | drafting hidden | tree nodes | "
-        "tree build ms | identical to target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "tree build ms | heads ms/step | verify ms/step | identical to target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["methods"].items():
         acc = "-" if r["mean_accepted"] is None else f"{r['mean_accepted']:.2f}"
@@ -385,9 +395,18 @@ def render_markdown(report: dict) -> str:
         vs_ar = "-" if r.get("speedup_vs_ar") is None else f"{r['speedup_vs_ar']:.2f}x"
         nodes = f"{r['mean_tree_nodes']:.1f}" if "mean_tree_nodes" in r else "-"
         build = f"{r['tree_build_ms']:.3f}" if "tree_build_ms" in r else "-"
+        head_ms = f"{r['heads_ms_per_step']:.2f}" if "heads_ms_per_step" in r else "-"
+        verify_ms = f"{r['verify_ms_per_step']:.2f}" if "verify_ms_per_step" in r else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {vs_ar} | {acc} | {hidden} | {nodes} | {build} | "
-                     f"{r['identical_to_target']} |")
+                     f"{head_ms} | {verify_ms} | {r['identical_to_target']} |")
     return "\n".join(lines + render_runtime(c.get("runtime") or {})) + "\n"
+
+
+def _heads_described(config: dict) -> list[dict]:
+    runtime = config.get("runtime") or {}
+    if runtime.get("heads_sets"):
+        return list(runtime["heads_sets"].values())
+    return [config["heads"]] if config.get("heads") else []
 
 
 def render_runtime(runtime: dict) -> list[str]:

@@ -25,7 +25,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     who.add_argument("--target", help="built-in alias, local directory or hub id")
     who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
     p.add_argument("--draft", help="draft model (same tokenizer as the target)")
-    p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa) or directory")
+    p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa, amphista) or directory")
     p.add_argument("--tree", choices=("static", "dynamic"), default="dynamic",
                    help="with --heads: a fixed tree from the heads' measured accuracies, or one built per step")
     p.add_argument("--combine", help="ensemble rule: we:LAMBDA (2 models), we:W1,W2,... (one weight per model) "
@@ -66,6 +66,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="required unless --ensemble")
     p.add_argument("--draft", help="the draft model of spec-* and hf-assisted (required unless --ensemble)")
     p.add_argument("--heads", default=None, help="heads of the medusa-* methods (default: the target's built-in medusa)")
+    p.add_argument("--amphista-heads", default=None,
+                   help="heads of the amphista-* methods (default: the target's built-in amphista)")
     p.add_argument("--ensemble", help="comma-separated models: bench methods ensemble,cos on this ensemble")
     p.add_argument("--combine", help="ensemble rule (with --ensemble): we:LAMBDA, we:W1,W2,... or cd:MU")
     p.add_argument("--ensemble-local", action="store_true",
@@ -92,17 +94,20 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def add_train_heads_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="the model the heads draft for (kept frozen)")
-    p.add_argument("--kind", default="medusa", choices=("medusa",))
+    p.add_argument("--kind", default="medusa", choices=("medusa", "amphista"),
+                   help="medusa: independent heads on h_t; amphista: staged adaptation of h_t and the newest "
+                        "token, then heads that attend to each other")
     p.add_argument("--out", required=True, help="directory for heads.json + heads.safetensors")
     p.add_argument("--heads", type=_positive_int, default=4, help="K: head k guesses the token k+1 past the next")
     p.add_argument("--tokens", type=_positive_int, default=300_000, help="target-prefilled training tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--width", type=_positive_int, default=512, help="amphista: the auto-embedding block's width")
     p.add_argument("--hot-vocab", type=_positive_int, default=16384,
                    help="output rows the heads score (the target's most frequent predictions)")
     p.add_argument("--work", default=None,
-                   help="cache of answers, features and checkpoints (default under ~/.cache/specray/train-heads); "
-                        "rerun the same command to resume")
+                   help="cache of answers, features and checkpoints (default under ~/.cache/specray/train-heads, "
+                        "shared by both kinds: their data and labels are the same); rerun the same command to resume")
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl whose answers the target writes "
                                                      "(default ../shared/data/spec_bench/question.jsonl)")
 
@@ -147,9 +152,9 @@ def run_train_heads(args: argparse.Namespace) -> int:
     from actors.loading import cache_root
     from training.medusa import DEFAULT_QUESTIONS, TrainConfig, run
 
-    work = Path(args.work) if args.work else cache_root() / "train-heads" / f"{Path(args.target).name}-{args.kind}-{args.seed}"
+    work = Path(args.work) if args.work else cache_root() / "train-heads" / f"{Path(args.target).name}-{args.seed}"
     run(TrainConfig(args.target, Path(args.out), work, kind=args.kind, heads=args.heads, tokens=args.tokens,
-                    seed=args.seed, epochs=args.epochs, hot_vocab=args.hot_vocab,
+                    seed=args.seed, epochs=args.epochs, hot_vocab=args.hot_vocab, width=args.width,
                     questions=Path(args.questions) if args.questions else DEFAULT_QUESTIONS))
     return 0
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 from actors import hardware, loading, threads
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
-from decoding.request import TokenSink
 from decoding.draft_length import DraftLengthPolicy
+from decoding.request import TokenSink
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,7 @@ class EngineConfig:
     draft_dtype: str = "auto"  # bf16 where the device runs it natively, else fp32
     max_len: int = 4096
     heads: str | None = None  # draft heads (built-in name or directory) on the target's hidden states
+    more_heads: tuple[str, ...] = ()  # further heads to load beside them (a bench compares kinds)
     tree: str = "dynamic"  # the heads' candidate trees: static | dynamic
 
     def __post_init__(self) -> None:
@@ -54,17 +54,21 @@ def check_models(cfg: EngineConfig):
             loading.read_config(cfg.draft).get_text_config().vocab_size,
             (cfg.target, cfg.draft),
         )
-    if cfg.heads is not None:
-        heads_dir(cfg)
+    for name in heads_names(cfg):
+        heads_dir(cfg, name)
     return tokenizer
 
 
-def heads_dir(cfg: EngineConfig):
+def heads_names(cfg: EngineConfig) -> list[str]:
+    return ([cfg.heads] if cfg.heads is not None else []) + [h for h in cfg.more_heads if h != cfg.heads]
+
+
+def heads_dir(cfg: EngineConfig, name: str | None = None):
     """The heads' directory, refused (naming both models) if trained for another target."""
     from actors.heads import check_heads, resolve_heads
 
     text = loading.read_config(cfg.target).get_text_config()
-    path = resolve_heads(cfg.heads, cfg.target)
+    path = resolve_heads(name or cfg.heads, cfg.target)
     check_heads(path, cfg.target, text.hidden_size, text.vocab_size)
     return path
 
@@ -108,18 +112,18 @@ class LocalEngine:
                 (cfg.target, cfg.draft),
             )
             self.draft_runner = ModelRunner.for_serving(self.draft.build(), max_len, progress)
-        self.heads = None
-        if cfg.heads is not None:
-            from actors.heads import load_heads
+        from actors.heads import load_heads
 
-            self.heads = load_heads(heads_dir(cfg), self.target_runner.model)
+        self.heads_sets = {name: load_heads(heads_dir(cfg, name), self.target_runner.model)
+                           for name in heads_names(cfg)}
+        self.heads = self.heads_sets.get(cfg.heads)
         self.eos_token_ids = loading.eos_token_ids(self.target)
         # How verify cost grows with tokens on this target: seeds every draft-length policy,
         # and sizes the heads' trees (up to 64 nodes).
-        sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads is not None else (1, 2, 4, 8, 16)
-        speculates = self.draft_runner is not None or self.heads is not None
+        sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads_sets else (1, 2, 4, 8, 16)
+        speculates = self.draft_runner is not None or bool(self.heads_sets)
         self.verify_costs = self.target_runner.measure_verify_costs(sizes) if speculates else {}
-        self.head_drafters: dict[str, object] = {}
+        self.head_drafters: dict[tuple[str, str], object] = {}
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}
 
@@ -129,9 +133,12 @@ class LocalEngine:
                 "target": self.target_runner.runtime_info()}
         if self.draft_runner is not None:
             info["draft"] = self.draft_runner.runtime_info()
+        described = {name: {"kind": h.cfg.kind, "n_heads": h.n_heads, "hot_vocab": h.cfg.hot_vocab,
+                            "trained_for": h.cfg.target} for name, h in self.heads_sets.items()}
         if self.heads is not None:
-            info["heads"] = {"kind": self.heads.cfg.kind, "n_heads": self.heads.n_heads,
-                             "hot_vocab": self.heads.cfg.hot_vocab, "trained_for": self.heads.cfg.target}
+            info["heads"] = described[self.cfg.heads]
+        if len(described) > 1:
+            info["heads_sets"] = described
         if self.verify_costs:
             info["target"]["verify_ms"] = {k: round(s * 1e3, 2) for k, s in self.verify_costs.items()}
         return info
@@ -142,26 +149,31 @@ class LocalEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def head_drafter(self, tree: str):
-        """One drafter per tree kind, kept across requests (static shapes are built once)."""
+    def head_drafter(self, tree: str, heads: str | None = None):
+        """One drafter per heads and tree kind, kept across requests (static shapes are built
+        once, dynamic calibration carries over)."""
         from actors.head_drafter import HeadDrafter
 
-        if tree not in self.head_drafters:
-            self.head_drafters[tree] = HeadDrafter(self.heads, tree, verify_s=self.verify_costs)
-        return self.head_drafters[tree]
+        key = (heads or self.cfg.heads, tree)
+        if key not in self.head_drafters:
+            if key[0] not in self.heads_sets:
+                raise ValueError(f"heads {key[0]!r} are not loaded in this engine ({', '.join(self.heads_sets)})")
+            self.head_drafters[key] = HeadDrafter(self.heads_sets[key[0]], tree, verify_s=self.verify_costs)
+        return self.head_drafters[key]
 
     def generate(
         self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True, on_tokens: TokenSink | None = None,
-        tree: str | None = None,
+        tree: str | None = None, heads: str | None = None,
     ) -> GenerationResult:
-        """`tree`: draft with the heads (static | dynamic); default: the draft model if there
-        is one, else the heads with the configured tree."""
+        """`tree`: draft with the heads (static | dynamic), `heads` naming which loaded set
+        (default: the configured one); default: the draft model if there is one, else the
+        heads with the configured tree."""
         check_prompt(len(prompt_ids), cfg.max_new_tokens, self.context_length)
         if not cfg.eos_token_ids:
             cfg = dataclasses.replace(cfg, eos_token_ids=self.eos_token_ids)
         if speculative and self.heads is not None and (tree is not None or self.draft_runner is None):
-            return heads_generate(self.target_runner, self.head_drafter(tree or self.cfg.tree), prompt_ids, cfg,
-                                  on_tokens)
+            return heads_generate(self.target_runner, self.head_drafter(tree or self.cfg.tree, heads), prompt_ids,
+                                  cfg, on_tokens)
         if tree is not None:
             raise ValueError(f"tree {tree!r} needs heads; this engine has none")
         if not speculative or self.draft_runner is None:

@@ -1,4 +1,4 @@
-"""`specray train-heads`: Medusa heads by self-distillation, on this machine's CPU.
+"""`specray train-heads`: Medusa or Amphista heads by self-distillation, on this machine's CPU.
 
 The target stays frozen and supplies both the inputs (its last hidden states) and the
 labels (its own top-8 next-token distribution at each position), so the heads learn what
@@ -12,11 +12,13 @@ directory and resumed where it stopped (Ctrl-C is safe at any point):
   3. features  one target prefill per chunk: hidden states (bf16) and the top-8 labels,
                written in shards
   4. hot vocab the tokens the target predicts most often on the training shards
-  5. train     AdamW over all heads at once, checkpointed (safetensors) every 50 steps
+  5. train     AdamW over all heads at once, checkpointed (safetensors) every 50 steps;
+               stages 1-4 do not depend on the kind, so Medusa and Amphista heads trained
+               in one work directory see the very same data and labels
   6. evaluate  per-head top-1 / top-5 accuracy against the target's argmax, held out
 
 Head k at position t learns the target's distribution at position t+k+1, i.e. its guess
-at token t+k+2, seeing only h_t.
+at token t+k+2, seeing h_t (and, for Amphista, the embedding of token t+1).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from actors.heads import HeadsConfig, MedusaHeads, output_rows
+from actors.heads import KINDS, DraftHeads, HeadsConfig, embedding_rows, make_heads, output_rows
 
 CHECKPOINT_EVERY = 50  # steps between saved training states
 TOP = 8  # labels kept per position: the target's 8 likeliest next tokens
@@ -58,11 +60,13 @@ class TrainConfig:
     epochs: int = 2
     batch: int = 512  # positions per step
     lr: float = 1e-3
+    width: int = 512  # amphista: the auto-embedding block's width
 
     def __post_init__(self) -> None:
-        if self.kind != "medusa":
-            raise ValueError(f"train-heads --kind {self.kind!r}: only medusa is implemented")
-        for name in ("heads", "tokens", "hot_vocab", "chunk", "answer_tokens", "answer_batch", "epochs", "batch"):
+        if self.kind not in KINDS:
+            raise ValueError(f"train-heads --kind {self.kind!r}: one of {', '.join(KINDS)}")
+        for name in ("heads", "tokens", "hot_vocab", "chunk", "answer_tokens", "answer_batch", "epochs", "batch",
+                     "width"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"train-heads --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.chunk < 2 + self.heads:
@@ -244,6 +248,22 @@ def _load_shards(paths: list[Path]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _attach_tokens(data: dict, chunks: list[list[int]], model) -> None:
+    """Token ids aligned with the feature rows (the shards keep the chunks' order) and the
+    target's embedding rows of every distinct one: what Amphista's heads read as token t+1."""
+    ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
+    if ids.numel() != data["hidden"].shape[0]:
+        raise ValueError(f"features hold {data['hidden'].shape[0]} positions but the chunks {ids.numel()} tokens: "
+                         "the work directory mixes runs; remove its feat-*.safetensors")
+    distinct = ids.unique()
+    data["ids"] = ids
+    data["embed_index"] = torch.full((int(distinct.max()) + 1,), -1, dtype=torch.long)
+    data["embed_index"][distinct] = torch.arange(distinct.numel())
+    with torch.no_grad():
+        data["embed_rows"] = torch.cat([embedding_rows(model, distinct[i:i + 4096])
+                                        for i in range(0, distinct.numel(), 4096)])
+
+
 # ---- 4. hot vocabulary ----------------------------------------------------------------------
 
 
@@ -259,7 +279,7 @@ def hot_vocabulary(top_ids: torch.Tensor, vocab_size: int, size: int) -> torch.T
 # ---- 5. training ----------------------------------------------------------------------------
 
 
-def _positions(lengths: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position t with at least head 0's label (t + 1 < chunk end), and its chunk end."""
     starts = torch.cumsum(lengths, 0) - lengths
     pos, ends = [], []
@@ -277,11 +297,18 @@ def _labels(data: dict, hot_index: torch.Tensor, at: torch.Tensor, valid: torch.
     return idx.clamp(min=0), w
 
 
-def _loss(heads: MedusaHeads, data: dict, hot_index: torch.Tensor, batch: torch.Tensor, ends: torch.Tensor,
+def _embedded(heads: DraftHeads, data: dict, batch: torch.Tensor) -> torch.Tensor | None:
+    """The target's embedding of token t+1 for positions `batch`, for kinds that read it."""
+    if not heads.uses_token:
+        return None
+    return data["embed_rows"][data["embed_index"][data["ids"][batch + 1]]]
+
+
+def _loss(heads: DraftHeads, data: dict, hot_index: torch.Tensor, batch: torch.Tensor, ends: torch.Tensor,
           bf16: bool):
     h = data["hidden"][batch].float()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the [K*B, d] x [d, H] product
-        logits = heads(h).float()  # [K, B, H]
+        logits = heads(h, _embedded(heads, data, batch)).float()  # [K, B, H]
     logp = F.log_softmax(logits, -1)
     total = 0.0
     for k in range(heads.n_heads):
@@ -291,11 +318,12 @@ def _loss(heads: MedusaHeads, data: dict, hot_index: torch.Tensor, batch: torch.
     return total / heads.n_heads
 
 
-def _save_state(path: Path, heads: MedusaHeads, opt: torch.optim.Optimizer, step: int) -> None:
+def _save_state(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, step: int) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"weight": heads.weight.detach(), "bias": heads.bias.detach()}
-    for name, p in (("weight", heads.weight), ("bias", heads.bias)):
+    tensors = {}
+    for name, p in heads.trained().items():
+        tensors[name] = p.detach()
         st = opt.state.get(p, {})
         if st:
             tensors[f"{name}.exp_avg"] = st["exp_avg"]
@@ -305,36 +333,36 @@ def _save_state(path: Path, heads: MedusaHeads, opt: torch.optim.Optimizer, step
     tmp.replace(path)
 
 
-def _load_state(path: Path, heads: MedusaHeads, opt: torch.optim.Optimizer) -> int:
+def _load_state(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["step"])
         t = {k: f.get_tensor(k) for k in f.keys()}
     with torch.no_grad():
-        heads.weight.copy_(t["weight"])
-        heads.bias.copy_(t["bias"])
-    for name, p in (("weight", heads.weight), ("bias", heads.bias)):
+        for name, p in heads.trained().items():
+            p.copy_(t[name])
+    for name, p in heads.trained().items():
         if f"{name}.exp_avg" in t:
             opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": t[f"{name}.exp_avg"],
                             "exp_avg_sq": t[f"{name}.exp_avg_sq"]}
     return step
 
 
-def train(cfg: TrainConfig, heads: MedusaHeads, data: dict) -> None:
+def train(cfg: TrainConfig, heads: DraftHeads, data: dict) -> None:
     from actors import hardware
 
     bf16 = hardware.probe("cpu").native_bf16  # the big product in bf16 only where the CPU multiplies it natively
     vocab = heads.cfg.vocab_size
     hot_index = torch.full((vocab,), -1, dtype=torch.long)
     hot_index[heads.hot_ids] = torch.arange(heads.hot_ids.numel())
-    pos, ends = _positions(data["lengths"], heads.n_heads)
+    pos, ends = _positions(data["lengths"])
     steps_per_epoch = math.ceil(pos.numel() / cfg.batch)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW([heads.weight, heads.bias], lr=cfg.lr, weight_decay=0.0)
-    state = cfg.work / "train-state.safetensors"
+    opt = torch.optim.AdamW(list(heads.trained().values()), lr=cfg.lr, weight_decay=0.0)
+    state = cfg.work / f"train-state-{heads.cfg.kind}.safetensors"
     step = _load_state(state, heads, opt) if state.is_file() else 0
-    bar = tqdm(total=total, initial=step, desc="train heads", unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"train {heads.cfg.kind} heads", unit="step")
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -357,15 +385,16 @@ def train(cfg: TrainConfig, heads: MedusaHeads, data: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, data: dict, ranks: int = 10) -> dict:
+def evaluate(heads: DraftHeads, data: dict, ranks: int = 10) -> dict:
     """Per head: how often the target's argmax at its offset is the head's top-1, is in
     its top-5, and sits at each of its first `ranks` ranks (what static trees are built from)."""
-    pos, ends = _positions(data["lengths"], heads.n_heads)
+    pos, ends = _positions(data["lengths"])
     at_rank = torch.zeros(heads.n_heads, ranks)
     seen = torch.zeros(heads.n_heads)
     for i in range(0, pos.numel(), 1024):
         batch, end = pos[i:i + 1024], ends[i:i + 1024]
-        top = heads.hot_ids[heads(data["hidden"][batch].float()).topk(ranks, dim=-1).indices]  # [K, B, ranks]
+        logits = heads(data["hidden"][batch].float(), _embedded(heads, data, batch))
+        top = heads.hot_ids[logits.topk(ranks, dim=-1).indices]  # [K, B, ranks]
         for k in range(heads.n_heads):
             at = batch + k + 1
             ok = at < end
@@ -406,17 +435,20 @@ def run(cfg: TrainConfig) -> dict:
     chunks = build_chunks(cfg, target.tokenizer)
     shards = extract_features(model, chunks, cfg.work)
     lap("features")
-    train_data = _load_shards(shards["train"])
-    heads_cfg = HeadsConfig("medusa", cfg.target, model.config.hidden_size, model.config.vocab_size,
-                            n_heads=cfg.heads, hot_vocab=min(cfg.hot_vocab, model.config.vocab_size))
+    train_data, heldout = _load_shards(shards["train"]), _load_shards(shards["heldout"])
+    heads_cfg = HeadsConfig(cfg.kind, cfg.target, model.config.hidden_size, model.config.vocab_size,
+                            n_heads=cfg.heads, hot_vocab=min(cfg.hot_vocab, model.config.vocab_size), width=cfg.width)
     hot = hot_vocabulary(train_data["top_ids"], heads_cfg.vocab_size, heads_cfg.hot_vocab)
-    heads = MedusaHeads(heads_cfg, hot, output_rows(model, hot))
+    heads = make_heads(heads_cfg, hot, output_rows(model, hot))
+    if heads.uses_token:
+        _attach_tokens(train_data, chunks["train"], model)
+        _attach_tokens(heldout, chunks["heldout"], model)
     del target, model  # the heads keep their own copy of the hot rows; the 1.5B can go
     train(cfg, heads, train_data)
-    lap("train")
-    heldout = _load_shards(shards["heldout"])
+    lap(f"train-{cfg.kind}")
     acc = evaluate(heads, heldout)
-    times = _add_time(cfg.work, "evaluate", time.perf_counter() - clock)
+    times = _add_time(cfg.work, f"evaluate-{cfg.kind}", time.perf_counter() - clock)
+    times = {k: v for k, v in times.items() if "-" not in k or k.endswith(f"-{cfg.kind}")}  # not the other kinds'
     coverage = float(torch.isin(heldout["top_ids"][:, 0].long(), heads.hot_ids).float().mean())
     heads.cfg.accuracy = {**acc, "hot_coverage": round(coverage, 4),
                           "train_tokens": int(train_data["lengths"].sum()),

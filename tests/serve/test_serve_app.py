@@ -9,7 +9,7 @@ Two applications on one `serve run`, tiny models:
   with the capability probe forced to "native bf16" (`SPECRAY_NATIVE_BF16=1`) and no native
   GGUF kernels (`SPECRAY_NATIVE_ISA=none`);
 - `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member;
-- `/heads`: the target with Medusa heads (`heads:` instead of `draft:`), the heads in their
+- `/heads`: the target with Amphista heads (`heads:` instead of `draft:`), the heads in their
   own actor (sync pipeline).
 """
 
@@ -86,7 +86,8 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
                       "served_model_name": ENSEMBLE, "max_pending": 8}},
             {"name": "heads", "route_prefix": "/heads", "import_path": "cluster.serve.app:build",
-             "args": {"target": target, "heads": str(tiny.make_tiny_heads(tmp / "heads", target, scale=0.3)),
+             "args": {"target": target, "heads": str(tiny.make_tiny_heads(tmp / "heads", target, scale=0.3,
+                                                                        kind="amphista")),
                       "served_model_name": MODEL, "max_pending": 4}},
         ],
     }
@@ -214,7 +215,7 @@ def test_a_heads_endpoint_serves_the_targets_output(server, target_alone):
     answer = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=24, temperature=0)
     assert answer.choices[0].text == target_alone(ids, 24)
     health = requests.get(f"{server.base}/heads/health", timeout=10).json()
-    assert health["runtime"]["draft"]["model"].startswith("medusa heads")
+    assert health["runtime"]["draft"]["model"].startswith("amphista heads")
 
 
 def test_stop_strings_cut_the_text(server):

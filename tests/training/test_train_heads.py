@@ -28,27 +28,39 @@ def train(target, out, work, questions, *extra):
                      "--heads", "3", "--hot-vocab", "40", "--questions", str(questions), *extra])
 
 
-def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, questions, capsys):
+KEYS = {"medusa": {"weight", "bias", "hot_ids"},
+        "amphista": {"stage1.weight", "stage1.bias", "stage2.weight", "stage2.bias", "to_block.weight",
+                     "from_block.weight", "block.position", "block.norm1.weight", "block.norm1.bias",
+                     "block.norm2.weight", "block.norm2.bias", "block.qkv.weight", "block.qkv.bias",
+                     "block.out.weight", "block.out.bias", "block.up.weight", "block.up.bias",
+                     "block.down.weight", "block.down.bias", "hot_ids"}}
+ZERO_START = {"medusa": "weight", "amphista": "stage1.weight"}  # a residual writer that starts at zero
+
+
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, questions, capsys, kind):
     target = tiny_dir("qwen2")
-    assert train(target, tmp_path / "a", tmp_path / "wa", questions) == 0
+    assert train(target, tmp_path / "a", tmp_path / "wa", questions, "--kind", kind) == 0
     printed = capsys.readouterr().out
     assert "head 2: top-1" in printed and "top-5" in printed
-    assert train(target, tmp_path / "b", tmp_path / "wb", questions) == 0
+    assert train(target, tmp_path / "b", tmp_path / "wb", questions, "--kind", kind) == 0
     a, b = load_file(str(tmp_path / "a" / "heads.safetensors")), load_file(str(tmp_path / "b" / "heads.safetensors"))
-    assert a.keys() == {"weight", "bias", "hot_ids"}
-    assert all(torch.equal(a[k], b[k]) for k in a) and a["weight"].dtype == torch.bfloat16
-    assert a["weight"].abs().sum() > 0  # training moved the heads off their zero start
+    assert a.keys() == KEYS[kind]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a[ZERO_START[kind]].dtype == torch.bfloat16
+    assert a[ZERO_START[kind]].abs().sum() > 0  # training moved the heads off their zero start
     cfg = HeadsConfig.read(tmp_path / "a")
+    assert cfg.kind == kind
     assert cfg.n_heads == 3 and cfg.hot_vocab == 40 and len(cfg.accuracy["rank_accuracy"]) == 3
     assert all(0 <= t1 <= t5 <= 1 for t1, t5 in zip(cfg.accuracy["top1"], cfg.accuracy["top5"]))
-    assert set(cfg.accuracy["stage_seconds"]) == {"load", "answers", "features", "train", "evaluate"}
+    assert set(cfg.accuracy["stage_seconds"]) == {"load", "answers", "features", f"train-{kind}", f"evaluate-{kind}"}
     answered = [json.loads(line)["question_id"] for line in (tmp_path / "wa" / "answers.jsonl").read_text().splitlines()]
     assert sorted(answered) == [1, 3]  # the benchmarks' categories are never generated, let alone trained on
 
 
-def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questions, monkeypatch):
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questions, monkeypatch, kind):
     target = tiny_dir("qwen2")
-    assert train(target, tmp_path / "whole", tmp_path / "w1", questions) == 0
+    assert train(target, tmp_path / "whole", tmp_path / "w1", questions, "--kind", kind) == 0
     monkeypatch.setattr(medusa, "CHECKPOINT_EVERY", 2)
     save = medusa._save_state
 
@@ -59,33 +71,36 @@ def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questi
 
     monkeypatch.setattr(medusa, "_save_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train(target, tmp_path / "resumed", tmp_path / "w2", questions)
+        train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind)
     monkeypatch.setattr(medusa, "_save_state", save)
-    assert train(target, tmp_path / "resumed", tmp_path / "w2", questions) == 0
+    assert train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind) == 0
     whole = load_file(str(tmp_path / "whole" / "heads.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "heads.safetensors"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
-def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions):
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions, kind):
     """Self-distillation has to teach something: on held-out text, the trained heads' loss
     against the target's own distributions is below that of the zero start (where every
     head repeats the target's next-token guess)."""
     from actors import loading
+    from actors.heads import make_heads
 
     target = tiny_dir("qwen2")
-    assert train(target, tmp_path / "h", tmp_path / "w", questions, "--epochs", "4") == 0
+    assert train(target, tmp_path / "h", tmp_path / "w", questions, "--epochs", "4", "--kind", kind) == 0
     heldout = medusa._load_shards(sorted((tmp_path / "w").glob("feat-heldout-*.safetensors")))
     model = loading.load(target, "float32", progress=False).build()
-    trained, zero = load_heads(tmp_path / "h", model), load_heads(tmp_path / "h", model)
-    with torch.no_grad():
-        zero.weight.zero_()
-        zero.bias.zero_()
+    trained = load_heads(tmp_path / "h", model)
+    zero = make_heads(trained.cfg, trained.hot_ids, trained.hot_head)  # the fresh start training began from
+    if kind == "amphista":
+        chunks = json.loads((tmp_path / "w" / "chunks.json").read_text())
+        medusa._attach_tokens(heldout, chunks["heldout"], model)
 
     def heldout_loss(heads):
         hot_index = torch.full((heads.cfg.vocab_size,), -1, dtype=torch.long)
         hot_index[heads.hot_ids] = torch.arange(heads.hot_ids.numel())
-        pos, ends = medusa._positions(heldout["lengths"], heads.n_heads)
+        pos, ends = medusa._positions(heldout["lengths"])
         with torch.no_grad():
             return float(medusa._loss(heads, heldout, hot_index, pos, ends, bf16=False))
 
