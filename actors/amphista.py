@@ -13,11 +13,14 @@ output projection:
     width, plus a learned position embedding each) go through one bidirectional
     transformer block over the K positions, so head k conditions on what the others are
     about to say; its output, projected back up, is added to each head's features.
+  Heads: then each head's own residual block (Medusa's), and the shared output rows.
 
 Sizes for a 1536-wide target: A1 (2d x d) + A2 (d x d) + a 512-wide block (8 attention
-heads, MLP 2x) ~ 10.7M parameters, about Medusa's 4 x d x d; per step the K x H product
-through the hot output rows still dominates (see BENCHMARKS.md, heads cost). Every layer
-that writes into the residual stream starts at zero, so fresh heads start as the lm_head.
+heads, MLP 2x) + K d x d head blocks ~ 20M parameters (Medusa's 4 heads: 9.4M); per step
+the K x H product through the hot output rows still dominates (BENCHMARKS.md, heads
+cost). A first version without per-head blocks (10.7M) shared too much between heads
+and trained to lower accuracy than Medusa. Every layer that writes into the residual
+stream starts at zero, so fresh heads start as the lm_head.
 """
 
 from __future__ import annotations
@@ -61,13 +64,13 @@ class AmphistaHeads(DraftHeads):
     def __init__(self, cfg: HeadsConfig, hot_ids: Tensor, hot_rows: Tensor):
         super().__init__(cfg, hot_ids, hot_rows)
         d, w, k = cfg.hidden_size, cfg.width, cfg.n_heads
-        if w % min(w, HEAD_DIM):
-            raise ValueError(f"amphista width {w} must be a multiple of {HEAD_DIM} (or smaller than it)")
         self.stage1 = nn.Linear(2 * d, d)
         self.stage2 = nn.Linear(d, d)
         self.to_block = nn.Linear(d, w, bias=False)
         self.block = AutoEmbeddingBlock(w, k)
         self.from_block = nn.Linear(w, d, bias=False)
+        self.head_weight = nn.Parameter(torch.zeros(k, d, d))  # each head's own block, as Medusa's
+        self.head_bias = nn.Parameter(torch.zeros(k, d))
         for layer in (self.stage1, self.stage2, self.from_block):  # residual writers start at zero
             nn.init.zeros_(layer.weight)
             if layer.bias is not None:
@@ -81,8 +84,9 @@ class AmphistaHeads(DraftHeads):
             raise ValueError("amphista heads need the embedding of the newest token")
         dtype = self.stage1.weight.dtype
         h, e = hidden.to(dtype), embedded.to(dtype)
+        e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)  # embedding rows are tiny beside h: unit RMS
         s1 = h + F.silu(self.stage1(torch.cat([h, e], -1)))
         s2 = s1 + F.silu(self.stage2(s1))
         staged = torch.stack([s1, s2], 1)[:, self.stage_of_head]  # [B, K, d]
-        mixed = self.block(self.to_block(staged))
-        return (staged + self.from_block(mixed)).transpose(0, 1)
+        x = (staged + self.from_block(self.block(self.to_block(staged)))).transpose(0, 1)  # [K, B, d]
+        return x + F.silu(torch.baddbmm(self.head_bias.unsqueeze(1), x, self.head_weight.transpose(1, 2)))

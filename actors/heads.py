@@ -47,6 +47,8 @@ class HeadsConfig:
         for name in ("hidden_size", "vocab_size", "n_heads", "hot_vocab", "width"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.kind == "amphista" and self.width > 64 and self.width % 64:
+            raise ValueError(f"amphista width {self.width} must be a multiple of 64 (its attention heads' size)")
         if self.hot_vocab > self.vocab_size:
             raise ValueError(f"hot_vocab ({self.hot_vocab}) exceeds the vocabulary ({self.vocab_size})")
 

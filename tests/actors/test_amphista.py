@@ -37,6 +37,11 @@ def test_fresh_heads_start_as_the_lm_head(tiny_dir, tmp_path):
     assert torch.allclose(heads(hidden, embedded), want.expand(3, -1, -1), atol=1e-5)
 
 
+def test_a_bad_width_is_refused_before_any_weights_load():
+    with pytest.raises(ValueError, match="width 100 must be a multiple of 64"):
+        HeadsConfig("amphista", "t", 64, 64, hot_vocab=64, width=100)
+
+
 def test_heads_read_the_newest_token_and_each_other(tiny_dir, tmp_path):
     _, heads, _ = runner_and_heads(tiny_dir, tmp_path)
     hidden = torch.randn(64)

@@ -33,7 +33,7 @@ KEYS = {"medusa": {"weight", "bias", "hot_ids"},
                      "from_block.weight", "block.position", "block.norm1.weight", "block.norm1.bias",
                      "block.norm2.weight", "block.norm2.bias", "block.qkv.weight", "block.qkv.bias",
                      "block.out.weight", "block.out.bias", "block.up.weight", "block.up.bias",
-                     "block.down.weight", "block.down.bias", "hot_ids"}}
+                     "block.down.weight", "block.down.bias", "head_weight", "head_bias", "hot_ids"}}
 ZERO_START = {"medusa": "weight", "amphista": "stage1.weight"}  # a residual writer that starts at zero
 
 
