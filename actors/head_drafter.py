@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.heads import DraftHeads
-from decoding.head_tree import best_first, best_size, depth_mass, dynamic_tree, static_shape
+from decoding.head_tree import TreeShape, best_first, best_size, depth_mass, dynamic_tree
 from decoding.tree import TokenTree
 
 TREES = ("static", "dynamic")
@@ -56,8 +56,9 @@ class HeadDrafter:
             ranks = heads.cfg.accuracy.get("rank_accuracy") or self._uniform_ranks()
             paths, scores = best_first(ranks, max_nodes)
             keep = best_size(scores, self.verify_s) if self.verify_s else len(paths)
-            self.shape = static_shape(ranks, max(1, keep))
+            self.shape = TreeShape(paths[:max(1, keep)])  # best-first: the first n paths are the best n
             self.static_mass = depth_mass(paths[:keep], scores[:keep], heads.n_heads)
+            self._cuts: dict[int, TreeShape] = {}
 
     def _uniform_ranks(self) -> list[list[float]]:
         """Heads without measured accuracies: assume rank r is right 1/(r+2) of the time."""
@@ -90,7 +91,8 @@ class HeadDrafter:
             self.predicted[d] = CALIBRATION_DECAY * self.predicted[d] + mass
             self.observed[d] = CALIBRATION_DECAY * self.observed[d] + float(accepted > d)
 
-    def _cut(self, depth: int):
-        from decoding.head_tree import TreeShape
-
-        return TreeShape([p for p in self.shape.paths if len(p) <= depth])
+    def _cut(self, depth: int) -> TreeShape:
+        """The static shape without its nodes below `depth` (a request's last tokens)."""
+        if depth not in self._cuts:
+            self._cuts[depth] = TreeShape([p for p in self.shape.paths if len(p) <= depth])
+        return self._cuts[depth]

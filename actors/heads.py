@@ -107,13 +107,6 @@ class DraftHeads(nn.Module):
         probs, idx = torch.softmax(self._logits(hidden, token), -1).topk(m, dim=-1)
         return self.hot_ids[idx], probs
 
-    @torch.inference_mode()
-    def probs(self, hidden: Tensor, token: int | None = None) -> Tensor:
-        """Each head's full-vocab distribution [K, V] (zero off the hot vocabulary)."""
-        out = torch.zeros(self.n_heads, self.cfg.vocab_size)
-        out[:, self.hot_ids] = torch.softmax(self._logits(hidden, token), -1)
-        return out
-
     def trained(self) -> dict[str, nn.Parameter]:
         """The parameters training moves and the files keep (the hot rows stay the target's)."""
         return dict(self.named_parameters())
