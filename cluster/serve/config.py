@@ -16,7 +16,7 @@ class ServeArgs(BaseModel):
 
     target: str | None = DEFAULT_TARGET
     draft: str | None = DEFAULT_DRAFT  # null: the target alone
-    heads: str | None = None  # draft heads (built-in name such as medusa, or a directory) instead of a draft
+    heads: str | None = None  # draft heads (built-in medusa or amphista, or a directory) instead of a draft
     tree: Literal["static", "dynamic"] = "dynamic"  # the heads' candidate trees
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
