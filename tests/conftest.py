@@ -37,11 +37,12 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def builtin_engine():
-    """The real built-in pair (about 5 GB) and the target's built-in Medusa heads, loaded once by the one module that uses it and
+    """The real built-in pair (about 5 GB) and the target's built-in heads, loaded once by the one module that uses it and
     freed after it, so later modules can load the pair in actors instead."""
     from cluster.engine import EngineConfig, LocalEngine
 
-    return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", heads="medusa"))
+    return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", heads="medusa",
+                                     more_heads=("amphista",)))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The real built-in pair (Qwen2.5-Coder 1.5B target, 0.5B draft): greedy speculative output
 is token-identical to transformers' own greedy `generate`, for chains and trees, and with
-the target's built-in Medusa heads (static and dynamic trees)."""
+the target's built-in Medusa and Amphista heads (static and dynamic trees)."""
 
 from __future__ import annotations
 
@@ -38,16 +38,19 @@ def test_builtin_pair_greedy_identical(builtin_engine, expected, draft_length, w
         assert result.stats.mean_accepted > 1.0  # the pair agrees often: speculation is really happening
 
 
+@pytest.mark.parametrize("heads", ["medusa", "amphista"])
 @pytest.mark.parametrize("tree", ["static", "dynamic"])
-def test_builtin_medusa_heads_greedy_identical(builtin_engine, expected, tree):
+def test_builtin_heads_greedy_identical(builtin_engine, expected, heads, tree):
     """The shipped heads draft for the real 1.5B: same tokens as transformers, and drafts
-    are accepted (the heads learned something)."""
+    are accepted (the heads learned something; asserted on static trees, which always
+    draft, while a dynamic tree's size follows the verify costs timed at load)."""
     accepted = rounds = 0
     for ids, ref in expected:
-        result = builtin_engine.generate(ids, DecodeConfig(max_new_tokens=24), tree=tree)
+        result = builtin_engine.generate(ids, DecodeConfig(max_new_tokens=24), tree=tree, heads=heads)
         assert result.token_ids == ref
         accepted, rounds = accepted + result.stats.accepted_tokens, rounds + result.stats.verify_rounds
-    assert accepted > 0.2 * rounds
+    if tree == "static":
+        assert accepted > 0.2 * rounds
 
 
 def test_builtin_ar_matches_hf(builtin_engine, expected):
