@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actors.heads import DraftHeads, HeadsConfig
+from actors.heads import DraftHeads, HeadsConfig, head_blocks
 
 STAGES = 2
 HEAD_DIM = 64  # per attention head in the auto-embedding block
@@ -89,4 +89,4 @@ class AmphistaHeads(DraftHeads):
         s2 = s1 + F.silu(self.stage2(s1))
         staged = torch.stack([s1, s2], 1)[:, self.stage_of_head]  # [B, K, d]
         x = (staged + self.from_block(self.block(self.to_block(staged)))).transpose(0, 1)  # [K, B, d]
-        return x + F.silu(torch.baddbmm(self.head_bias.unsqueeze(1), x, self.head_weight.transpose(1, 2)))
+        return head_blocks(x, self.head_weight, self.head_bias)

@@ -132,8 +132,12 @@ class MedusaHeads(DraftHeads):
     def features(self, hidden: Tensor, embedded: Tensor | None = None) -> Tensor:
         """hidden [B, d] -> [K, B, d]: each head's residual block."""
         x = hidden.to(self.weight.dtype)
-        return x.unsqueeze(0) + F.silu(torch.baddbmm(self.bias.unsqueeze(1), x.expand(self.n_heads, -1, -1),
-                                                     self.weight.transpose(1, 2)))
+        return head_blocks(x.expand(self.n_heads, -1, -1), self.weight, self.bias)
+
+
+def head_blocks(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """One residual SiLU block per head: x [K, B, d], weight [K, d, d], bias [K, d] -> [K, B, d]."""
+    return x + F.silu(torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)))
 
 
 def resolve_heads(name: str, target: str) -> Path:
