@@ -47,8 +47,7 @@ class HeadsConfig:
         for name in ("hidden_size", "vocab_size", "n_heads", "hot_vocab", "width"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"HeadsConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.kind == "amphista" and self.width > 64 and self.width % 64:
-            raise ValueError(f"amphista width {self.width} must be a multiple of 64 (its attention heads' size)")
+        check_width(self.kind, self.width)
         if self.hot_vocab > self.vocab_size:
             raise ValueError(f"hot_vocab ({self.hot_vocab}) exceeds the vocabulary ({self.vocab_size})")
 
@@ -61,6 +60,11 @@ class HeadsConfig:
 
     def write(self, directory: Path) -> None:
         (Path(directory) / HEADS_JSON).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def check_width(kind: str, width: int) -> None:
+    if kind == "amphista" and width > 64 and width % 64:
+        raise ValueError(f"amphista width {width} must be a multiple of 64 (its attention heads' size)")
 
 
 class DraftHeads(nn.Module):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from actors.heads import KINDS, DraftHeads, HeadsConfig, embedding_rows, make_heads, output_rows
+from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, make_heads, output_rows
 
 CHECKPOINT_EVERY = 50  # steps between saved training states
 TOP = 8  # labels kept per position: the target's 8 likeliest next tokens
@@ -69,6 +69,7 @@ class TrainConfig:
                      "width"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"train-heads --{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_width(self.kind, self.width)  # before the target loads
         if self.chunk < 2 + self.heads:
             raise ValueError(f"--chunk {self.chunk} is too short for {self.heads} heads")
         self.out, self.work, self.questions = Path(self.out), Path(self.work), Path(self.questions)

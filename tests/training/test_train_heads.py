@@ -116,3 +116,9 @@ def test_training_runs_whether_or_not_the_cpu_has_native_bf16(tiny_dir, tmp_path
     assert train(tiny_dir("qwen2"), tmp_path / "h", tmp_path / "w", questions, "--kind", kind) == 0
     assert sum(HeadsConfig.read(tmp_path / "h").accuracy["top5"]) > 0  # (a tiny random target: top-1 may be 0)
     assert load_file(str(tmp_path / "h" / "heads.safetensors"))[ZERO_START[kind]].abs().sum() > 0
+
+
+def test_a_bad_amphista_width_is_refused_before_the_target_loads(tmp_path, questions, capsys):
+    assert train(str(tmp_path / "no-such-model"), tmp_path / "h", tmp_path / "w", questions, "--kind", "amphista",
+                 "--width", "100") == 2
+    assert "width 100 must be a multiple of 64" in capsys.readouterr().err
