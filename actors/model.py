@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actors import kernels
+from actors.tidal import MAX_SPARSE_TOKENS, SparseStep, TidalConfig, attend_select, attend_sparse
 from decoding.kv_cache import KVCache
 
 SUPPORTED_FAMILIES = ("qwen2", "llama", "gemma3")
@@ -248,7 +249,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, True) if cfg.gemma else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, True) if cfg.gemma else None
 
-    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan) -> Tensor:
+    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
+                sparse: SparseStep | None = None, role: str = "full") -> Tensor:
         T, D = x.shape[0], self.head_dim
         q = self.wq(x).view(T, self.n_heads, D).transpose(0, 1)  # [H, T, D]
         k = self.wk(x).view(T, self.n_kv, D).transpose(0, 1)  # [Hkv, T, D]
@@ -260,6 +262,10 @@ class Attention(nn.Module):
         end = start + T
         kc[:, start:end] = k
         vc[:, start:end] = v
+        if sparse is not None and role != "full":
+            attend = attend_select if role == "select" else attend_sparse
+            o = attend(q.reshape(self.n_kv, self.group * T, D), kc, vc, end, sparse, self.scale)
+            return self.wo(o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D))
         if plan.rows is not None:
             o = torch.stack([self._attend_row(q[:, r], kc, vc, slots) for r, slots in enumerate(plan.rows)], dim=1)
             return self.wo(o.transpose(0, 1).reshape(T, self.n_heads * D))
@@ -312,8 +318,9 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
 
-    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan) -> Tensor:
-        h = self.attn(self.attn_norm(x), kc, vc, start, plan)
+    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
+                sparse: SparseStep | None = None, role: str = "full") -> Tensor:
+        h = self.attn(self.attn_norm(x), kc, vc, start, plan, sparse, role)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -464,9 +471,9 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVCache, positions: Tensor | None = None,
-                tree_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+                tree_mask: Tensor | None = None, last_only: bool = False, sparse: TidalConfig | None = None) -> Tensor:
         """Float32 logits [T, V] ([1, V] with ``last_only``) for T new tokens; see ``forward_hidden``."""
-        h = self.forward_hidden(tokens, cache, positions, tree_mask)
+        h = self.forward_hidden(tokens, cache, positions, tree_mask, sparse)
         return self.logits(h[-1:] if last_only else h)
 
     @torch.inference_mode()
@@ -480,7 +487,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_hidden(self, tokens: Tensor, cache: KVCache, positions: Tensor | None = None,
-                       tree_mask: Tensor | None = None) -> Tensor:
+                       tree_mask: Tensor | None = None, sparse: TidalConfig | None = None) -> Tensor:
         """Run T new tokens; return the final normed hidden states [T, hidden].
 
         Writes their K/V at slots [cache.length, cache.length + T) and advances cache.length.
@@ -489,6 +496,9 @@ class Transformer(nn.Module):
         sees, default causal; every new token also sees all of [0, cache.length).
         Sliding-window layers also hide keys with position_q - position_k >= window
         (cache slot i < cache.length is taken to hold position i).
+        ``sparse``: TidalDecode attention (``actors.tidal``), an approximation, for forwards
+        of at most ``MAX_SPARSE_TOKENS`` tokens over more than ``budget`` cached ones;
+        otherwise, and always in its full and selection layers, attention is exact.
         """
         cfg = self.config
         if tokens.dim() == 2 and tokens.shape[0] == 1:
@@ -513,11 +523,35 @@ class Transformer(nn.Module):
         if cfg.gemma:
             x = x * self.embed_scale
         plans = self._plans(T, start, positions, tree_mask, x.dtype)
+        step = self._sparse_step(sparse, T, start, tree_mask)
         for i, blk in enumerate(self.layers):
             kc, vc = cache.k[i, 0], cache.v[i, 0]
-            x = blk(x, kc, vc, start, plans[blk.layer_type])
+            x = blk(x, kc, vc, start, plans[blk.layer_type], step, step.cfg.role(i) if step else "full")
         cache.length = start + T
         return self.norm(x)
+
+    def check_sparse(self, sparse: TidalConfig) -> None:
+        """Refuse a TidalDecode layout this model cannot run, naming why."""
+        cfg = self.config
+        if "sliding_attention" in cfg.layer_types:
+            raise ValueError(f"tidal attention is not supported on {cfg.family} models with sliding-window layers")
+        if sparse.select_layers[-1] >= cfg.n_layers:
+            raise ValueError(f"tidal selection layer {sparse.select_layers[-1]} is past this model's "
+                             f"{cfg.n_layers} layers")
+
+    def _sparse_step(self, sparse: TidalConfig | None, T: int, start: int,
+                     tree_mask: Tensor | None) -> SparseStep | None:
+        """Sparse attention applies to short forwards over a cache longer than the budget
+        (with a budget >= the cache it would select everything: plain attention it is)."""
+        if sparse is None or T > MAX_SPARSE_TOKENS or start <= sparse.budget:
+            return None
+        self.check_sparse(sparse)
+        new_mask = None
+        if T > 1:
+            new = tree_mask if tree_mask is not None else torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+            g = self.config.n_heads // self.config.n_kv_heads
+            new_mask = new.repeat(g, 1)
+        return SparseStep(sparse, start, new_mask)
 
     def _plans(self, T: int, start: int, positions: Tensor | None, tree_mask: Tensor | None,
                dtype: torch.dtype) -> dict[str, _AttnPlan]:

@@ -24,6 +24,7 @@ import torch
 from actors import hardware, loading, threads
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
+from actors.tidal import TidalConfig, check_spec
 from actors.verifying import Cancelled, PipelineOptions, verify_request
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, TokenSink
@@ -38,9 +39,11 @@ class ActorSpec:
     dtype: str = "float32"
     max_len: int = 4096
     secret: str | None = None  # hex; signs every frame on tcp links between nodes
+    attention: str | None = None  # tidal[:BUDGET]: this model attends sparsely (see actors.tidal)
 
     def __post_init__(self) -> None:
         hardware.check_dtype_name(self.dtype)
+        check_spec(self.attention)
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
@@ -65,7 +68,9 @@ class ModelActor:
             loaded.hf_model.to(self.device)
         self.loaded = loaded
         max_len = min(self.spec.max_len, loaded.context_length + 64)
-        self.runner = ModelRunner.for_serving(loaded.build(), max_len)
+        n_layers = loaded.config.get_text_config().num_hidden_layers
+        attention = TidalConfig.parse(self.spec.attention, n_layers) if self.spec.attention else None
+        self.runner = ModelRunner.for_serving(loaded.build(), max_len, attention=attention)
         self.eos_token_ids = loading.eos_token_ids(loaded)
         self.fingerprint = model_fingerprint(self.runner.vocab_size, loaded.tokenizer.get_vocab())
         self.node_ip = ray.util.get_node_ip_address()

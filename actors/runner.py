@@ -16,6 +16,7 @@ import torch
 
 from actors import hardware, kernels, quantized
 from actors.model import Transformer
+from actors.tidal import MAX_SPARSE_TOKENS, TidalConfig
 from decoding.draft_length import DraftLengthPolicy
 from decoding.sampling import SamplingParams, logits_to_probs, sample
 from decoding.tree import TokenTree
@@ -30,19 +31,42 @@ class Proposal:
     seconds: float
 
 
+@dataclass
+class Snapshot:
+    """A runner's cache and tokens after a prefill, to decode from again (bench-long)."""
+    tokens: list[int]
+    k: torch.Tensor
+    v: torch.Tensor
+    last: tuple[torch.Tensor, torch.Tensor]  # (hidden, logits) after the last token
+
+
+# Prompts are prefilled in chunks of this many tokens: attention scores and MLP
+# activations stay bounded however long the prompt (no T x T matrix for a 16k prompt).
+PREFILL_CHUNK = 512
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, max_len: int = 2048):
+    def __init__(self, model: Transformer, max_len: int = 2048, attention: TidalConfig | None = None):
+        """`attention`: sparse (TidalDecode) attention for every short forward of this runner:
+        a draft's steps (exact output, since the target verifies), or the target's own
+        (approximate). `max_len`: the cache's first size; it grows per request."""
         self.model = model
         self.cache = model.new_cache(max_len)
         self.tokens: list[int] = []
         self.kernels: dict[str, list[str]] = {}  # shape class -> kernel per row count, once tuned
+        self.attention = attention
+        self.prefill_chunk = PREFILL_CHUNK
+        self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (length, hidden, logits) after a prefill
+        if attention is not None:
+            model.check_sparse(attention)
 
     @classmethod
-    def for_serving(cls, model: Transformer, max_len: int, progress: bool = False) -> "ModelRunner":
+    def for_serving(cls, model: Transformer, max_len: int, progress: bool = False,
+                    attention: TidalConfig | None = None) -> "ModelRunner":
         """Take a built model (`LoadedModel.build()`), choose its dense kernels by measurement
         (cached per CPU), and touch the weights once, so the first request measures
-        decoding, not page faults."""
-        runner = cls(model, max_len)
+        decoding, not page faults. The cache starts small; requests size it."""
+        runner = cls(model, min(max_len, 512), attention)
         runner.kernels = runner.model.tune_kernels(progress=progress)
         runner.feed([0, 0])
         runner.reset()
@@ -71,8 +95,11 @@ class ModelRunner:
 
     def runtime_info(self) -> dict:
         """What this model runs with here: dtype, device, kernel per shape class."""
-        return {"dtype": self.precision, "device": str(self.model.device),
+        info = {"dtype": self.precision, "device": str(self.model.device),
                 "kernels": {**kernels.summarize(self.kernels), **quantized.summary(self.model)}}
+        if self.attention is not None:
+            info["attention"] = self.attention.describe()
+        return info
 
     @property
     def precision(self) -> str:
@@ -84,11 +111,69 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
+    @property
+    def approximate(self) -> bool:
+        """True when this runner's own outputs come from sparse attention."""
+        return self.attention is not None
+
     def reset(self, max_len: int | None = None) -> None:
         if max_len is not None and max_len > self.cache.max_len:
+            self.cache = None  # free the old cache before allocating the new one
             self.cache = self.model.new_cache(max_len)
         self.cache.crop(0)
         self.tokens = []
+        self._last = None
+
+    def start(self, prompt: Sequence[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill `prompt` into a cache of at least `max_len` slots; return the last token's
+        (hidden, logits). A runner restored from a snapshot of this very prompt skips the
+        prefill (bench-long decodes every method from one prefill)."""
+        if self._last is not None and self._last[0] == len(self.tokens) and self.tokens == list(prompt):
+            self.reserve(max_len)
+            return self._last[1], self._last[2]
+        self.reset(max_len)
+        return self.prefill(prompt)
+
+    def reserve(self, max_len: int) -> None:
+        """Grow the cache to `max_len` slots, keeping its entries."""
+        if max_len <= self.cache.max_len:
+            return
+        old, n = self.cache, self.cache.length
+        self.cache = self.model.new_cache(max_len)
+        self.cache.k[..., :n, :] = old.k[..., :n, :]
+        self.cache.v[..., :n, :] = old.v[..., :n, :]
+        self.cache.length = n
+
+    def prefill(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `tokens` in chunks of `prefill_chunk` with full attention; return the last
+        token's (hidden [d], logits [V])."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("nothing to prefill")
+        for i in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[i:i + self.prefill_chunk]
+            h = self.model.forward_hidden(torch.tensor(chunk, dtype=torch.long), self.cache)[-1:]
+            self.tokens.extend(chunk)
+        logits = self.model.logits(h)[0]
+        self._last = (len(self.tokens), h[0], logits)
+        return h[0], logits
+
+    def snapshot(self) -> Snapshot:
+        """A copy of the cache's valid slots, the tokens and the last prefill's outputs."""
+        if self._last is None or self._last[0] != len(self.tokens):
+            raise ValueError("snapshot needs a runner just prefilled (start/prefill)")
+        n = self.cache.length
+        return Snapshot(list(self.tokens), self.cache.k[..., :n, :].clone(), self.cache.v[..., :n, :].clone(),
+                        (self._last[1], self._last[2]))
+
+    def restore(self, snap: Snapshot, max_len: int | None = None) -> None:
+        n = len(snap.tokens)
+        self.reset(max(max_len or 0, n + 1))
+        self.cache.k[..., :n, :] = snap.k
+        self.cache.v[..., :n, :] = snap.v
+        self.cache.length = n
+        self.tokens = list(snap.tokens)
+        self._last = (n, *snap.last)
 
     def sync(self, context: Sequence[int]) -> list[int]:
         """Drop cached entries that disagree with `context`; return the tokens still to feed."""
@@ -100,15 +185,22 @@ class ModelRunner:
         del self.tokens[n:]
         return list(context[n:])
 
-    def feed(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Append tokens to the cache; return the logits [V] after the last one."""
-        logits = self.model(torch.tensor(tokens, dtype=torch.long), self.cache, last_only=True)
+    def feed(self, tokens: Sequence[int], sparse: TidalConfig | None = None) -> torch.Tensor:
+        """Append tokens to the cache; return the logits [V] after the last one. Long inputs
+        are prefilled in chunks; short ones attend sparsely with `sparse` (default: this
+        runner's `attention`)."""
+        if len(tokens) > MAX_SPARSE_TOKENS:
+            return self.prefill(tokens)[1]
+        sparse = sparse if sparse is not None else self.attention
+        logits = self.model(torch.tensor(tokens, dtype=torch.long), self.cache, last_only=True, sparse=sparse)
         self.tokens.extend(tokens)
         return logits[-1]
 
     def feed_hidden(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """`feed`, also returning the last token's final hidden state [d] (what heads draft from)."""
-        h = self.model.forward_hidden(torch.tensor(tokens, dtype=torch.long), self.cache)[-1:]
+        if len(tokens) > MAX_SPARSE_TOKENS:
+            return self.prefill(tokens)
+        h = self.model.forward_hidden(torch.tensor(tokens, dtype=torch.long), self.cache, sparse=self.attention)[-1:]
         self.tokens.extend(tokens)
         return h[0], self.model.logits(h)[0]
 
@@ -123,10 +215,9 @@ class ModelRunner:
         if pending:
             self.feed(pending)
         if tree.is_chain():
-            return self.model.forward_hidden(tree.tokens, self.cache)
-        return self.model.forward_hidden(
-            tree.tokens, self.cache, positions=tree.positions(self.cache.length), tree_mask=tree.attention_mask()
-        )
+            return self.model.forward_hidden(tree.tokens, self.cache, sparse=self.attention)
+        return self.model.forward_hidden(tree.tokens, self.cache, positions=tree.positions(self.cache.length),
+                                         tree_mask=tree.attention_mask(), sparse=self.attention)
 
     def commit_path(self, tree: TokenTree, accepted: list[int]) -> None:
         """Keep the root's and the accepted nodes' K/V, in place; forget the other branches."""
@@ -143,16 +234,27 @@ class ModelRunner:
         max_depth: int,
         width: int = 1,
         generator: torch.Generator | None = None,
+        self_draft: TidalConfig | None = None,
     ) -> Proposal:
         """Draft a chain from `context`, with `width - 1` extra sibling leaves per depth.
 
         The siblings cost no extra draft forward: they come from the same distribution
         as the chain token at their depth (the next top-k under greedy; further i.i.d.
         samples under sampling, which recursive rejection needs to stay lossless).
+
+        `self_draft`: this runner is the target drafting for itself with sparse attention
+        over its own cache (no second cache): committed tokens are fed with full attention,
+        the drafts sparsely, and the drafts' entries are dropped afterwards, so the verify
+        recomputes them exactly.
         """
         start = time.perf_counter()
+        pending = self.sync(context[:-1])
+        if self_draft is not None and pending:
+            self.feed(pending)
+            pending = []
+        committed = len(self.tokens)
         # Always re-feed the newest token: its logits are where drafting starts.
-        logits = self.feed(self.sync(context[:-1]) + [context[-1]])
+        logits = self.feed(pending + [context[-1]], sparse=self_draft)
         tokens, parents, q_rows = [context[-1]], [-1], {}
         chain_node, accept_probs = 0, []
         while True:
@@ -174,7 +276,10 @@ class ModelRunner:
             depth = len(accept_probs)
             if depth >= max_depth or not policy.keep_drafting(depth, accept_probs):
                 break
-            logits = self.feed([picks[0]])
+            logits = self.feed([picks[0]], sparse=self_draft)
+        if self_draft is not None:
+            self.cache.crop(committed)
+            del self.tokens[committed:]
         tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
         draft_probs = None
         if not params.greedy:

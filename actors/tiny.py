@@ -20,19 +20,19 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(family: str, vocab_size: int, initializer_range: float = 0.02, hidden_size: int = 64,
-                intermediate_size: int = 128):
+                intermediate_size: int = 128, max_position_embeddings: int = 512, num_hidden_layers: int = 2):
     import transformers as tf
 
     common = dict(
         initializer_range=initializer_range,
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1, bos_token_id=None,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, eos_token_id=1, bos_token_id=None,
         pad_token_id=None, tie_word_embeddings=False,
     )
     if family == "qwen2":
-        return tf.Qwen2Config(num_hidden_layers=2, **common)
+        return tf.Qwen2Config(num_hidden_layers=num_hidden_layers, **common)
     if family == "llama":
-        return tf.LlamaConfig(num_hidden_layers=2, **common)
+        return tf.LlamaConfig(num_hidden_layers=num_hidden_layers, **common)
     if family == "gemma3":
         return tf.Gemma3TextConfig(
             num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,

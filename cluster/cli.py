@@ -1,4 +1,4 @@
-"""`specray generate | bench | bench-protocol`. Flags are a contract (see DESIGN.md)."""
+"""`specray generate | bench | bench-long | bench-protocol | train-heads`. Flags are a contract (see DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--target", help="built-in alias, local directory or hub id")
     who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
-    p.add_argument("--draft", help="draft model (same tokenizer as the target)")
+    p.add_argument("--draft", help="draft model (same tokenizer as the target), or `self`: the target drafts for "
+                                   "itself with sparse attention over its own cache (--pipeline local)")
+    add_attention_args(p)
     p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa, amphista) or directory")
     p.add_argument("--tree", choices=("static", "dynamic"), default="dynamic",
                    help="with --heads: a fixed tree from the heads' measured accuracies, or one built per step")
@@ -50,6 +52,18 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "model's GGUF quantization (or int8), else bfloat16 where native, else float32 (the draft "
                         "only proposes: its precision cannot change the output)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+
+def add_attention_args(p: argparse.ArgumentParser) -> None:
+    """Long contexts: TidalDecode sparse attention (actors/tidal.py) and the request limit."""
+    p.add_argument("--draft-attention", default=None, metavar="tidal[:BUDGET]",
+                   help="the draft attends sparsely to BUDGET cached positions (default 256) in most layers; the "
+                        "target verifies with full attention, so the output is exactly the target's")
+    p.add_argument("--attention", default=None, metavar="tidal[:BUDGET]",
+                   help="the TARGET attends sparsely: faster at long context but APPROXIMATE (output close to, "
+                        "not guaranteed equal to, full attention; stats say approximate)")
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="refuse requests whose prompt + max-new-tokens exceed this (default: the model's context)")
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -112,11 +126,27 @@ def add_train_heads_args(p: argparse.ArgumentParser) -> None:
                                                      "(default ../shared/data/spec_bench/question.jsonl)")
 
 
+def add_bench_long_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", default=None, help="the draft model of spec-local and spec-tidal-draft")
+    p.add_argument("--context", default="4096,16384", help="comma-separated context lengths in tokens")
+    p.add_argument("--methods", default=None, help="default ar,spec-local,spec-tidal-draft,self-tidal,tidal")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--budget", type=_positive_int, default=None,
+                   help="TidalDecode: cached positions kept per KV head in sparse layers (default 256)")
+    p.add_argument("--needles", type=int, default=3, help="needle-in-a-haystack prompts per context")
+    p.add_argument("--codes", type=int, default=1, help="long code-file prompts per context")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--out", default="bench-out/long")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specray", description="Lossless speculative decoding on Ray")
     sub = p.add_subparsers(dest="command", required=True)
     add_generate_args(sub.add_parser("generate", help="generate text"))
     add_bench_args(sub.add_parser("bench", help="compare methods on a prompt set"))
+    add_bench_long_args(sub.add_parser("bench-long", help="compare methods at long context (4k, 16k tokens)"))
     sub.add_parser("bench-protocol", help="benchmark the ZeroMQ wire protocol", add_help=False)
     add_train_heads_args(sub.add_parser("train-heads", help="train draft heads on a frozen target"))
     return p
@@ -146,6 +176,13 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_long(args: argparse.Namespace) -> int:
+    from cluster.bench_long import bench_long_from_args
+
+    bench_long_from_args(args)
+    return 0
+
+
 def run_train_heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -168,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        commands = {"generate": run_generate, "bench": run_bench, "train-heads": run_train_heads}
+        commands = {"generate": run_generate, "bench": run_bench, "bench-long": run_bench_long,
+                    "train-heads": run_train_heads}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"specray {args.command}: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from actors import hardware, loading, threads
 from actors.runner import ModelRunner
+from actors.tidal import TidalConfig, check_spec
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import TokenSink
@@ -24,10 +25,12 @@ class EngineConfig:
     draft: str | None = None
     dtype: str = "float32"  # the target's precision defines "the target"
     draft_dtype: str = "auto"  # bf16 where the device runs it natively, else fp32
-    max_len: int = 4096
+    max_len: int | None = None  # longest request (prompt + new tokens); None: the model's context
     heads: str | None = None  # draft heads (built-in name or directory) on the target's hidden states
     more_heads: tuple[str, ...] = ()  # further heads to load beside them (a bench compares kinds)
     tree: str = "dynamic"  # the heads' candidate trees: static | dynamic
+    attention: str | None = None  # the target's own: tidal[:BUDGET] is approximate (never the default)
+    draft_attention: str | None = None  # the drafting side's: tidal[:BUDGET] (exact output: the target verifies)
 
     def __post_init__(self) -> None:
         from actors.head_drafter import TREES
@@ -36,6 +39,41 @@ class EngineConfig:
             hardware.check_dtype_name(getattr(self, name), name)
         if self.tree not in TREES:
             raise ValueError(f"tree must be one of {', '.join(TREES)}, got {self.tree!r}")
+        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention)
+        if self.draft == SELF and self.draft_attention is None:
+            object.__setattr__(self, "draft_attention", "tidal")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2 tokens, got {self.max_len}")
+
+    @property
+    def self_drafting(self) -> bool:
+        return self.draft == SELF
+
+
+SELF = "self"  # `--draft self`: the target drafts for itself with sparse attention
+
+
+def check_draft_options(draft: str | None, heads: str | None, attention: str | None,
+                        draft_attention: str | None) -> None:
+    """The long-context flags, refused in combinations that mean nothing (shared by every front end)."""
+    check_spec(attention)
+    check_spec(draft_attention)
+    if draft_attention is not None and draft is None:
+        raise ValueError("--draft-attention sets how a draft attends: give --draft D (a draft model) "
+                         "or --draft self (the target drafts for itself)")
+    if draft == SELF and attention is not None:
+        raise ValueError("--draft self drafts with sparse attention and verifies with full attention; "
+                         "--attention tidal would make the verify approximate: give one of them")
+    if draft == SELF and heads is not None:
+        raise ValueError("--heads and --draft self are two ways to draft; give one")
+
+
+def attention_label(attention: str | None, draft: str | None, draft_attention: str | None) -> dict:
+    """What output stats say about attention: exact unless the target itself attends sparsely."""
+    label = {"attention": attention or "full", "approximate": attention is not None}
+    if draft_attention is not None:
+        label["draft_attention"] = ("self " if draft == SELF else "") + draft_attention
+    return label
 
 
 def check_models(cfg: EngineConfig):
@@ -44,7 +82,11 @@ def check_models(cfg: EngineConfig):
     loading.resolve(cfg.target)
     loading.check_gguf(cfg.target, cfg.dtype, "--dtype")
     tokenizer = loading.load_tokenizer(cfg.target)
-    if cfg.draft is not None:
+    n_layers = loading.read_config(cfg.target).get_text_config().num_hidden_layers
+    for spec in (cfg.attention, cfg.draft_attention if cfg.self_drafting else None):
+        if spec is not None:
+            TidalConfig.parse(spec, n_layers)
+    if cfg.draft is not None and not cfg.self_drafting:
         loading.resolve(cfg.draft)
         loading.check_gguf(cfg.draft, cfg.draft_dtype, "--draft-dtype")
         loading.check_same_vocab(
@@ -83,13 +125,19 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def check_prompt(n_prompt: int, max_new_tokens: int, context: int) -> None:
+def check_prompt(n_prompt: int, max_new_tokens: int, context: int, max_len: int | None = None) -> None:
+    """Before any prefill: the request must fit the model's context and the configured max_len."""
     if n_prompt == 0:
         raise ValueError("the prompt is empty after tokenization")
     if n_prompt + max_new_tokens > context:
         raise ValueError(
             f"prompt of {n_prompt} tokens plus max-new-tokens {max_new_tokens} exceeds the model's "
             f"context of {context} tokens"
+        )
+    if max_len is not None and n_prompt + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt of {n_prompt} tokens plus max-new-tokens {max_new_tokens} exceeds max_len={max_len} "
+            f"(--max-len): raise it, up to the model's context of {context}"
         )
 
 
@@ -102,16 +150,23 @@ class LocalEngine:
         self.target = target or loading.load(cfg.target, cfg.dtype, progress=progress)
         self.tokenizer = self.target.tokenizer
         self.context_length = self.target.context_length
-        max_len = min(cfg.max_len, self.context_length + 64)
-        self.target_runner = ModelRunner.for_serving(self.target.build(), max_len, progress)
+        max_len = min(cfg.max_len or self.context_length, self.context_length) + 64
+        n_layers = self.target.config.get_text_config().num_hidden_layers
+        attention = TidalConfig.parse(cfg.attention, n_layers) if cfg.attention else None
+        self.target_runner = ModelRunner.for_serving(self.target.build(), max_len, progress, attention)
         self.draft = self.draft_runner = None
-        if cfg.draft is not None:
+        # `--draft self`: the target drafts for itself, sparsely, over its own cache
+        self.self_draft = TidalConfig.parse(cfg.draft_attention, n_layers) if cfg.self_drafting else None
+        if cfg.draft is not None and not cfg.self_drafting:
             self.draft = loading.load(cfg.draft, cfg.draft_dtype, progress=progress)
             loading.check_same_vocab(
                 self.tokenizer, self.draft.tokenizer, self.target.vocab_size, self.draft.vocab_size,
                 (cfg.target, cfg.draft),
             )
-            self.draft_runner = ModelRunner.for_serving(self.draft.build(), max_len, progress)
+            draft_layers = self.draft.config.get_text_config().num_hidden_layers
+            self.draft_runner = ModelRunner.for_serving(
+                self.draft.build(), max_len, progress,
+                TidalConfig.parse(cfg.draft_attention, draft_layers) if cfg.draft_attention else None)
         from actors.heads import load_heads
 
         self.heads_sets = {name: load_heads(heads_dir(cfg, name), self.target_runner.model)
@@ -121,7 +176,7 @@ class LocalEngine:
         # How verify cost grows with tokens on this target: seeds every draft-length policy,
         # and sizes the heads' trees (up to 64 nodes).
         sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads_sets else (1, 2, 4, 8, 16)
-        speculates = self.draft_runner is not None or bool(self.heads_sets)
+        speculates = self.draft_runner is not None or bool(self.heads_sets) or self.self_draft is not None
         self.verify_costs = self.target_runner.measure_verify_costs(sizes) if speculates else {}
         self.head_drafters: dict[tuple[str, str], object] = {}
         # Learned costs and calibration carry over between requests.
@@ -131,6 +186,10 @@ class LocalEngine:
         """Resolved dtypes, devices, kernels per shape class, threading: for stats and reports."""
         info = {"cpu": hardware.probe("cpu").to_dict(), "threading": threads.describe(),
                 "target": self.target_runner.runtime_info()}
+        if self.target_runner.attention is not None:
+            info["target"]["attention"] = self.target_runner.attention.describe() + ", approximate"
+        if self.self_draft is not None:
+            info["self_draft"] = self.self_draft.describe()
         if self.draft_runner is not None:
             info["draft"] = self.draft_runner.runtime_info()
         described = {name: {"kind": h.cfg.kind, "n_heads": h.n_heads, "hot_vocab": h.cfg.hot_vocab,
@@ -168,7 +227,15 @@ class LocalEngine:
         """`tree`: draft with the heads (static | dynamic), `heads` naming which loaded set
         (default: the configured one); default: the draft model if there is one, else the
         heads with the configured tree."""
-        check_prompt(len(prompt_ids), cfg.max_new_tokens, self.context_length)
+        check_prompt(len(prompt_ids), cfg.max_new_tokens, self.context_length, self.cfg.max_len)
+        result = self._generate(prompt_ids, cfg, speculative, on_tokens, tree, heads)
+        c = self.cfg
+        labels = attention_label(c.attention, c.draft, c.draft_attention if speculative else None)
+        result.stats.labels.update(labels)
+        return result
+
+    def _generate(self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool, on_tokens: TokenSink | None,
+                  tree: str | None, heads: str | None) -> GenerationResult:
         if not cfg.eos_token_ids:
             cfg = dataclasses.replace(cfg, eos_token_ids=self.eos_token_ids)
         if speculative and self.heads is not None and (tree is not None or self.draft_runner is None):
@@ -176,7 +243,7 @@ class LocalEngine:
                                   cfg, on_tokens)
         if tree is not None:
             raise ValueError(f"tree {tree!r} needs heads; this engine has none")
-        if not speculative or self.draft_runner is None:
+        if not speculative or (self.draft_runner is None and self.self_draft is None):
             return autoregressive_generate(self.target_runner, prompt_ids, cfg, on_tokens)
         key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)
         if key not in self.policies:
@@ -184,6 +251,9 @@ class LocalEngine:
                 max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width
             )
             self.policies[key].costs.verify_s.update(self.verify_costs)
+        if self.self_draft is not None:
+            return speculative_generate(self.target_runner, self.target_runner, prompt_ids, cfg, self.policies[key],
+                                        on_tokens, self_draft=self.self_draft)
         return speculative_generate(
             self.target_runner, self.draft_runner, prompt_ids, cfg, self.policies[key], on_tokens
         )

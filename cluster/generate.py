@@ -48,6 +48,8 @@ def ensemble_from_args(args: argparse.Namespace) -> dict:
                          "for a draft/target pair use --target T --draft D")
     if args.tree_width != 1:
         raise ValueError("--tree-width applies to draft/target pairs; ensembles draft chains")
+    if getattr(args, "attention", None) or getattr(args, "draft_attention", None):
+        raise ValueError("--attention and --draft-attention apply to a target and its draft, not to --ensemble")
     if args.pipeline == "async":
         raise ValueError("ensembles run --pipeline local (one process) or sync (one Ray actor per member); "
                          "CoS rounds are synchronous, there is no async variant")
@@ -81,15 +83,23 @@ def generate_from_args(args: argparse.Namespace) -> dict:
             raise ValueError("--heads runs with --pipeline local (heads in the target's process) or sync (heads in "
                              "their own actor): each tree needs the hidden state of the previous verify")
     ray_pipeline = args.pipeline in ("sync", "async")
+    attention, draft_attention = getattr(args, "attention", None), getattr(args, "draft_attention", None)
+    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
+                              heads=heads, tree=getattr(args, "tree", "dynamic"), max_len=getattr(args, "max_len", None),
+                              attention=attention, draft_attention=draft_attention)
     if ray_pipeline:
+        from cluster.pipeline import PipelineConfig
+
         if args.draft is None and heads is None:
             raise ValueError(f"--pipeline {args.pipeline} needs --draft (the drafter actor's model)")
         options, placement = pipeline_options(args, args.pipeline), placement_config(args)
-    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                              heads=heads, tree=getattr(args, "tree", "dynamic"))
+        pipeline_cfg = PipelineConfig(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
+                                      placement=placement, heads=heads, tree=getattr(args, "tree", "dynamic"),
+                                      attention=attention, draft_attention=draft_attention)
     tokenizer = check_models(engine_cfg)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
-    check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)))
+    check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)),
+                 engine_cfg.max_len)
 
     if not ray_pipeline:
         engine = LocalEngine(engine_cfg)
@@ -97,11 +107,9 @@ def generate_from_args(args: argparse.Namespace) -> dict:
         text = engine.decode(result.token_ids)
         runtime = engine.runtime_info()
     else:
-        from cluster.pipeline import PipelineConfig, RayPipeline
+        from cluster.pipeline import RayPipeline
 
-        with RayPipeline(PipelineConfig(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                                        placement=placement, heads=heads,
-                                        tree=getattr(args, "tree", "dynamic"))) as pipeline:
+        with RayPipeline(pipeline_cfg) as pipeline:
             result = pipeline.generate(prompt_ids, cfg, options)
             runtime = pipeline.runtime_info()
         text = tokenizer.decode(result.token_ids, skip_special_tokens=True)

@@ -13,6 +13,7 @@ import time
 
 from actors.head_drafter import HeadDrafter
 from actors.runner import ModelRunner
+from actors.tidal import TidalConfig
 from decoding.acceptance import verify_greedy, verify_sampling, verify_sampling_point_mass
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import (  # noqa: F401  (DecodeConfig etc. are imported from here too)
@@ -27,8 +28,9 @@ from decoding.request import (  # noqa: F401  (DecodeConfig etc. are imported fr
 from decoding.sampling import logits_to_probs
 
 
-def _first_token(target: ModelRunner, prompt: list[int], cfg: DecodeConfig, gen) -> int:
-    return next_token(target.feed(prompt), cfg.sampling, gen)
+def _first_token(target: ModelRunner, prompt: list[int], cfg: DecodeConfig, gen, room: int) -> int:
+    """Prefill (chunked; skipped when the runner holds this prompt's snapshot) and sample."""
+    return next_token(target.start(prompt, room)[1], cfg.sampling, gen)
 
 
 def autoregressive_generate(
@@ -37,8 +39,7 @@ def autoregressive_generate(
     """The target alone, one token per forward: the baseline speculation must match."""
     stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
-    target.reset(len(prompt) + cfg.max_new_tokens + 1)
-    out.extend([_first_token(target, prompt, cfg, gen)])
+    out.extend([_first_token(target, prompt, cfg, gen, len(prompt) + cfg.max_new_tokens + 1)])
     stats.target_forwards = 1
     while not out.done:
         logits = target.feed(out.tokens[-1:])
@@ -55,24 +56,33 @@ def speculative_generate(
     cfg: DecodeConfig,
     policy: DraftLengthPolicy | None = None,
     on_tokens: TokenSink | None = None,
+    self_draft: TidalConfig | None = None,
 ) -> GenerationResult:
     """Lossless speculative decoding: the output follows the target's own distribution
-    (token-identical under greedy) whatever the draft proposes."""
+    (token-identical under greedy) whatever the draft proposes.
+
+    `self_draft`: no draft model (`draft is target`); the target drafts for itself with
+    this sparse attention over its own cache, and verifies with full attention."""
+    if (self_draft is not None) != (draft is target):
+        raise ValueError("the target drafts for itself only with a sparse self_draft attention")
+    if target.approximate and self_draft is not None:
+        raise ValueError("self-drafting needs a target that verifies with full attention")
     policy = policy or DraftLengthPolicy(
         max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width
     )
     stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
     room = cfg.cache_room(len(prompt))
-    target.reset(room)
-    draft.reset(room)
-    out.extend([_first_token(target, prompt, cfg, gen)])
+    out.extend([_first_token(target, prompt, cfg, gen, room)])
+    if draft is not target:
+        draft.start(prompt, room)
     stats.target_forwards = 1
     while not out.done:
         context = prompt + out.tokens
         # Never draft past the requested length: those tokens would be thrown away.
         proposal = draft.propose(
-            context, cfg.sampling, policy, max_depth=max(1, out.remaining - 1), width=cfg.tree_width, generator=gen
+            context, cfg.sampling, policy, max_depth=max(1, out.remaining - 1), width=cfg.tree_width, generator=gen,
+            **({"self_draft": self_draft} if self_draft is not None else {}),
         )
         verify_start = time.perf_counter()
         logits = target.score_tree(context, proposal.tree)
@@ -108,8 +118,7 @@ def heads_generate(
     so sampling verifies with `verify_sampling_point_mass`; the output is the target's."""
     stats, out, gen = GenerationStats(), OutputBuffer(cfg, on_tokens), make_generator(cfg.seed)
     start = time.perf_counter()
-    target.reset(cfg.cache_room(len(prompt)) + drafter.max_nodes)
-    hidden, logits = target.feed_hidden(prompt)
+    hidden, logits = target.start(prompt, cfg.cache_room(len(prompt)) + drafter.max_nodes)
     out.extend([next_token(logits, cfg.sampling, gen)])
     stats.target_forwards = 1
     while not out.done:

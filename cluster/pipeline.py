@@ -24,10 +24,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from actors.verifying import PipelineOptions
+from cluster.engine import attention_label
 from cluster.placement import Placement, PlacementConfig, place, release
 from decoding.request import DecodeConfig, GenerationResult, GenerationStats, TokenSink
 from protocol import new_session_id
-from actors.verifying import PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,18 @@ class PipelineConfig:
     drafter_ready_s: float = 300.0  # how long a request waits for a (re)starting drafter
     heads: str | None = None  # draft heads (name or directory) in the drafter actor instead of a model
     tree: str = "dynamic"
+    attention: str | None = None  # the verifier's: tidal[:BUDGET] is approximate
+    draft_attention: str | None = None  # the drafter's: tidal[:BUDGET] (exact output)
 
     def __post_init__(self) -> None:
+        from cluster.engine import SELF, check_draft_options
+
         if (self.draft is None) == (self.heads is None):
             raise ValueError("a pipeline drafts with a draft model or with heads: give exactly one")
+        if self.draft == SELF:
+            raise ValueError("--draft self runs with --pipeline local: the target drafts over its own KV cache, "
+                             "and a drafter actor would need a second copy of the target and its cache")
+        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention)
         if self.placement.n_actors != 2:
             raise ValueError(f"a draft/verify pipeline places 2 actors, not {self.placement.n_actors}")
         for name in ("load_timeout_s", "request_timeout_s", "drafter_ready_s"):
@@ -61,7 +70,7 @@ class PipelineConfig:
 
 def actor_runtime(info: dict) -> dict:
     """The part of `ModelActor.info()` that says what the actor runs with, on its own device."""
-    keys = ("model", "node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading")
+    keys = ("model", "node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading", "attention")
     return {k: info.get(k) for k in keys}
 
 
@@ -119,16 +128,16 @@ class RayPipeline:
         self.placement: Placement = place(cfg.placement)
         secret = secrets.token_hex(32)  # signs the tcp link when the actors sit on two nodes
 
-        def start(index: int, model: str, dtype: str):
+        def start(index: int, model: str, dtype: str, attention: str | None):
             options = self.placement.actor_options(index)
             actor_cls = ray.remote(verifier_cls if index == 0 and verifier_cls else ModelActor)
             return actor_cls.options(**options, max_restarts=cfg.max_restarts, max_concurrency=4).remote(
-                {"model": model, "dtype": dtype, "max_len": cfg.max_len, "secret": secret})
+                {"model": model, "dtype": dtype, "max_len": cfg.max_len, "secret": secret, "attention": attention})
 
         try:
-            self.verifier = start(0, cfg.target, cfg.dtype)
+            self.verifier = start(0, cfg.target, cfg.dtype, cfg.attention)
             if cfg.heads is None:
-                self.drafter = start(1, cfg.draft, cfg.draft_dtype)
+                self.drafter = start(1, cfg.draft, cfg.draft_dtype, cfg.draft_attention)
             else:
                 self.drafter = self._start_heads(secret)
             self.verifier_info, self.drafter_info = ray.get(
@@ -203,6 +212,8 @@ class RayPipeline:
         else:
             stats.drafter_lost = False  # no drafter was asked
         stats.wall_s = time.perf_counter() - start  # as the caller saw it, Ray calls included
+        stats.labels.update(attention_label(self.cfg.attention, self.cfg.draft,
+                                            self.cfg.draft_attention if speculative else None))
         return GenerationResult(answer["token_ids"], stats)
 
     def runtime_info(self) -> dict:

@@ -60,6 +60,8 @@ class GenerationStats:
     rollbacks: int = 0  # async: times the drafter threw its speculation away
     drafter_lost: bool = False  # the drafter died or went silent; the rest was target-only
     tree_build_s: float = 0.0  # draft heads: time spent choosing trees (inside draft_s)
+    # How the models attended (`attention`, `approximate`, `draft_attention`): set by the engine
+    labels: dict = field(default_factory=dict)
 
     @property
     def mean_accepted(self) -> float:
@@ -90,6 +92,7 @@ class GenerationStats:
             # draft heads: ms per step choosing the tree (static trees only gather tokens)
             **({"tree_build_ms": round(1e3 * self.tree_build_s / self.verify_rounds, 4)}
                if self.tree_build_s and self.verify_rounds else {}),
+            **self.labels,
         }
 
     def to_dict(self) -> dict:

@@ -29,17 +29,19 @@ def runners(tiny_dir, target_dtype: str = "float32", draft_dtype: str = "float32
     return runner(target_dtype), runner(draft_dtype, noise=0.3)
 
 
-def exact_sequence_probs(target: ModelRunner, params: SamplingParams) -> dict[tuple[int, ...], float]:
+def exact_sequence_probs(target: ModelRunner, params: SamplingParams,
+                         prompt: list[int] = PROMPT) -> dict[tuple[int, ...], float]:
     probs = {}
     for seq in itertools.product(range(VOCAB), repeat=NEW):
         target.reset()
-        logits = target.model(torch.tensor(PROMPT + list(seq[:-1])), target.cache)
-        p = logits_to_probs(logits[len(PROMPT) - 1:], params)
+        logits = target.model(torch.tensor(prompt + list(seq[:-1])), target.cache)
+        p = logits_to_probs(logits[len(prompt) - 1:], params)
         probs[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
     return probs
 
 
-def sample_sequences(target, draft, params, width: int = 1, n: int = SAMPLES) -> list[tuple[int, ...]]:
+def sample_sequences(target, draft, params, width: int = 1, n: int = SAMPLES, prompt: list[int] = PROMPT,
+                     self_draft=None) -> list[tuple[int, ...]]:
     """n whole sequences from the local decode loop with a fixed draft length, one seed each."""
     from cluster.local import DecodeConfig, speculative_generate
     from decoding.draft_length import DraftLengthPolicy
@@ -50,7 +52,7 @@ def sample_sequences(target, draft, params, width: int = 1, n: int = SAMPLES) ->
     out = []
     for s in gen_seeds:
         cfg.seed = s
-        out.append(tuple(speculative_generate(target, draft, PROMPT, cfg, policy).token_ids))
+        out.append(tuple(speculative_generate(target, draft, prompt, cfg, policy, self_draft=self_draft).token_ids))
     return out
 
 

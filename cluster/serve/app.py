@@ -251,7 +251,8 @@ class OpenAIServer:
         return {"mean_accepted": round(s.mean_accepted, 4), "tokens_per_s": round(s.tokens_per_s, 4),
                 "new_tokens": s.new_tokens, "drafted_tokens": s.drafted_tokens,
                 "accepted_tokens": s.accepted_tokens, "target_forwards": s.target_forwards,
-                "wall_s": round(s.wall_s, 4), "drafter_lost": s.drafter_lost}
+                "wall_s": round(s.wall_s, 4), "drafter_lost": s.drafter_lost,
+                **s.labels}  # how the models attended: "approximate": true when the target attends sparsely
 
     def __del__(self) -> None:
         backend = getattr(self, "backend", None)

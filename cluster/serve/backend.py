@@ -42,7 +42,9 @@ class Backend:
 
             torch.set_num_threads(assigned_cpus())
             self.decoder = LocalEngine(EngineConfig(args.target, args.draft, args.dtype, args.draft_dtype,
-                                                    args.max_len, heads=args.heads, tree=args.tree), progress=False)
+                                                    args.max_len, heads=args.heads, tree=args.tree,
+                                                    attention=args.attention, draft_attention=args.draft_attention),
+                                       progress=False)
             self.tokenizer, self.context = self.decoder.tokenizer, self.decoder.context_length
         else:
             from cluster.pipeline import PipelineConfig, RayPipeline
@@ -52,7 +54,8 @@ class Backend:
             self.decoder = RayPipeline(PipelineConfig(args.target, args.draft, args.dtype, args.draft_dtype,
                                                       args.max_len, placement=placement,
                                                       request_timeout_s=args.request_timeout_s,
-                                                      heads=args.heads, tree=args.tree))
+                                                      heads=args.heads, tree=args.tree, attention=args.attention,
+                                                      draft_attention=args.draft_attention))
             self.options = PipelineOptions(mode=args.pipeline, lookahead=args.lookahead)
             self.tokenizer = loading.load_tokenizer(args.target)
             self.context = loading.context_length(loading.read_config(args.target))
@@ -76,6 +79,10 @@ class Backend:
         if len(prompt_ids) + max_tokens > self.context:
             raise ValueError(f"this model's maximum context length is {self.context} tokens; the prompt has "
                              f"{len(prompt_ids)} tokens and max_tokens is {max_tokens}")
+        if len(prompt_ids) + max_tokens > self.args.max_len:
+            raise ValueError(f"this endpoint's max_len is {self.args.max_len} tokens (prompt + max_tokens; the "
+                             f"context limit it serves); the prompt has {len(prompt_ids)} tokens and max_tokens "
+                             f"is {max_tokens}")
 
     # ---- decoding (on the replica's decode thread) -------------------------------------
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool,

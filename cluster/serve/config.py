@@ -26,6 +26,11 @@ class ServeArgs(BaseModel):
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"
     draft_dtype: str = "auto"  # resolved in each actor: bf16 where its device runs it natively
+    # Long contexts (TidalDecode, actors/tidal.py): draft `self` = the target drafts for itself
+    # (pipeline local); draft_attention tidal[:BUDGET] = the draft attends sparsely (exact output);
+    # attention tidal[:BUDGET] = the target attends sparsely: APPROXIMATE, and answers say so.
+    attention: str | None = None
+    draft_attention: str | None = None
     max_len: int = Field(4096, ge=16)
     lookahead: int = Field(8, ge=1)
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
@@ -40,6 +45,14 @@ class ServeArgs(BaseModel):
     def _check(self) -> "ServeArgs":
         for name in ("dtype", "draft_dtype"):
             check_dtype_name(getattr(self, name), name)
+        from cluster.engine import SELF, check_draft_options
+
+        if self.ensemble is not None and (self.attention or self.draft_attention):
+            raise ValueError("attention and draft_attention apply to a target and its draft, not to an ensemble")
+        if self.ensemble is None:
+            check_draft_options(self.draft, self.heads, self.attention, self.draft_attention)
+        if self.draft == SELF and self.pipeline != "local":
+            raise ValueError("draft: self runs with pipeline: local (the target drafts over its own KV cache)")
         if self.ensemble is not None:
             if len(self.ensemble) < 2:
                 raise ValueError(f"ensemble needs at least 2 models, got {self.ensemble}")

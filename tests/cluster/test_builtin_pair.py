@@ -98,3 +98,31 @@ def test_builtin_gguf_target_against_its_fp32_conversion(builtin_engine, expecte
     alone = autoregressive_generate(gguf, ids, cfg).token_ids
     spec = speculative_generate(gguf, builtin_engine.draft_runner, ids, cfg)
     assert spec.token_ids == alone and spec.stats.mean_accepted > 1.5
+
+
+def test_builtin_needle_is_found_and_sparse_drafting_keeps_the_targets_text(builtin_engine):
+    """Long context on the real pair (~1.5k tokens, what the test budget affords): the target
+    retrieves a needle from a haystack of prose and code; drafting sparsely (TidalDecode,
+    budget 64 of ~1.5k positions) by the draft model or by the target itself gives exactly
+    the target's tokens, from one prefill per model."""
+    from benchmarks.long_prompts import needle_found, needle_prompts
+    from cluster.bench_long import LongMethods
+
+    prompt = needle_prompts(builtin_engine.tokenizer, 1664, depths=(0.4,))[0]
+    ids = builtin_engine.encode(prompt.text, chat=True)
+    cfg = DecodeConfig(max_new_tokens=16, eos_token_ids=tuple(builtin_engine.eos_token_ids))
+    runners = (builtin_engine.target_runner, builtin_engine.draft_runner)
+    snaps = []
+    for runner in runners:
+        runner.reset(cfg.cache_room(len(ids)))
+        runner.prefill(ids)
+        snaps.append(runner.snapshot())
+    methods, outputs = LongMethods(builtin_engine, budget=64), {}
+    for method in ("ar", "spec-tidal-draft", "self-tidal"):
+        for runner, snap in zip(runners, snaps):
+            runner.restore(snap)
+        outputs[method] = methods.run(method, ids, cfg, 1664)
+    assert needle_found(prompt.answer, builtin_engine.decode(outputs["ar"].token_ids)), prompt.answer
+    for method in ("spec-tidal-draft", "self-tidal"):
+        assert outputs[method].token_ids == outputs["ar"].token_ids, method
+        assert outputs[method].stats.accepted_tokens > 0, method

@@ -45,6 +45,11 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     ({"targte": "x"}, "targte"),
     ({"heads": "medusa", "draft": "qwen2.5-coder-0.5b"}, "two ways to draft"),
     ({"heads": "medusa", "pipeline": "async"}, "local .* or sync"),
+    ({"draft": "self"}, "pipeline: local"),
+    ({"draft": "self", "pipeline": "local", "attention": "tidal"}, "give one of them"),
+    ({"attention": "tidal:x"}, "positive integer"),
+    ({"ensemble": ["a", "b"], "combine": "we:0.5", "attention": "tidal"}, "not to an ensemble"),
+    ({"draft": None, "pipeline": "local", "draft_attention": "tidal"}, "sets how a draft attends"),
     ({"heads": "medusa", "tree": "random"}, "tree"),
     ({"heads": "medusa", "ensemble": ["a", "b"], "combine": "we:0.5"}, "members draft"),
 ])

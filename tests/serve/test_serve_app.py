@@ -10,7 +10,9 @@ Two applications on one `serve run`, tiny models:
   GGUF kernels (`SPECRAY_NATIVE_ISA=none`);
 - `/ens`: the two tiny models as one weighted ensemble (CoS), one actor per member;
 - `/heads`: the target with Amphista heads (`heads:` instead of `draft:`), the heads in their
-  own actor (sync pipeline).
+  own actor (sync pipeline);
+- `/self`: the target drafting for itself with sparse attention (`draft: self`, local);
+- `/tidal`: the target alone attending sparsely (`attention: tidal:8`: approximate), max_len 160.
 """
 
 from __future__ import annotations
@@ -89,6 +91,12 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "args": {"target": target, "heads": str(tiny.make_tiny_heads(tmp / "heads", target, scale=0.3,
                                                                         kind="amphista")),
                       "served_model_name": MODEL, "max_pending": 4}},
+            {"name": "self", "route_prefix": "/self", "import_path": "cluster.serve.app:build",
+             "args": {"target": target, "draft": "self", "draft_attention": "tidal:8", "pipeline": "local",
+                      "served_model_name": MODEL, "max_pending": 4}},
+            {"name": "tidal", "route_prefix": "/tidal", "import_path": "cluster.serve.app:build",
+             "args": {"target": target, "draft": None, "attention": "tidal:8", "pipeline": "local",
+                      "served_model_name": MODEL, "max_pending": 4, "max_len": 160}},
         ],
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
@@ -100,7 +108,7 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy([f"{base}/health", f"{base}/small/health", f"{base}/ens/health", f"{base}/heads/health"],
+            wait_healthy([f"{base}/{app}health" for app in ("", "small/", "ens/", "heads/", "self/", "tidal/")],
                          proc, log)
             yield Server(base, head, target, config)
         finally:
@@ -216,6 +224,27 @@ def test_a_heads_endpoint_serves_the_targets_output(server, target_alone):
     assert answer.choices[0].text == target_alone(ids, 24)
     health = requests.get(f"{server.base}/heads/health", timeout=10).json()
     assert health["runtime"]["draft"]["model"].startswith("amphista heads")
+
+
+LONG = "the quick brown fox jumps over the lazy dog. " * 3  # ~130 tokens: past the tidal budget of 8
+
+
+def test_a_self_drafting_endpoint_serves_the_targets_output_and_says_how(server, target_alone):
+    client = openai.OpenAI(base_url=f"{server.base}/self/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.completions.create(model=MODEL, prompt=LONG, max_tokens=24, temperature=0)
+    assert answer.choices[0].text == target_alone(target_alone.engine.encode(LONG), 24)
+    ext = answer.model_extra["specray"]
+    assert ext["draft_attention"] == "self tidal:8" and ext["approximate"] is False and ext["drafted_tokens"] > 0
+
+
+def test_a_sparse_target_endpoint_is_marked_approximate_and_keeps_max_len(server):
+    client = openai.OpenAI(base_url=f"{server.base}/tidal/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.completions.create(model=MODEL, prompt=LONG, max_tokens=8, temperature=0)
+    assert answer.model_extra["specray"]["approximate"] is True
+    assert answer.model_extra["specray"]["attention"] == "tidal:8"
+    with pytest.raises(openai.BadRequestError, match="max_len is 160"):
+        client.completions.create(model=MODEL, prompt=LONG, max_tokens=64, temperature=0)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0).choices[0].text is not None
 
 
 def test_stop_strings_cut_the_text(server):
