@@ -487,7 +487,8 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_hidden(self, tokens: Tensor, cache: KVCache, positions: Tensor | None = None,
-                       tree_mask: Tensor | None = None, sparse: TidalConfig | None = None) -> Tensor:
+                       tree_mask: Tensor | None = None, sparse: TidalConfig | None = None,
+                       prefill: bool = False) -> Tensor:
         """Run T new tokens; return the final normed hidden states [T, hidden].
 
         Writes their K/V at slots [cache.length, cache.length + T) and advances cache.length.
@@ -499,6 +500,9 @@ class Transformer(nn.Module):
         ``sparse``: TidalDecode attention (``actors.tidal``), an approximation, for forwards
         of at most ``MAX_SPARSE_TOKENS`` tokens over more than ``budget`` cached ones;
         otherwise, and always in its full and selection layers, attention is exact.
+        ``prefill``: a chunk of a prompt, attended as one batch even on row-exact models (their
+        row-by-row attention is for verifies, which must equal decoding steps; a prompt is
+        prefilled the same way whatever decodes after it).
         """
         cfg = self.config
         if tokens.dim() == 2 and tokens.shape[0] == 1:
@@ -522,7 +526,7 @@ class Transformer(nn.Module):
         x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
         if cfg.gemma:
             x = x * self.embed_scale
-        plans = self._plans(T, start, positions, tree_mask, x.dtype)
+        plans = self._plans(T, start, positions, tree_mask, x.dtype, prefill)
         step = self._sparse_step(sparse, T, start, tree_mask)
         for i, blk in enumerate(self.layers):
             kc, vc = cache.k[i, 0], cache.v[i, 0]
@@ -554,7 +558,7 @@ class Transformer(nn.Module):
         return SparseStep(sparse, start, new_mask)
 
     def _plans(self, T: int, start: int, positions: Tensor | None, tree_mask: Tensor | None,
-               dtype: torch.dtype) -> dict[str, _AttnPlan]:
+               dtype: torch.dtype, prefill: bool = False) -> dict[str, _AttnPlan]:
         """Masks and RoPE tables, built once per forward for each kind of layer."""
         cfg, dev, g = self.config, self.device, self.config.n_heads // self.config.n_kv_heads
         end = start + T
@@ -609,7 +613,7 @@ class Transformer(nn.Module):
                     m &= (pos[:, None] - kpos[None, :]) < w
                 plan = _AttnPlan(lo, fold(m), False, cos, sin)
             plans["sliding_attention"] = plan
-        if self.row_exact and not (tree_mask is None and start == 0 and T > 1):  # a fresh prefill is the same call either way
+        if self.row_exact and not prefill and not (tree_mask is None and start == 0 and T > 1):  # a fresh prefill is the same call either way
             visible = new_part().tolist()
             for kind, plan in plans.items():
                 window = cfg.sliding_window if kind == "sliding_attention" else None

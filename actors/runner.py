@@ -152,7 +152,7 @@ class ModelRunner:
             raise ValueError("nothing to prefill")
         for i in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[i:i + self.prefill_chunk]
-            h = self.model.forward_hidden(torch.tensor(chunk, dtype=torch.long), self.cache)[-1:]
+            h = self.model.forward_hidden(torch.tensor(chunk, dtype=torch.long), self.cache, prefill=True)[-1:]
             self.tokens.extend(chunk)
         logits = self.model.logits(h)[0]
         self._last = (len(self.tokens), h[0], logits)

@@ -34,9 +34,10 @@ def prompt_of(n: int, vocab: int = 64, seed: int = 3) -> list[int]:
 def test_layout_scales_the_papers_to_the_model_depth():
     assert TidalConfig.for_model(32) == TidalConfig(256, (0, 1), (2, 13))
     qwen15 = TidalConfig.parse("tidal:512", 28)
-    assert (qwen15.budget, qwen15.full_layers, qwen15.select_layers) == (512, (0, 1), (2, 11))
+    assert (qwen15.budget, qwen15.full_layers, qwen15.select_layers) == (512, (0, 1), (2, 4))  # measured
     roles = [qwen15.role(i) for i in range(28)]
-    assert roles[:4] == ["full", "full", "select", "sparse"] and roles[11] == "select" and roles[27] == "sparse"
+    assert roles[:5] == ["full", "full", "select", "sparse", "select"] and roles[27] == "sparse"
+    assert TidalConfig.for_model(40).select_layers == (2, 16)  # no measurement for 40 layers: the paper's rule
     assert TidalConfig.parse("tidal", 2).select_layers == (0,)
     custom = TidalConfig.parse("tidal:64:3,9", 28)
     assert (custom.budget, custom.full_layers, custom.select_layers) == (64, (0, 1, 2), (3, 9))
@@ -188,3 +189,22 @@ def test_a_sparse_verify_is_caught_by_the_sampling_test(tiny_dir):
     probs = exact_sequence_probs(target, params, LONG_PROMPT)
     target.attention = TidalConfig(1, (), (0,))
     assert chi2_pvalue(sample_sequences(target, draft, params, prompt=LONG_PROMPT), probs) < 1e-6
+
+
+def test_a_chunked_prefill_on_a_row_exact_quantized_target_keeps_speculation_identical(tmp_path, tiny_dir):
+    """Quantized targets verify row by row (so a verify equals decoding steps); a prompt's
+    chunks attend as one batch instead (nothing is verified against them), and every method
+    decodes from that same prefill: greedy output stays the target's."""
+    from actors import tiny
+
+    path = tiny.make_tiny_gguf(tmp_path / "q8", "qwen2", "Q8_0", "Q8_0")
+    target = ModelRunner(loading.load(str(path), "gguf", progress=False).build(), 256)
+    assert target.model.row_exact
+    target.prefill_chunk = 32
+    draft = runner(tiny_dir("qwen2", noise=0.3), TidalConfig(8, (), (0,)))
+    prompt, cfg = prompt_of(150), DecodeConfig(max_new_tokens=32, eos_token_ids=(-1,))
+    expected = autoregressive_generate(target, prompt, cfg).token_ids
+    assert speculative_generate(target, draft, prompt, cfg).token_ids == expected
+    selfspec = speculative_generate(target, target, prompt, cfg, DraftLengthPolicy(fixed=3),
+                                    self_draft=TidalConfig(8, (), (0,)))
+    assert selfspec.token_ids == expected
