@@ -7,6 +7,7 @@ import pytest
 import actors  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
+import actors.loading  # noqa: E402
 from actors import tiny  # noqa: E402
 
 # Tiny models are all overhead: one thread avoids OpenMP spin-waits on a busy 2-core box.
@@ -55,3 +56,14 @@ def local_ray():
              include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any weight load during the call fails the test: validation must come first."""
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(actors.loading, "load", refuse)
+    monkeypatch.setattr("cluster.engine.loading.load", refuse)

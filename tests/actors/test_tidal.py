@@ -34,9 +34,9 @@ def prompt_of(n: int, vocab: int = 64, seed: int = 3) -> list[int]:
 def test_layout_scales_the_papers_to_the_model_depth():
     assert TidalConfig.for_model(32) == TidalConfig(256, (0, 1), (2, 13))
     qwen15 = TidalConfig.parse("tidal:512", 28)
-    assert (qwen15.budget, qwen15.full_layers, qwen15.select_layers) == (512, (0, 1), (2, 4))  # measured
+    assert (qwen15.budget, qwen15.full_layers, qwen15.select_layers) == (512, (0, 1), (2, 8))  # measured
     roles = [qwen15.role(i) for i in range(28)]
-    assert roles[:5] == ["full", "full", "select", "sparse", "select"] and roles[27] == "sparse"
+    assert roles[:4] == ["full", "full", "select", "sparse"] and roles[8] == "select" and roles[27] == "sparse"
     assert TidalConfig.for_model(40).select_layers == (2, 16)  # no measurement for 40 layers: the paper's rule
     assert TidalConfig.parse("tidal", 2).select_layers == (0,)
     custom = TidalConfig.parse("tidal:64:3,9", 28)

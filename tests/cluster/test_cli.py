@@ -8,19 +8,7 @@ import sys
 
 import pytest
 
-import actors.loading
 from cluster import cli
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any weight load during the call fails the test: validation must come first."""
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the input was validated")
-
-    monkeypatch.setattr(actors.loading, "load", refuse)
-    monkeypatch.setattr("cluster.engine.loading.load", refuse)
 
 
 def run(argv, capsys) -> tuple[int, str]:

@@ -11,19 +11,9 @@ import json
 
 import pytest
 
-import actors.loading
 from cluster import cli
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the input was validated")
-
-    monkeypatch.setattr(actors.loading, "load", refuse)
-    monkeypatch.setattr("cluster.engine.loading.load", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -36,3 +36,16 @@ def test_a_sparse_drafter_actor_gives_the_targets_output(local_ray, models, mode
             assert result.stats.verify_rounds > 0 and not result.stats.drafter_lost
             labels = result.stats.as_dict()
             assert labels["draft_attention"] == "tidal:8" and labels["approximate"] is False
+
+
+def test_a_sparse_verifier_actor_is_labelled_approximate(local_ray, models):
+    """Use 3 in a Ray pipeline: the verifier actor itself attends sparsely; every answer says so."""
+    target, draft = models
+    cfg = PipelineConfig(target, draft, draft_dtype="float32", attention="tidal:8", drafter_ready_s=60,
+                         request_timeout_s=120)
+    with RayPipeline(cfg) as pipe:
+        assert pipe.verifier_info["attention"].startswith("tidal:8") and "attention" not in pipe.drafter_info
+        decode = DecodeConfig(max_new_tokens=16, eos_token_ids=(-1,))
+        result = pipe.generate(PROMPTS[0], decode, PipelineOptions(mode="sync"))
+        labels = result.stats.as_dict()
+        assert len(result.token_ids) == 16 and labels["approximate"] is True and labels["attention"] == "tidal:8"
