@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -144,9 +144,10 @@ class ModelRunner:
         self.cache.v[..., :n, :] = old.v[..., :n, :]
         self.cache.length = n
 
-    def prefill(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, tokens: Sequence[int], progress: Callable[[int, int], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `tokens` in chunks of `prefill_chunk` with full attention; return the last
-        token's (hidden [d], logits [V])."""
+        token's (hidden [d], logits [V]). `progress(done, total)` after each chunk."""
         tokens = list(tokens)
         if not tokens:
             raise ValueError("nothing to prefill")
@@ -154,6 +155,8 @@ class ModelRunner:
             chunk = tokens[i:i + self.prefill_chunk]
             h = self.model.forward_hidden(torch.tensor(chunk, dtype=torch.long), self.cache, prefill=True)[-1:]
             self.tokens.extend(chunk)
+            if progress is not None:
+                progress(i + len(chunk), len(tokens))
         logits = self.model.logits(h)[0]
         self._last = (len(self.tokens), h[0], logits)
         return h[0], logits

@@ -136,10 +136,11 @@ def bench_long_from_args(args: argparse.Namespace) -> dict:
             peak_rss_reset()
             start = time.perf_counter()
             snaps = []
-            for runner in (engine.target_runner, draft):
+            for role, runner in (("target", engine.target_runner), ("draft", draft)):
                 if runner is not None:
                     runner.reset(room)
-                    runner.prefill(ids)
+                    runner.prefill(ids, lambda done, total, role=role: bar.set_postfix_str(
+                        f"{c}: prefill {i + 1}/{len(encoded[c])}, {role} {done}/{total} tokens"))
                     snaps.append(runner.snapshot())
             seconds += time.perf_counter() - start
             peak = max(peak, peak_rss_gib() or 0.0)

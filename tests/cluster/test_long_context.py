@@ -87,7 +87,8 @@ def test_bench_long_decodes_every_method_from_one_prefill(tmp_path, long_tiny, m
 
     prefills = []
     real = ModelRunner.prefill
-    monkeypatch.setattr(ModelRunner, "prefill", lambda self, toks: prefills.append(len(toks)) or real(self, toks))
+    monkeypatch.setattr(ModelRunner, "prefill",
+                        lambda self, toks, progress=None: prefills.append(len(toks)) or real(self, toks, progress))
     out = tmp_path / "long"
     code = cli.main(["bench-long", "--target", long_tiny[0], "--draft", long_tiny[1], "--draft-dtype", "float32",
                      "--context", "768,1024", "--max-new-tokens", "6", "--needles", "1", "--codes", "1",
