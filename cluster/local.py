@@ -82,7 +82,7 @@ def speculative_generate(
         # Never draft past the requested length: those tokens would be thrown away.
         proposal = draft.propose(
             context, cfg.sampling, policy, max_depth=max(1, out.remaining - 1), width=cfg.tree_width, generator=gen,
-            **({"self_draft": self_draft} if self_draft is not None else {}),
+            self_draft=self_draft,
         )
         verify_start = time.perf_counter()
         logits = target.score_tree(context, proposal.tree)
