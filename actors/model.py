@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from actors import kernels
+from actors import linear_attention as lin
 from actors.tidal import MAX_SPARSE_TOKENS, SparseStep, TidalConfig, attend_select, attend_sparse
 from decoding.kv_cache import KVCache
 
 SUPPORTED_FAMILIES = ("qwen2", "llama", "gemma3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTS = ("silu", "gelu_pytorch_tanh")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 _HF_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
@@ -60,6 +61,7 @@ class ModelConfig:
     rope_local_theta: float | None = None  # RoPE base of sliding layers (gemma3); None = rope_theta
     query_pre_attn_scalar: float | None = None  # gemma3: attention scale = this ** -0.5
     final_logit_softcapping: float | None = None
+    linear: lin.LinearConfig | None = None  # set by `Transformer.linearize`
 
     def __post_init__(self) -> None:
         if self.family not in SUPPORTED_FAMILIES:
@@ -234,6 +236,7 @@ class _AttnPlan:
     # they are contiguous). Each row then attends alone, in exactly the call a one-token
     # decoding step makes, so its result cannot depend on what else is in the forward.
     rows: list[slice | Tensor] | None = None
+    linear: lin.LinearStep | None = None  # linear layers: slots read and masks (actors.linear_attention)
 
 
 class Attention(nn.Module):
@@ -248,9 +251,10 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, True) if cfg.gemma else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, True) if cfg.gemma else None
+        self.linear: lin.LinearParams | None = None  # a linearized layer's feature maps and convolution
 
     def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
-                sparse: SparseStep | None = None, role: str = "full") -> Tensor:
+                sparse: SparseStep | None = None, role: str = "full", sums: Tensor | None = None) -> Tensor:
         T, D = x.shape[0], self.head_dim
         q = self.wq(x).view(T, self.n_heads, D).transpose(0, 1)  # [H, T, D]
         k = self.wk(x).view(T, self.n_kv, D).transpose(0, 1)  # [Hkv, T, D]
@@ -262,6 +266,10 @@ class Attention(nn.Module):
         end = start + T
         kc[:, start:end] = k
         vc[:, start:end] = v
+        if self.linear is not None:
+            st = plan.linear
+            o = lin.attend(self.linear, q, kc[:, st.lo:st.end], vc[:, st.lo:st.end], st, sums, self.scale)
+            return self.wo(o.to(x.dtype).transpose(0, 1).reshape(T, self.n_heads * D))
         if sparse is not None and role != "full":
             attend = attend_select if role == "select" else attend_sparse
             o = attend(q.reshape(self.n_kv, self.group * T, D), kc, vc, end, sparse, self.scale)
@@ -319,8 +327,8 @@ class Block(nn.Module):
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
 
     def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
-                sparse: SparseStep | None = None, role: str = "full") -> Tensor:
-        h = self.attn(self.attn_norm(x), kc, vc, start, plan, sparse, role)
+                sparse: SparseStep | None = None, role: str = "full", sums: Tensor | None = None) -> Tensor:
+        h = self.attn(self.attn_norm(x), kc, vc, start, plan, sparse, role, sums)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -368,6 +376,8 @@ class Transformer(nn.Module):
         row. Verifying T tokens then gives bitwise the logits of T one-token steps, so greedy
         speculation equals decoding alone even at near-ties. Dense BLAS kernels change
         their summation order with the row count, so dense models are not row-exact."""
+        if self._row_exact is None and self.config.linear is not None:
+            self._row_exact = False  # linear layers sum the past in another order when verifying
         if self._row_exact is None:
             linears = [self.output] + [m for blk in self.layers for m in (
                 blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.w_gate, blk.mlp.w_up, blk.mlp.w_down)]
@@ -465,7 +475,36 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, dtype=self.dtype, device=self.device)
+        cache = KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, dtype=self.dtype, device=self.device)
+        if c.linear is not None:
+            cache.linear = lin.LinearState()
+        return cache
+
+    def linearize(self, cfg: lin.LinearConfig) -> list[lin.LinearParams]:
+        """Turn the layers `cfg` names into linearized attention (actors.linear_attention),
+        with fresh feature maps (`loading.load_linear` loads trained ones); returns them.
+        Changes `self.config` in place: a model sharing that config object changes too."""
+        mc = self.config
+        if mc.linear is not None:
+            raise ValueError("this model is linearized already")
+        if "sliding_attention" in mc.layer_types:
+            raise ValueError(f"linearizing {mc.family} models with sliding-window layers is not supported")
+        layers = cfg.linear_layers(mc.n_layers)
+        added = []
+        for i in layers:
+            p = lin.LinearParams(cfg, mc.n_heads, mc.n_kv_heads, mc.head_dim).to(self.device)
+            self.layers[i].attn.linear = p
+            self.layers[i].layer_type = "linear_attention"
+            added.append(p)
+        mc.layer_types = tuple("linear_attention" if i in layers else t for i, t in enumerate(mc.layer_types))
+        mc.linear = cfg
+        self._row_exact = None
+        return added
+
+    def linear_params(self) -> dict[str, Tensor]:
+        """The linearized layers' parameters by name (`layers.I.P`): what a linearized model ships."""
+        return {f"layers.{i}.{n}": t for i, blk in enumerate(self.layers) if blk.attn.linear is not None
+                for n, t in blk.attn.linear.named_parameters()}
 
     # ------------------------------------------------------------------ forward
 
@@ -528,15 +567,35 @@ class Transformer(nn.Module):
             x = x * self.embed_scale
         plans = self._plans(T, start, positions, tree_mask, x.dtype, prefill)
         step = self._sparse_step(sparse, T, start, tree_mask)
+        sums = self._linear_sums(cache, plans["linear_attention"].linear.boundary) if cfg.linear else None
         for i, blk in enumerate(self.layers):
             kc, vc = cache.k[i, 0], cache.v[i, 0]
-            x = blk(x, kc, vc, start, plans[blk.layer_type], step, step.cfg.role(i) if step else "full")
+            x = blk(x, kc, vc, start, plans[blk.layer_type], step, step.cfg.role(i) if step else "full",
+                    sums[i] if sums else None)
         cache.length = start + T
         return self.norm(x)
+
+    def _linear_sums(self, cache: KVCache, boundary: int) -> list[Tensor | None]:
+        """Each linear layer's S over the committed slots [0, boundary), from the cache's checkpoints."""
+        if cache.linear is None:
+            raise ValueError("a linearized model needs a cache from its own new_cache()")
+        params = [blk.attn.linear for blk in self.layers]
+
+        def empty() -> list[Tensor | None]:
+            return [None if p is None else lin.empty_sums(p, self.device) for p in params]
+
+        def fold(sums: list[Tensor | None], lo: int, hi: int) -> list[Tensor | None]:
+            return [None if p is None else lin.fold_group(p, s, cache.k[i, 0, :, lo:hi], cache.v[i, 0, :, lo:hi])
+                    for i, (p, s) in enumerate(zip(params, sums))]
+
+        return cache.linear.sums_at(boundary, self.config.linear.group, fold, empty)
 
     def check_sparse(self, sparse: TidalConfig) -> None:
         """Refuse a TidalDecode layout this model cannot run, naming why."""
         cfg = self.config
+        if cfg.linear is not None:
+            raise ValueError("tidal attention is not supported on a linearized model (its linear layers already "
+                             "read a state of fixed size)")
         if "sliding_attention" in cfg.layer_types:
             raise ValueError(f"tidal attention is not supported on {cfg.family} models with sliding-window layers")
         if sparse.select_layers[-1] >= cfg.n_layers:
@@ -613,6 +672,10 @@ class Transformer(nn.Module):
                     m &= (pos[:, None] - kpos[None, :]) < w
                 plan = _AttnPlan(lo, fold(m), False, cos, sin)
             plans["sliding_attention"] = plan
+        if "linear_attention" in kinds:
+            cos, sin = rope(self.inv_freq)
+            plans["linear_attention"] = _AttnPlan(0, None, False, cos, sin,
+                                                  linear=lin.plan_step(cfg.linear, start, pos, tree_mask))
         if self.row_exact and not prefill and not (tree_mask is None and start == 0 and T > 1):  # a fresh prefill is the same call either way
             visible = new_part().tolist()
             for kind, plan in plans.items():

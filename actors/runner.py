@@ -99,6 +99,11 @@ class ModelRunner:
                 "kernels": {**kernels.summarize(self.kernels), **quantized.summary(self.model)}}
         if self.attention is not None:
             info["attention"] = self.attention.describe()
+        lin = self.model.config.linear
+        if lin is not None:
+            n = sum(t == "linear_attention" for t in self.model.config.layer_types)
+            info["linear"] = (f"linear attention in {n} of {self.model.config.n_layers} layers "
+                              f"(groups of {lin.group}, {2 * lin.features} features, {lin.conv}-tap V convolution)")
         return info
 
     @property
@@ -143,6 +148,7 @@ class ModelRunner:
         self.cache.k[..., :n, :] = old.k[..., :n, :]
         self.cache.v[..., :n, :] = old.v[..., :n, :]
         self.cache.length = n
+        self.cache.linear = old.linear  # same slots: a linearized model's checkpoints still hold
 
     def prefill(self, tokens: Sequence[int], progress: Callable[[int, int], None] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,8 +171,9 @@ def make_tiny_heads(path: str | Path, model_dir: str | Path, n_heads: int = 3, h
                     seed: int = 0, scale: float = 1.0, kind: str = "medusa") -> Path:
     """Seeded random heads (`medusa` or `amphista`) for a tiny model: confident enough that
     trees vary, wrong often enough that rejections happen. Hot vocab: the lowest ids."""
-    from actors.heads import HeadsConfig, make_heads
     from transformers import AutoConfig
+
+    from actors.heads import HeadsConfig, make_heads
 
     cfg = AutoConfig.from_pretrained(model_dir)
     vocab = cfg.vocab_size
@@ -188,3 +189,31 @@ def make_tiny_heads(path: str | Path, model_dir: str | Path, n_heads: int = 3, h
                 p.normal_(0.0, scale / p.shape[-1] ** 0.5, generator=g)
     heads.save(path)
     return Path(path)
+
+
+def make_tiny_linear(path: str | Path, base: str | Path, group: int = 4, features: int = 8, conv: int = 3,
+                     seed: int = 0, scale: float = 0.3) -> Path:
+    """A linearized tiny model: `base` (a tiny model's directory) with seeded random feature
+    maps, gains and convolution (`scale` off the initial values), written as `specray
+    linearize` writes one (linear.json naming the base, linear.safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from actors import loading
+    from actors.linear_attention import LINEAR_CONFIG, LINEAR_FILE, LinearConfig
+
+    path = Path(path)
+    if (path / LINEAR_CONFIG).is_file():
+        return path
+    model = loading.load(str(base), "float32", progress=False).build()
+    cfg = LinearConfig(group=group, features=features, conv=conv)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.linearize(cfg):
+            for t in p.parameters():
+                t.add_(torch.randn(t.shape, generator=gen) * scale)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.linear_params().items()}, path / LINEAR_FILE)
+    (path / LINEAR_CONFIG).write_text(json.dumps({"base": str(base), **cfg.to_dict()}))
+    return path

@@ -257,6 +257,10 @@ def bench_from_args(args: argparse.Namespace) -> dict:
     if hf_methods and args.dtype in hardware.QUANTIZED:
         raise ValueError(f"{', '.join(hf_methods)} run transformers on a dense target; with --dtype {args.dtype} "
                          "compare ar, spec-local, llamacpp and llamacpp-spec (or bench a dense target)")
+    linear_methods = [m for m in methods if m.startswith(("hf", "llamacpp"))]
+    if linear_methods and loading.linear_dir(args.target) is not None:
+        raise ValueError(f"{', '.join(linear_methods)} would run {args.target!r}'s softmax base, not the linearized "
+                         "model; compare ar and spec-local (or spec-sync, spec-async)")
     prompts = load_prompts(args.prompts, args.limit)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
                               heads=heads_names[0] if heads_names else None, more_heads=tuple(heads_names[1:]))

@@ -58,7 +58,7 @@ class PipelineConfig:
         if self.draft == SELF:
             raise ValueError("--draft self runs with --pipeline local: the target drafts over its own KV cache, "
                              "and a drafter actor would need a second copy of the target and its cache")
-        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention)
+        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention, self.target)
         if self.placement.n_actors != 2:
             raise ValueError(f"a draft/verify pipeline places 2 actors, not {self.placement.n_actors}")
         for name in ("load_timeout_s", "request_timeout_s", "drafter_ready_s"):
@@ -70,7 +70,8 @@ class PipelineConfig:
 
 def actor_runtime(info: dict) -> dict:
     """The part of `ModelActor.info()` that says what the actor runs with, on its own device."""
-    keys = ("model", "node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading", "attention")
+    keys = ("model", "node_ip", "device", "threads", "dtype", "kernels", "capabilities", "threading", "attention",
+            "linear")
     return {k: info.get(k) for k in keys}
 
 

@@ -45,6 +45,9 @@ class KVCache:
             self.k: Tensor = torch.zeros(shape, dtype=dtype, device=device)
             self.v: Tensor = torch.zeros(shape, dtype=dtype, device=device)
         self.length: int = 0
+        # A linearized model's sums over whole committed groups (actors.linear_attention.LinearState),
+        # checkpointed by slot; forgotten past the new length whenever entries are dropped.
+        self.linear = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,6 +85,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self._dropped()
+
+    def _dropped(self) -> None:
+        if self.linear is not None:
+            self.linear.forget_after(self.length)
 
     def crop(self, length: int) -> None:
         """Forget every entry at slot >= ``length`` (O(1), nothing is copied)."""
@@ -89,6 +97,7 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"KVCache.crop: length {length} outside [0, {self.length}]")
         self.length = length
+        self._dropped()
 
     def compact(self, start: int, keep: Sequence[int] | Tensor) -> None:
         """Keep the entries at slots ``start + keep[j]``, moved to ``start + j``.
@@ -123,3 +132,5 @@ class KVCache:
                 self.k[:, :, :, dst] = self.k.index_select(3, src)
                 self.v[:, :, :, dst] = self.v.index_select(3, src)
         self.length = start + n
+        if self.linear is not None:
+            self.linear.forget_after(start)  # slots from `start` on may have changed

@@ -36,6 +36,20 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_linear(tiny_dir, tmp_path_factory):
+    """tiny_linear(family, group=4, conv=3, seed=0, **base_kw) -> a linearized tiny model's
+    directory (its base: tiny_dir(family, **base_kw)), created once per session."""
+    root = tmp_path_factory.mktemp("tiny-linear")
+
+    def make(family: str = "qwen2", group: int = 4, conv: int = 3, seed: int = 0, **kw) -> str:
+        base = tiny_dir(family, **kw)
+        name = f"{family}-g{group}-c{conv}-s{seed}" + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        return str(tiny.make_tiny_linear(root / name, base, group=group, conv=conv, seed=seed))
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def builtin_engine():
     """The real built-in pair (about 5 GB) and the target's built-in heads, loaded once by the one module that uses it and

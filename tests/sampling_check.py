@@ -17,6 +17,7 @@ from decoding.sampling import SamplingParams, logits_to_probs
 
 VOCAB, NEW, SAMPLES = 4, 4, 10_000
 PROMPT = [2, 3]
+LONG_PROMPT = [2, 3, 1, 0, 3, 3, 2, 1, 0, 2, 1, 3, 2]  # 13 tokens: past small budgets and several groups
 
 
 def runners(tiny_dir, target_dtype: str = "float32", draft_dtype: str = "float32"):

@@ -50,7 +50,7 @@ class ServeArgs(BaseModel):
         if self.ensemble is not None and (self.attention or self.draft_attention):
             raise ValueError("attention and draft_attention apply to a target and its draft, not to an ensemble")
         if self.ensemble is None:
-            check_draft_options(self.draft, self.heads, self.attention, self.draft_attention)
+            check_draft_options(self.draft, self.heads, self.attention, self.draft_attention, self.target)
         if self.draft == SELF and self.pipeline != "local":
             raise ValueError("draft: self runs with pipeline: local (the target drafts over its own KV cache)")
         if self.ensemble is not None:

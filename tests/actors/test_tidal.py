@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sampling_check import chi2_pvalue, exact_sequence_probs, sample_sequences
+from sampling_check import LONG_PROMPT, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 from actors import loading
 from actors.runner import ModelRunner
@@ -160,7 +160,6 @@ def test_self_drafting_refuses_a_sparse_verifier(tiny_dir):
         speculative_generate(target, target, [1, 2], DecodeConfig(max_new_tokens=2), self_draft=TidalConfig(8))
 
 
-LONG_PROMPT = [2, 3, 1, 0, 3, 3, 2, 1, 0, 2, 1, 3, 2]  # 13 tokens over the vocabulary of 4
 SPARSE = TidalConfig(3, (), (0,))  # layer 0 selects, layer 1 attends sparsely
 
 
