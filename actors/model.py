@@ -573,6 +573,8 @@ class Transformer(nn.Module):
             x = blk(x, kc, vc, start, plans[blk.layer_type], step, step.cfg.role(i) if step else "full",
                     sums[i] if sums else None)
         cache.length = start + T
+        if cfg.linear and prefill:  # a prompt is committed: fold its whole groups now (snapshots keep them)
+            self._linear_sums(cache, cfg.linear.group * (cache.length // cfg.linear.group))
         return self.norm(x)
 
     def _linear_sums(self, cache: KVCache, boundary: int) -> list[Tensor | None]:

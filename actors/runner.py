@@ -38,6 +38,7 @@ class Snapshot:
     k: torch.Tensor
     v: torch.Tensor
     last: tuple[torch.Tensor, torch.Tensor]  # (hidden, logits) after the last token
+    linear: object = None  # a linearized model's state checkpoints (actors.linear_attention.LinearState)
 
 
 # Prompts are prefilled in chunks of this many tokens: attention scores and MLP
@@ -173,7 +174,7 @@ class ModelRunner:
             raise ValueError("snapshot needs a runner just prefilled (start/prefill)")
         n = self.cache.length
         return Snapshot(list(self.tokens), self.cache.k[..., :n, :].clone(), self.cache.v[..., :n, :].clone(),
-                        (self._last[1], self._last[2]))
+                        (self._last[1], self._last[2]), self.cache.linear and self.cache.linear.copy())
 
     def restore(self, snap: Snapshot, max_len: int | None = None) -> None:
         n = len(snap.tokens)
@@ -181,6 +182,8 @@ class ModelRunner:
         self.cache.k[..., :n, :] = snap.k
         self.cache.v[..., :n, :] = snap.v
         self.cache.length = n
+        if snap.linear is not None:  # else a linearized model refolds its state on the next forward
+            self.cache.linear = snap.linear.copy()
         self.tokens = list(snap.tokens)
         self._last = (n, *snap.last)
 

@@ -225,3 +225,19 @@ def test_a_tree_verify_over_the_flattened_order_is_caught_by_the_sampling_test(t
     original = lin.ancestry
     monkeypatch.setattr(lin, "ancestry", lambda start, lo, positions, mask: original(start, lo, positions, None))
     assert chi2_pvalue(sample_sequences(target, draft, params, width=2, prompt=LONG_PROMPT), probs) < 1e-6
+
+
+def test_a_snapshot_keeps_the_state_and_decodes_as_a_fresh_prefill(tiny_linear, monkeypatch):
+    target = runner(tiny_linear("qwen2"))
+    prompt, cfg = tokens_of(70).tolist(), DecodeConfig(max_new_tokens=12, eos_token_ids=(-1,))
+    fresh = autoregressive_generate(target, prompt, cfg).token_ids
+    target.reset()
+    target.prefill(prompt)
+    snap = target.snapshot()
+    folds = []
+    fold = lin.fold_group
+    monkeypatch.setattr(lin, "fold_group", lambda *a: folds.append(1) or fold(*a))
+    for _ in range(2):
+        target.restore(snap)
+        assert autoregressive_generate(target, prompt, cfg).token_ids == fresh
+    assert len(folds) == 2 * 3 * target.model.config.n_layers  # the 3 groups decoding adds, not the prompt's 17
