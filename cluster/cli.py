@@ -1,4 +1,6 @@
-"""`specray generate | bench | bench-long | bench-protocol | train-heads`. Flags are a contract (see DESIGN.md)."""
+"""`specray generate | bench | bench-long | bench-protocol | train-heads | linearize`.
+
+Flags are a contract (see DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -126,6 +128,21 @@ def add_train_heads_args(p: argparse.ArgumentParser) -> None:
                                                      "(default ../shared/data/spec_bench/question.jsonl)")
 
 
+def add_linearize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the dense model to linearize (kept frozen)")
+    p.add_argument("--out", required=True, help="directory for linear.json + linear.safetensors")
+    p.add_argument("--work", default=None, help="cache of chunks, captured q/k/v and checkpoints (default under "
+                                               "~/.cache/specray/linearize); rerun the same command to resume")
+    p.add_argument("--tokens", type=int, default=32768, help="training tokens (captured once, then --epochs passes)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per training chunk")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--group", type=int, default=64, help="softmax inside groups of this many positions")
+    p.add_argument("--features", type=int, default=64, help="feature-map size per head (2x after the Hedgehog map)")
+    p.add_argument("--conv", type=int, default=4, help="taps of the causal convolution on V")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def add_bench_long_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True)
     p.add_argument("--draft", default=None, help="the draft model of spec-local and spec-tidal-draft")
@@ -149,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     add_bench_long_args(sub.add_parser("bench-long", help="compare methods at long context (4k, 16k tokens)"))
     sub.add_parser("bench-protocol", help="benchmark the ZeroMQ wire protocol", add_help=False)
     add_train_heads_args(sub.add_parser("train-heads", help="train draft heads on a frozen target"))
+    add_linearize_args(sub.add_parser("linearize", help="linearize a model's attention (attention transfer)"))
     return p
 
 
@@ -196,6 +214,18 @@ def run_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_linearize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from actors.loading import cache_root
+    from training.linearize import LinearizeConfig, run
+
+    work = Path(args.work) if args.work else cache_root() / "linearize" / f"{Path(args.model).name}-{args.seed}"
+    run(LinearizeConfig(args.model, Path(args.out), work, tokens=args.tokens, seq=args.seq, epochs=args.epochs,
+                        lr=args.lr, group=args.group, features=args.features, conv=args.conv, seed=args.seed))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench-protocol"]:
@@ -206,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         commands = {"generate": run_generate, "bench": run_bench, "bench-long": run_bench_long,
-                    "train-heads": run_train_heads}
+                    "train-heads": run_train_heads, "linearize": run_linearize}
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"specray {args.command}: error: {e}", file=sys.stderr)
