@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from actors import linear_attention as lin
+from training.checkpoint import load_state, save_state
 from training.medusa import _add_time, _atomic_json, _stdlib_files
 
 HELDOUT_EVERY = 10  # every 10th stdlib file / docs topic is held out
@@ -257,38 +258,6 @@ def evaluate(params: list[lin.LinearParams], shards: list[Path], scale: float) -
             "rel_error": [round(math.sqrt(e / max(r, 1e-30)), 5) for e, r in zip(err, ref)]}
 
 
-def _save_state(path: Path, params, opt, step: int, losses: list[float]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, t in named(params).items():
-        tensors[name] = t.detach()
-        st = opt.state.get(t, {})
-        if st:
-            tensors[f"{name}.exp_avg"] = st["exp_avg"]
-            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"step": str(step), "losses": json.dumps(losses)})
-    tmp.replace(path)
-
-
-def _load_state(path: Path, params, opt) -> tuple[int, list[float]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    step = int(meta["step"])
-    with torch.no_grad():
-        for name, p in named(params).items():
-            p.copy_(t[name])
-            if f"{name}.exp_avg" in t:
-                opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": t[f"{name}.exp_avg"],
-                                "exp_avg_sq": t[f"{name}.exp_avg_sq"]}
-    return step, json.loads(meta["losses"])
-
-
 def train(cfg: LinearizeConfig, params: list[lin.LinearParams], shards: list[Path], scale: float) -> list[float]:
     """Every layer on every training chunk, --epochs passes, cosine-decayed AdamW; one step is
     one chunk for all layers (each layer's backward alone: memory of one layer). Returns the
@@ -298,7 +267,10 @@ def train(cfg: LinearizeConfig, params: list[lin.LinearParams], shards: list[Pat
     tag = f"g{cfg.group}-f{cfg.features}-c{cfg.conv}-lr{cfg.lr:g}"
     state = cfg.work / f"train-state-{tag}.safetensors"
     total = len(shards) * cfg.epochs
-    step, losses = _load_state(state, params, opt) if state.is_file() else (0, [])
+    step, losses = 0, []
+    if state.is_file():
+        step, meta = load_state(state, named(params), opt)
+        losses = json.loads(meta["losses"])
     bar = tqdm(total=total, initial=step, desc="train (all layers, one chunk a step)", unit="step")
     saved = time.monotonic()
     while step < total:
@@ -319,7 +291,7 @@ def train(cfg: LinearizeConfig, params: list[lin.LinearParams], shards: list[Pat
         bar.set_postfix(loss=f"{sum(row) / len(row):.3g}")
         bar.update(1)
         if time.monotonic() - saved > CHECKPOINT_S or step == total:
-            _save_state(state, params, opt, step, losses)
+            save_state(state, named(params), opt, step, {"losses": json.dumps(losses)})
             saved = time.monotonic()
     bar.close()
     last = losses[-len(shards):] if losses else []

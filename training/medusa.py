@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, make_heads, output_rows
+from training.checkpoint import load_state, save_state
 
 CHECKPOINT_EVERY = 50  # steps between saved training states
 TOP = 8  # labels kept per position: the target's 8 likeliest next tokens
@@ -319,37 +320,6 @@ def _loss(heads: DraftHeads, data: dict, hot_index: torch.Tensor, batch: torch.T
     return total / heads.n_heads
 
 
-def _save_state(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, step: int) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, p in heads.trained().items():
-        tensors[name] = p.detach()
-        st = opt.state.get(p, {})
-        if st:
-            tensors[f"{name}.exp_avg"] = st["exp_avg"]
-            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
-    tmp.replace(path)
-
-
-def _load_state(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        step = int(f.metadata()["step"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    with torch.no_grad():
-        for name, p in heads.trained().items():
-            p.copy_(t[name])
-    for name, p in heads.trained().items():
-        if f"{name}.exp_avg" in t:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": t[f"{name}.exp_avg"],
-                            "exp_avg_sq": t[f"{name}.exp_avg_sq"]}
-    return step
-
-
 def train(cfg: TrainConfig, heads: DraftHeads, data: dict) -> None:
     from actors import hardware
 
@@ -362,7 +332,7 @@ def train(cfg: TrainConfig, heads: DraftHeads, data: dict) -> None:
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(list(heads.trained().values()), lr=cfg.lr, weight_decay=0.0)
     state = cfg.work / f"train-state-{heads.cfg.kind}.safetensors"
-    step = _load_state(state, heads, opt) if state.is_file() else 0
+    step = load_state(state, heads.trained(), opt)[0] if state.is_file() else 0
     bar = tqdm(total=total, initial=step, desc=f"train {heads.cfg.kind} heads", unit="step")
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
@@ -378,7 +348,7 @@ def train(cfg: TrainConfig, heads: DraftHeads, data: dict) -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         if step % CHECKPOINT_EVERY == 0 or step == total:
-            _save_state(state, heads, opt, step)
+            save_state(state, heads.trained(), opt, step)
     bar.close()
 
 

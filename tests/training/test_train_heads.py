@@ -62,17 +62,17 @@ def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questi
     target = tiny_dir("qwen2")
     assert train(target, tmp_path / "whole", tmp_path / "w1", questions, "--kind", kind) == 0
     monkeypatch.setattr(medusa, "CHECKPOINT_EVERY", 2)
-    save = medusa._save_state
+    save = medusa.save_state
 
-    def save_then_stop(path, heads, opt, step):
-        save(path, heads, opt, step)
+    def save_then_stop(path, named, opt, step):
+        save(path, named, opt, step)
         if step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(medusa, "_save_state", save_then_stop)
+    monkeypatch.setattr(medusa, "save_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind)
-    monkeypatch.setattr(medusa, "_save_state", save)
+    monkeypatch.setattr(medusa, "save_state", save)
     assert train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind) == 0
     whole = load_file(str(tmp_path / "whole" / "heads.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "heads.safetensors"))

@@ -1,0 +1,43 @@
+"""Training states on disk: trained tensors with their AdamW moments, in one safetensors
+file written under a temporary name and renamed (a crash never leaves half a state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_state(path: Path, named: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
+               metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in named.items():
+        tensors[name] = p.detach()
+        st = opt.state.get(p, {})
+        if st:
+            tensors[f"{name}.exp_avg"] = st["exp_avg"]
+            tensors[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={**(metadata or {}), "step": str(step)})
+    tmp.replace(path)
+
+
+def load_state(path: Path, named: dict[str, torch.Tensor],
+               opt: torch.optim.Optimizer) -> tuple[int, dict[str, str]]:
+    """Copy the saved tensors into `named`, restore their moments; -> (step, metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    step = int(meta["step"])
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(t[name])
+            if f"{name}.exp_avg" in t:
+                opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": t[f"{name}.exp_avg"],
+                                "exp_avg_sq": t[f"{name}.exp_avg_sq"]}
+    return step, meta
