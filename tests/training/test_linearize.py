@@ -91,3 +91,13 @@ def test_bad_model_names_the_problem(tmp_path, capsys):
     assert cli.main(["linearize", "--model", "no-such-model", "--out", str(tmp_path / "o"),
                      "--work", str(tmp_path / "w")]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_linearize_runs_whether_or_not_the_cpu_has_native_bf16(tiny_dir, tmp_path, small_text, monkeypatch, native):
+    """The probe picks the capture forward's dtype (bf16 only where native): both branches train and load."""
+    from actors import loading
+
+    monkeypatch.setenv("SPECRAY_NATIVE_BF16", native)
+    assert run(tiny_dir("qwen2"), tmp_path / "out", tmp_path / "work") == 0
+    assert loading.load(str(tmp_path / "out"), "float32", progress=False).build().config.linear is not None
