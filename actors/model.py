@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,27 @@ class _AttnPlan:
     linear: lin.LinearStep | None = None  # linear layers: slots read and masks (actors.linear_attention)
 
 
+class BatchItem(NamedTuple):
+    """One sequence's part of a batched forward (``Transformer.forward_batch``)."""
+    tokens: Tensor  # long [T]
+    cache: KVCache  # its own cache; the T new entries go at its length
+    positions: Tensor | None = None
+    tree_mask: Tensor | None = None
+    prefill: bool = False  # a prompt chunk (attended as one batch, as ``forward_hidden`` does)
+
+
+@dataclass
+class Segment:
+    """One sequence's new tokens in a forward: rows `rows` of the batch, written to its own
+    cache from slot `start`, attending as its own plans say."""
+    rows: slice
+    cache: KVCache
+    start: int
+    plans: dict[str, _AttnPlan]
+    step: SparseStep | None = None
+    sums: list[Tensor | None] | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -253,14 +275,31 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, True) if cfg.gemma else None
         self.linear: lin.LinearParams | None = None  # a linearized layer's feature maps and convolution
 
-    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
-                sparse: SparseStep | None = None, role: str = "full", sums: Tensor | None = None) -> Tensor:
-        T, D = x.shape[0], self.head_dim
-        q = self.wq(x).view(T, self.n_heads, D).transpose(0, 1)  # [H, T, D]
-        k = self.wk(x).view(T, self.n_kv, D).transpose(0, 1)  # [Hkv, T, D]
-        v = self.wv(x).view(T, self.n_kv, D).transpose(0, 1)
+    def forward(self, x: Tensor, layer: int, kind: str, segments: list[Segment]) -> Tensor:
+        """x [N, hidden]: the new tokens of every sequence in this forward, one `Segment` each.
+        The projections run once over all N rows (reading each weight once is the cost of a
+        decoding step on CPU); attention runs per sequence, over its own cache."""
+        N, D = x.shape[0], self.head_dim
+        q = self.wq(x).view(N, self.n_heads, D)
+        k = self.wk(x).view(N, self.n_kv, D)
+        v = self.wv(x).view(N, self.n_kv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        outs = []
+        for seg in segments:
+            r = seg.rows
+            kc, vc = seg.cache.k[layer, 0], seg.cache.v[layer, 0]
+            role = seg.step.cfg.role(layer) if seg.step else "full"
+            sums = seg.sums[layer] if seg.sums else None
+            outs.append(self._attend(q[r].transpose(0, 1), k[r].transpose(0, 1), v[r].transpose(0, 1), kc, vc,
+                                     seg.start, seg.plans[kind], seg.step, role, sums))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.wo(o.to(x.dtype))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
+                sparse: SparseStep | None, role: str, sums: Tensor | None) -> Tensor:
+        """One sequence: q [H, T, D], k/v [Hkv, T, D] -> attention output [T, H * D]."""
+        T, D = q.shape[1], self.head_dim
         q = q * plan.cos + rotate_half(q) * plan.sin
         k = k * plan.cos + rotate_half(k) * plan.sin
         end = start + T
@@ -269,14 +308,14 @@ class Attention(nn.Module):
         if self.linear is not None:
             st = plan.linear
             o = lin.attend(self.linear, q, kc[:, st.lo:st.end], vc[:, st.lo:st.end], st, sums, self.scale)
-            return self.wo(o.to(x.dtype).transpose(0, 1).reshape(T, self.n_heads * D))
+            return o.transpose(0, 1).reshape(T, self.n_heads * D)
         if sparse is not None and role != "full":
             attend = attend_select if role == "select" else attend_sparse
             o = attend(q.reshape(self.n_kv, self.group * T, D), kc, vc, end, sparse, self.scale)
-            return self.wo(o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D))
+            return o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D)
         if plan.rows is not None:
             o = torch.stack([self._attend_row(q[:, r], kc, vc, slots) for r, slots in enumerate(plan.rows)], dim=1)
-            return self.wo(o.transpose(0, 1).reshape(T, self.n_heads * D))
+            return o.transpose(0, 1).reshape(T, self.n_heads * D)
         keys, vals = kc[None, :, plan.lo:end], vc[None, :, plan.lo:end]
         if plan.causal:
             o = F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=self.scale,
@@ -285,8 +324,7 @@ class Attention(nn.Module):
             # Fold the `group` query heads sharing a KV head into the query axis: no K/V expand.
             o = F.scaled_dot_product_attention(q.reshape(1, self.n_kv, self.group * T, D), keys, vals,
                                                attn_mask=plan.mask, scale=self.scale)
-        o = o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D)
-        return self.wo(o)
+        return o.reshape(self.n_heads, T, D).transpose(0, 1).reshape(T, self.n_heads * D)
 
     def _attend_row(self, q: Tensor, kc: Tensor, vc: Tensor, slots: slice | Tensor) -> Tensor:
         """One token's query heads [H, D] over the given cache slots -> [H, D]."""
@@ -326,9 +364,8 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
 
-    def forward(self, x: Tensor, kc: Tensor, vc: Tensor, start: int, plan: _AttnPlan,
-                sparse: SparseStep | None = None, role: str = "full", sums: Tensor | None = None) -> Tensor:
-        h = self.attn(self.attn_norm(x), kc, vc, start, plan, sparse, role, sums)
+    def forward(self, x: Tensor, layer: int, segments: list[Segment]) -> Tensor:
+        h = self.attn(self.attn_norm(x), layer, self.layer_type, segments)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -546,6 +583,39 @@ class Transformer(nn.Module):
         cfg = self.config
         if tokens.dim() == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
+        seg = self._segment(tokens, cache, positions, tree_mask, sparse, prefill, slice(None))
+        x = self._run(tokens, [seg])
+        cache.length = seg.start + tokens.shape[0]
+        if cfg.linear and prefill:  # a prompt is committed: fold its whole groups now (snapshots keep them)
+            self._linear_sums(cache, cfg.linear.group * (cache.length // cfg.linear.group))
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: list[BatchItem]) -> list[Tensor]:
+        """Several sequences in one forward: each item as ``forward_hidden`` takes it. The linears run once over all rows;
+        each sequence attends over its own cache. Returns each sequence's final normed
+        hidden states [T_i, hidden]. On a row-exact model every row equals the same
+        sequence run alone, bitwise."""
+        if not batch:
+            raise ValueError("forward_batch needs at least one sequence")
+        if self.config.linear is not None:
+            raise ValueError("forward_batch does not run linearized models (their state folds per sequence)")
+        segs, lo = [], 0
+        for it in batch:
+            n = it.tokens.numel()
+            segs.append(self._segment(it.tokens, it.cache, it.positions, it.tree_mask, None, it.prefill,
+                                      slice(lo, lo + n)))
+            lo += n
+        x = self._run(torch.cat([it.tokens.reshape(-1) for it in batch]), segs)
+        hidden = self.norm(x)
+        for it, seg in zip(batch, segs):
+            it.cache.length = seg.start + it.tokens.numel()
+        return [hidden[seg.rows] for seg in segs]
+
+    def _segment(self, tokens: Tensor, cache: KVCache, positions: Tensor | None, tree_mask: Tensor | None,
+                 sparse: TidalConfig | None, prefill: bool, rows: slice) -> Segment:
+        """Check one sequence's inputs and plan how it attends (nothing written yet)."""
+        cfg = self.config
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError(f"tokens must be a non-empty long tensor [T], got shape {tuple(tokens.shape)}")
         if (cache.n_layers, cache.n_kv_heads, cache.head_dim) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim):
@@ -560,22 +630,20 @@ class Transformer(nn.Module):
             if tree_mask.shape != (T, T):
                 raise ValueError(f"tree_mask must have shape [{T}, {T}], got {tuple(tree_mask.shape)}")
             tree_mask = tree_mask.to(device=dev, dtype=torch.bool)
-
-        ids = tokens.to(dev)
-        x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
-        if cfg.gemma:
-            x = x * self.embed_scale
-        plans = self._plans(T, start, positions, tree_mask, x.dtype, prefill)
+        plans = self._plans(T, start, positions, tree_mask, self.dtype, prefill)
         step = self._sparse_step(sparse, T, start, tree_mask)
         sums = self._linear_sums(cache, plans["linear_attention"].linear.boundary) if cfg.linear else None
+        return Segment(rows, cache, start, plans, step, sums)
+
+    def _run(self, tokens: Tensor, segs: list[Segment]) -> Tensor:
+        """Embed the new tokens of every segment and run them through all layers."""
+        ids = tokens.to(self.device)
+        x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
+        if self.config.gemma:
+            x = x * self.embed_scale
         for i, blk in enumerate(self.layers):
-            kc, vc = cache.k[i, 0], cache.v[i, 0]
-            x = blk(x, kc, vc, start, plans[blk.layer_type], step, step.cfg.role(i) if step else "full",
-                    sums[i] if sums else None)
-        cache.length = start + T
-        if cfg.linear and prefill:  # a prompt is committed: fold its whole groups now (snapshots keep them)
-            self._linear_sums(cache, cfg.linear.group * (cache.length // cfg.linear.group))
-        return self.norm(x)
+            x = blk(x, i, segs)
+        return x
 
     def _linear_sums(self, cache: KVCache, boundary: int) -> list[Tensor | None]:
         """Each linear layer's S over the committed slots [0, boundary), from the cache's checkpoints."""

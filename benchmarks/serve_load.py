@@ -45,6 +45,7 @@ class Cell:
     ttft_s: list[float] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)
     mean_accepted: list[float] = field(default_factory=list)
+    draft_lengths: dict[str, int] = field(default_factory=dict)  # rounds per chosen draft length (batched replicas)
 
     def summary(self) -> dict:
         def pct(xs: list[float], q: float) -> float | None:
@@ -60,6 +61,7 @@ class Cell:
             "latency_mean_s": round(statistics.fmean(self.latency_s), 3) if self.latency_s else None,
             "mean_accepted": round(statistics.fmean(self.mean_accepted), 3) if self.mean_accepted else None,
             "wall_s": round(self.wall_s, 2),
+            "draft_lengths": self.draft_lengths,
         }
 
 
@@ -88,8 +90,17 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
         cell.ttft_s.append(first)
 
 
+def draft_rounds(base_url: str) -> dict[str, int]:
+    """The replica's rounds per chosen draft length so far (empty where it does not batch)."""
+    try:
+        health = requests.get(base_url.removesuffix("/v1") + "/health", timeout=10).json()
+    except (requests.RequestException, ValueError):
+        return {}
+    return dict(health.get("decoder", {}).get("draft_lengths", {}))
+
+
 async def run_cell(base_url: str, model: str, prompts: list[str], cell: Cell, count: int, max_tokens: int,
-                   time_limit_s: float) -> None:
+                   time_limit_s: float, api_key: str = "unused") -> None:
     """`count` requests, `cell.concurrency` in flight at a time, stopped at `time_limit_s`."""
     queue = list(range(count))
     start = time.perf_counter()
@@ -99,11 +110,14 @@ async def run_cell(base_url: str, model: str, prompts: list[str], cell: Cell, co
             i = queue.pop(0)
             await one_request(client, model, prompts[i % len(prompts)], max_tokens, MODES[cell.mode], cell)
 
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0,
+    before = draft_rounds(base_url)
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
                                   timeout=time_limit_s) as client:
         await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(cell.concurrency))),
                                timeout=time_limit_s * 2)
     cell.wall_s = time.perf_counter() - start
+    after = draft_rounds(base_url)
+    cell.draft_lengths = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0) > 0}
 
 
 def check_loopback(base_url: str) -> None:
@@ -174,6 +188,15 @@ def markdown(report: dict) -> str:
         ratio = round(s["tokens_per_s"] / n["tokens_per_s"], 3) if n["tokens_per_s"] else None
         ttft = round(s["ttft_p50_s"] / n["ttft_p50_s"], 3) if s["ttft_p50_s"] and n["ttft_p50_s"] else None
         lines.append(f"| {level} | {ratio} | {ttft} |")
+    levels = report["config"]["concurrency"]
+    if len(levels) > 1:
+        lo, hi = min(levels), max(levels)
+        lines += ["", f"| mode | tokens/s at {hi} / at {lo} | TTFT p50 at {hi} (s) | draft lengths chosen at {hi} "
+                      "(k: rounds) |", "|---|---|---|---|"]
+        for mode in MODES:
+            a, b = (next(c for c in report["cells"] if c["mode"] == mode and c["concurrency"] == x) for x in (lo, hi))
+            scale = round(b["tokens_per_s"] / a["tokens_per_s"], 2) if a["tokens_per_s"] else None
+            lines.append(f"| {mode} | {scale} | {b['ttft_p50_s']} | {b.get('draft_lengths') or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", type=Path, help="start `serve run CONFIG` for the run")
     p.add_argument("--prompts", default="benchmarks/prompts/spec_bench_20.jsonl")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--requests", type=int, default=0, help="per cell (default: max(4, concurrency))")
+    p.add_argument("--requests", type=int, default=0, help="per cell (default: max(4, 2 x concurrency))")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-limit-s", type=float, default=600.0, help="per cell")
     p.add_argument("--out", type=Path, default=Path("bench-out/serve_load"))
+    p.add_argument("--api-key", default="unused", help="the endpoint's API key, if it has one")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     if any(c < 1 for c in levels) or args.max_tokens < 1 or args.time_limit_s <= 0:
@@ -206,14 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Warm both modes once (first-request costs are not what this measures).
         for mode in MODES:
-            asyncio.run(run_cell(base_url, model, prompts, Cell(mode, 1), 1, 8, args.time_limit_s))
+            asyncio.run(run_cell(base_url, model, prompts, Cell(mode, 1), 1, 8, args.time_limit_s, args.api_key))
         for i, level in enumerate(levels):
-            count = args.requests or max(4, level)
+            count = args.requests or max(4, 2 * level)  # two waves: later arrivals join a running batch
             for mode in (list(MODES) if i % 2 == 0 else list(reversed(MODES))):  # alternate who goes first
                 cell = Cell(mode, level)
                 print(f"[{len(cells) + 1}/{2 * len(levels)}] {mode:7s} concurrency {level:3d}: {count} requests "
                       f"x {args.max_tokens} tokens ...", flush=True)
-                asyncio.run(run_cell(base_url, model, prompts, cell, count, args.max_tokens, args.time_limit_s))
+                asyncio.run(run_cell(base_url, model, prompts, cell, count, args.max_tokens, args.time_limit_s,
+                                     args.api_key))
                 print(f"    {cell.summary()}", flush=True)
                 cells.append(cell)
         write_report(args, base_url, model, levels, cells)
@@ -243,7 +268,7 @@ def write_report(args: argparse.Namespace, base_url: str, model: str, levels: li
     order = {m: i for i, m in enumerate(MODES)}
     summaries = sorted((c.summary() for c in cells), key=lambda c: (order[c["mode"]], c["concurrency"]))
     report = {"config": {"base_url": base_url, "model": model, "prompts": args.prompts, "concurrency": levels,
-                         "max_tokens": args.max_tokens, "requests_per_cell": args.requests or "max(4, c)",
+                         "max_tokens": args.max_tokens, "requests_per_cell": args.requests or "max(4, 2c)",
                          "serve_config": str(args.serve) if args.serve else None,
                          "machine": f"{platform.machine()} {platform.processor() or ''}".strip()},
               "cells": summaries}

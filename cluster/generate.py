@@ -6,7 +6,8 @@ import argparse
 
 from actors import loading
 from actors.verifying import PipelineOptions
-from cluster.engine import EngineConfig, LocalEngine, check_models, check_prompt, encode_prompt
+from cluster.decoder import DecoderSpec, make_decoder
+from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from cluster.local import DecodeConfig
 from cluster.placement import PlacementConfig
 from decoding.sampling import SamplingParams
@@ -37,7 +38,7 @@ def ensemble_from_args(args: argparse.Namespace) -> dict:
     """`--ensemble A,B[,C] --combine RULE`: the ensemble is the target; no --target, no --draft.
     `--pipeline local` runs every member in this process; `sync` puts each in its own Ray
     actor (CoS rounds are synchronous, so `async` is refused)."""
-    from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble, check_members
+    from cluster.ensemble import EnsembleConfig, check_members
 
     if args.ensemble is None:
         raise ValueError("--combine applies to ensembles; give the members with --ensemble A,B[,C]")
@@ -63,11 +64,18 @@ def ensemble_from_args(args: argparse.Namespace) -> dict:
     members = check_members(ens_cfg)  # unknown models, vocabulary mismatch: before loading
     prompt_ids = encode_prompt(members.tokenizer, args.prompt, args.chat)
     check_prompt(len(prompt_ids), cfg.max_new_tokens, members.context_length)
-    method = getattr(args, "ensemble_method", "cos")
-    with (LocalEnsemble(ens_cfg) if args.pipeline == "local" else RayEnsemble(ens_cfg)) as ensemble:
-        result = ensemble.generate(prompt_ids, cfg, method=method)
-        text = ensemble.decode(result.token_ids)
-        runtime = ensemble.runtime_info()
+    speculative = getattr(args, "ensemble_method", "cos") == "cos"  # "ensemble": every model, every token
+    spec = DecoderSpec(ensemble=models, combine=args.combine, pipeline=args.pipeline, dtype=args.dtype,
+                       accelerator=args.accelerator, cpus_per_actor=args.cpus_per_actor, spread=args.spread)
+    return run(spec, prompt_ids, cfg, speculative)
+
+
+def run(spec: DecoderSpec, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True) -> dict:
+    """Load (with progress), decode one request through the `Decoder` interface, report."""
+    with make_decoder(spec, progress=True) as decoder:
+        result = decoder.generate(prompt_ids, cfg, speculative)
+        runtime = decoder.runtime_info()  # resolved dtypes, devices, kernel per shape class (each actor's own)
+        text = decoder.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return {"text": text, "token_ids": result.token_ids, "stats": {**result.stats.as_dict(), "runtime": runtime}}
 
 
@@ -88,30 +96,16 @@ def generate_from_args(args: argparse.Namespace) -> dict:
                               heads=heads, tree=getattr(args, "tree", "dynamic"), max_len=getattr(args, "max_len", None),
                               attention=attention, draft_attention=draft_attention)
     if ray_pipeline:
-        from cluster.pipeline import PipelineConfig
-
         if args.draft is None and heads is None:
             raise ValueError(f"--pipeline {args.pipeline} needs --draft (the drafter actor's model)")
-        options, placement = pipeline_options(args, args.pipeline), placement_config(args)
-        pipeline_cfg = PipelineConfig(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                                      placement=placement, heads=heads, tree=getattr(args, "tree", "dynamic"),
-                                      attention=attention, draft_attention=draft_attention)
+        pipeline_options(args, args.pipeline)  # refuses what the Ray pipelines cannot run, before loading
     tokenizer = check_models(engine_cfg)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
     check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)),
                  engine_cfg.max_len)
 
-    if not ray_pipeline:
-        engine = LocalEngine(engine_cfg)
-        result = engine.generate(prompt_ids, cfg)
-        text = engine.decode(result.token_ids)
-        runtime = engine.runtime_info()
-    else:
-        from cluster.pipeline import RayPipeline
-
-        with RayPipeline(pipeline_cfg) as pipeline:
-            result = pipeline.generate(prompt_ids, cfg, options)
-            runtime = pipeline.runtime_info()
-        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    # `runtime`: resolved dtypes, devices, kernel per shape class (each actor's own)
-    return {"text": text, "token_ids": result.token_ids, "stats": {**result.stats.as_dict(), "runtime": runtime}}
+    spec = DecoderSpec(target=args.target, draft=args.draft, heads=heads, tree=engine_cfg.tree, pipeline=args.pipeline,
+                       dtype=args.dtype, draft_dtype=args.draft_dtype, max_len=engine_cfg.max_len, attention=attention,
+                       draft_attention=draft_attention, lookahead=args.lookahead, accelerator=args.accelerator,
+                       cpus_per_actor=args.cpus_per_actor, spread=args.spread)
+    return run(spec, prompt_ids, cfg)

@@ -2,24 +2,29 @@
 
     serve run deploy/serve.yaml        # import_path: cluster.serve.app:build
 
-A request is parsed and checked in full (JSON, fields, model name, prompt length)
-before it takes a slot; then it waits its turn (`admission.py`), decodes on the
-replica's decode thread, and its tokens come back as they are committed: one JSON body,
-or server-sent events with `stream: true`.
+A request is checked in full (API key, body size, JSON, fields, model name, prompt length;
+tokenized on a worker thread) before it takes a place; then it goes to the replica's
+decoder (`cluster/decoder.py`: batched with every other running request where the way
+of decoding allows) and its tokens come back as they are committed: one JSON body, or
+server-sent events with `stream: true`.
 """
 
 
 import asyncio
+import hmac
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from cluster.serve.admission import Admission, ClientGone, QueueFull, Ticket
+from cluster.decoder import Request as DecodeRequest
+from cluster.decoder import TokenEvent
+from cluster.serve.admission import Admission, QueueFull
 from cluster.serve.backend import Backend
 from cluster.serve.config import ServeArgs
 from cluster.serve.metrics import Metrics
@@ -28,6 +33,7 @@ from cluster.serve.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     completion_body,
+    logprobs_body,
     new_id,
     usage,
 )
@@ -45,27 +51,20 @@ async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
 
 
 class _Job:
-    """One admitted request: its decode, and the text it releases as tokens land."""
+    """One admitted request: its token events, and the text it releases as tokens land."""
 
-    def __init__(self, ticket: Ticket, text: TextStream, arrived: float):
-        self.ticket, self.text, self.arrived = ticket, text, arrived
+    def __init__(self, rid: str, text: TextStream, arrived: float, logprobs: int | None):
+        self.rid, self.text, self.arrived, self.logprobs = rid, text, arrived, logprobs
         self.first_token_at: float | None = None
         self.completion_tokens = 0
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.final: TokenEvent | None = None
+        self.closed = False  # accounted for (admission slot released, status counted)
+        self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
 
-    def on_tokens(self, ids: list[int]) -> bool:
-        """Decode thread: release final text to the event loop; True at a stop string."""
-        self.ticket.check()
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        if self.text.stopped:
-            return True
-        delta = self.text.push(ids)
-        self.completion_tokens += len(ids)
-        if delta:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
-        return self.text.stopped
+    def on_event(self, event: TokenEvent) -> None:
+        """The decoder's thread: hand the event to the event loop."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_period_s=10)
@@ -74,23 +73,29 @@ class OpenAIServer:
     def __init__(self, args: ServeArgs | dict):
         self.args = args if isinstance(args, ServeArgs) else ServeArgs(**args)
         self.model = self.args.model_name
+        self.api_key = self.args.resolved_api_key()
         self.backend = Backend(self.args)
-        self.admission = Admission(self.args.max_pending)
+        self.decoder = self.backend.decoder
+        self.admission = Admission(self.args.max_pending, self.decoder.state().get("max_seqs", 1))
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     # ---- routes ----------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.model, **self.admission.state(), "runtime": self.backend.runtime}
+        return {"status": "ok", "model": self.model, **self.admission.state(), "decoder": self.decoder.state(),
+                "runtime": self.backend.runtime}
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": self.created,
                                             "owned_by": "specray"}]}
 
     @api.get("/v1/models/{name:path}")
-    async def model(self, name: str) -> dict:
+    async def model(self, name: str, request: Request) -> dict:
+        self._authorize(request)
         self._check_model(name)
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "specray"}
 
@@ -107,8 +112,9 @@ class OpenAIServer:
         route = "chat" if chat else "completions"
         arrived = time.monotonic()
         try:
-            req, prompt_ids, cfg = await self._parse(request, chat)
-            ticket = self.admission.admit()
+            self._authorize(request)
+            req, prompt_ids, cfg, top = await self._parse(request, chat)
+            self.admission.admit()
         except QueueFull as exc:
             self.metrics.answered(self.model, route, 503)
             raise APIError(503, str(exc), "server_overloaded", code="queue_full",
@@ -117,131 +123,195 @@ class OpenAIServer:
             self.metrics.answered(self.model, route, exc.status)
             raise
         self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
-        job = _Job(ticket, TextStream(self.backend.tokenizer, req.stop), arrived)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        task = asyncio.create_task(self._decode(job, prompt_ids, cfg, req.specray.speculative, route))
+        job = _Job(rid, TextStream(self.backend.tokenizer, req.stop), arrived, top)
+        try:
+            self.decoder.submit(DecodeRequest(prompt_ids, cfg, req.specray.speculative, top, id=rid), job.on_event)
+        except ValueError as exc:  # a limit only the decoder knows (its KV budget)
+            self._done(job, route, 400)
+            raise APIError(400, str(exc)) from None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._events(job, task, rid, chat, len(prompt_ids), include_usage),
+            return StreamingResponse(self._stream(job, chat, len(prompt_ids), include_usage, route),
                                      media_type="text/event-stream")
+        text, entries = [], [] if top is not None else None
         try:
-            result, finish = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            ticket.cancelled = True  # the client went away: stop decoding, free the slot
+            async for delta, lps in self._deltas(job):
+                text.append(delta)
+                if entries is not None:
+                    entries += lps
+        except asyncio.CancelledError:  # the client went away: stop decoding, free the slot
+            self._abandon(job, route)
             raise
-        except Exception as exc:
-            raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
-        body = completion_body(rid, self.model, job.text.released, finish, chat)
+        if job.final.error is not None:
+            self._done(job, route, 500)
+            raise APIError(500, f"generation failed: {job.final.error}", "server_error")
+        self._done(job, route, 200)
+        body = completion_body(rid, self.model, "".join(text), self._finish_reason(job), chat,
+                               logprobs=logprobs_body(entries, chat))
         body["usage"] = usage(len(prompt_ids), job.completion_tokens)
-        body["specray"] = self._extension(result)
+        body["specray"] = self._extension(job.final.result)
         return body
 
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided: send Authorization: Bearer <key>",
+                           "invalid_request_error", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body has {declared} bytes; this endpoint takes at most {limit} bytes",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds this endpoint's limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, chat: bool):
+        raw = await self._read_body(request)
         try:
-            data = json.loads(await request.body())
+            data = json.loads(raw)
         except ValueError as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
+        if chat and isinstance(data.get("messages"), list) and len(data["messages"]) > self.args.max_messages:
+            raise APIError(400, f"messages: {len(data['messages'])} messages; this endpoint takes at most "
+                                f"{self.args.max_messages}", param="messages")
         try:
             req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
+            top = req.top_logprobs_wanted()
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="top_logprobs") from None
         self._check_model(req.model)
         if (field := req.unsupported()) is not None:
             raise APIError(400, f"{field} is not supported by this server", param=field)
+        if len(req.stop) > self.args.max_stop:
+            raise APIError(400, f"stop: {len(req.stop)} stop strings; this endpoint takes at most "
+                                f"{self.args.max_stop}", param="stop")
+        loop = asyncio.get_running_loop()
         try:
             if chat:
-                prompt_ids = self.backend.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+                prompt_ids = await loop.run_in_executor(self.tokenizing, self.backend.encode_chat, messages)
             elif isinstance(req.prompt, str):
-                prompt_ids = self.backend.encode_text(req.prompt)
+                prompt_ids = await loop.run_in_executor(self.tokenizing, self.backend.encode_text, req.prompt)
             else:
                 prompt_ids = list(req.prompt)
             max_tokens = (req.max_completion_tokens if chat else None) or req.max_tokens
             if max_tokens is None:
-                max_tokens = max(1, min(self.args.default_max_tokens, self.backend.context - len(prompt_ids)))
+                max_tokens = max(1, min(self.args.default_max_tokens, self.args.max_len - len(prompt_ids),
+                                        self.backend.context - len(prompt_ids)))
             self.backend.check(prompt_ids, max_tokens)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages" if chat else "prompt",
-                           code="context_length_exceeded" if "context" in str(exc) else None) from None
+                           code="context_length_exceeded" if "context" in str(exc) or "max_len" in str(exc)
+                           else None) from None
         sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p)
-        return req, prompt_ids, DecodeConfig(max_new_tokens=max_tokens, sampling=sampling, seed=req.seed)
+        return req, prompt_ids, DecodeConfig(max_new_tokens=max_tokens, sampling=sampling, seed=req.seed), top
 
     def _check_model(self, name: str) -> None:
         if name != self.model:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model}`",
                            param="model", code="model_not_found")
 
-    async def _decode(self, job: _Job, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool,
-                      route: str) -> tuple[GenerationResult | None, str]:
-        """Wait for a turn, decode, account. Returns (result, finish_reason); the text goes
-        to `job.queue`, closed by None."""
-        status = 500
-        try:
-            result = await self.admission.run(
-                job.ticket, lambda: self.backend.generate(prompt_ids, cfg, speculative, job.on_tokens))
-            status = 200
-        except (ClientGone, asyncio.CancelledError):
-            status = 499  # nginx's "client closed request"
-            return None, "cancelled"
-        except Exception:
-            log.exception("decode failed")
-            raise
-        finally:
-            self.metrics.answered(self.model, route, status)
-            self.metrics.pending.set(self.admission.pending - 1, tags={"model": self.model})
-            if status != 200:
-                job.queue.put_nowait(None)
-        if tail := job.text.finish():
-            job.queue.put_nowait(tail)
-        job.queue.put_nowait(None)
-        eos = result.token_ids and result.token_ids[-1] in self._eos(cfg)
-        finish = "stop" if job.text.stopped or eos else "length"
-        if not job.text.stopped:
-            job.completion_tokens = len(result.token_ids)
-        ttft = job.first_token_at - job.arrived if job.first_token_at else None
-        decode_s = time.monotonic() - (job.first_token_at or time.monotonic())
-        self.metrics.finished(self.model, route, result.stats, ttft, decode_s)
-        return result, finish
+    async def _deltas(self, job: _Job):
+        """Text that became final, with its tokens' logprobs, until the decoder's last event.
+        A stop string ends the request in the decoder (cancel) and the text before it."""
+        while True:
+            event = await job.events.get()
+            if event.token_ids and not job.text.stopped:
+                if job.first_token_at is None:
+                    job.first_token_at = time.monotonic()
+                job.completion_tokens += len(event.token_ids)
+                delta = job.text.push(event.token_ids)
+                if job.text.stopped:
+                    self.decoder.cancel(job.rid)
+                lps = [(self.backend.token_text(x.token), x.logprob,
+                        [(self.backend.token_text(t), lp) for t, lp in x.top]) for x in event.logprobs or []]
+                if delta or lps:
+                    yield delta, lps
+            if event.done:
+                job.final = event
+                if event.error is None and (tail := job.text.finish()):
+                    yield tail, []
+                return
 
-    def _eos(self, cfg: DecodeConfig) -> set[int]:
-        eos = set(cfg.eos_token_ids)
-        eos.update(getattr(self.backend.decoder, "eos_token_ids", ()) or ())
-        if self.backend.tokenizer.eos_token_id is not None:
-            eos.add(self.backend.tokenizer.eos_token_id)
-        return eos
+    def _finish_reason(self, job: _Job) -> str:
+        if job.text.stopped:
+            return "stop"
+        return "stop" if job.final.finish_reason == "stop" else "length"
 
-    async def _events(self, job: _Job, task: asyncio.Task, rid: str, chat: bool, prompt_tokens: int,
-                      include_usage: bool):
+    def _done(self, job: _Job, route: str, status: int) -> None:
+        if job.closed:
+            return
+        job.closed = True
+        self.admission.release(time.monotonic() - job.arrived)
+        self.metrics.answered(self.model, route, status)
+        self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
+        if status == 200 and job.final is not None and job.final.result is not None:
+            ttft = job.first_token_at - job.arrived if job.first_token_at else None
+            decode_s = time.monotonic() - (job.first_token_at or time.monotonic())
+            self.metrics.finished(self.model, route, job.final.result.stats, ttft, decode_s)
+            self.metrics.load(self.model, self.decoder.state())
+
+    def _abandon(self, job: _Job, route: str) -> None:
+        self.decoder.cancel(job.rid)
+        self.admission.abandoned += 1
+        self._done(job, route, 499)  # nginx's "client closed request"
+
+    async def _stream(self, job: _Job, chat: bool, prompt_tokens: int, include_usage: bool, route: str):
         """Server-sent events: text deltas as they become final, then finish and usage."""
         def event(body: dict) -> str:
             return f"data: {json.dumps(body)}\n\n"
 
+        finished = False
         try:
             first = True
             if chat:  # the role comes first, as OpenAI sends it
-                yield event(completion_body(rid, self.model, "", None, chat, first=True, stream=True))
+                yield event(completion_body(job.rid, self.model, "", None, chat, first=True, stream=True))
                 first = False
-            while (delta := await job.queue.get()) is not None:
-                yield event(completion_body(rid, self.model, delta, None, chat, first=first, stream=True))
+            offset = 0
+            async for delta, lps in self._deltas(job):
+                yield event(completion_body(job.rid, self.model, delta, None, chat, first=first, stream=True,
+                                            logprobs=logprobs_body(lps, chat, offset) if job.logprobs is not None
+                                            else None))
+                offset += len(delta)
                 first = False
-            result, finish = await task
-            last = completion_body(rid, self.model, "", finish, chat, stream=True)
-            last["specray"] = self._extension(result)
+            finished = True
+            if job.final.error is not None:
+                raise RuntimeError(job.final.error)
+            self._done(job, route, 200)
+            last = completion_body(job.rid, self.model, "", self._finish_reason(job), chat, stream=True)
+            last["specray"] = self._extension(job.final.result)
             yield event(last)
             if include_usage:  # as OpenAI does: one more chunk, no choices, the counts
-                counts = completion_body(rid, self.model, None, None, chat, stream=True)
+                counts = completion_body(job.rid, self.model, None, None, chat, stream=True)
                 counts["choices"], counts["usage"] = [], usage(prompt_tokens, job.completion_tokens)
                 yield event(counts)
             yield "data: [DONE]\n\n"
         except Exception as exc:  # headers are gone: report in-band, as OpenAI does
             log.warning("stream failed: %s", exc)
-            yield event({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
+            self._done(job, route, 500)
+            yield event({"error": {"message": f"generation failed: {exc}",
                                    "type": "server_error", "param": None, "code": None}})
         finally:
-            job.ticket.cancelled = job.ticket.cancelled or not task.done()  # client gone: free the slot
+            if not finished:  # the client went away mid-stream: stop decoding, free the slot
+                self._abandon(job, route)
 
     @staticmethod
     def _extension(result: GenerationResult | None) -> dict:
@@ -252,6 +322,7 @@ class OpenAIServer:
                 "new_tokens": s.new_tokens, "drafted_tokens": s.drafted_tokens,
                 "accepted_tokens": s.accepted_tokens, "target_forwards": s.target_forwards,
                 "wall_s": round(s.wall_s, 4), "drafter_lost": s.drafter_lost,
+                "mean_drafted": round(s.drafted_tokens / s.verify_rounds, 4) if s.verify_rounds else 0.0,
                 **s.labels}  # how the models attended: "approximate": true when the target attends sparsely
 
     def __del__(self) -> None:

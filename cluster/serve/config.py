@@ -20,8 +20,9 @@ class ServeArgs(BaseModel):
     tree: Literal["static", "dynamic"] = "dynamic"  # the heads' candidate trees
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
-    # local: models in the replica; sync/async: one actor per model. Default: async for a
-    # target + draft, sync for an ensemble (CoS rounds are synchronous).
+    # local: models in the replica, requests batched continuously (cluster/batching);
+    # sync/async: one actor per model, one request at a time. Default: local for a target
+    # (+ draft), sync for an ensemble or heads.
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"
@@ -38,6 +39,18 @@ class ServeArgs(BaseModel):
     spread: bool = False
     # Requests one replica holds (decoding + waiting) before it answers 503.
     max_pending: int = Field(32, ge=1)
+    # Continuous batching (pipeline local): sequences decoding at once, and the KV entries
+    # (prompt + max_tokens + draft room, per request) budgeted over them; the rest wait.
+    max_batch: int = Field(16, ge=1)
+    kv_tokens: int = Field(65536, ge=64)
+    draft_length: int | None = Field(None, ge=0, le=8)  # None: chosen per round from measured costs
+    # API keys: requests must carry `Authorization: Bearer KEY`. `api_key` gives the key,
+    # or `api_key_env` names the environment variable holding it (kept out of the config).
+    api_key: str | None = None
+    api_key_env: str | None = None
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
+    max_messages: int = Field(256, ge=1)  # chat messages per request
+    max_stop: int = Field(4, ge=0)  # stop strings per request
     default_max_tokens: int = Field(256, ge=1)  # when a request names no max_tokens
     request_timeout_s: float = Field(1800.0, gt=0)
 
@@ -47,6 +60,8 @@ class ServeArgs(BaseModel):
             check_dtype_name(getattr(self, name), name)
         from cluster.engine import SELF, check_draft_options
 
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
         if self.ensemble is not None and (self.attention or self.draft_attention):
             raise ValueError("attention and draft_attention apply to a target and its draft, not to an ensemble")
         if self.ensemble is None:
@@ -75,12 +90,33 @@ class ServeArgs(BaseModel):
             if self.pipeline == "async":
                 raise ValueError("heads run with pipeline local (in the replica) or sync (their own actor)")
         if self.pipeline is None:
-            self.pipeline = "sync" if self.ensemble is not None or self.heads is not None else "async"
+            self.pipeline = "sync" if self.ensemble is not None or self.heads is not None else "local"
         if self.ensemble is not None and self.pipeline == "async":
             raise ValueError("ensembles run with pipeline local (in the replica) or sync (one actor per member)")
         if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None and self.heads is None:
             raise ValueError(f"pipeline {self.pipeline} needs a draft; use pipeline local for the target alone")
         return self
+
+    def decoder_spec(self):
+        from cluster.batching.scheduler import BatchConfig
+        from cluster.decoder import DecoderSpec
+
+        return DecoderSpec(self.target, self.draft, self.heads, self.tree,
+                           tuple(self.ensemble) if self.ensemble else None, self.combine, self.pipeline, self.dtype,
+                           self.draft_dtype, self.max_len, self.attention, self.draft_attention, self.lookahead,
+                           self.accelerator, self.cpus_per_actor, self.spread, self.request_timeout_s,
+                           BatchConfig(max_seqs=self.max_batch, kv_tokens=self.kv_tokens,
+                                       draft_length=self.draft_length))
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return self.api_key
+        import os
+
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env names {self.api_key_env}, which is not set in the replica's environment")
+        return key
 
     @property
     def model_name(self) -> str:

@@ -31,6 +31,16 @@ class Metrics:
         self.pending = Gauge("specray_pending_requests", "Requests decoding or waiting on this replica",
                              tag_keys=("model",))
 
+        self.batch = Gauge("specray_running_sequences", "Sequences decoding together in this replica's batch",
+                           tag_keys=("model",))
+        self.draft_length = Gauge("specray_draft_length",
+                                  "Draft length the scheduler chose for the latest round (0: no speculation)",
+                                  tag_keys=("model",))
+
+    def load(self, model: str, state: dict) -> None:
+        self.batch.set(state.get("running", 0), tags={"model": model})
+        self.draft_length.set(state.get("draft_length", 0), tags={"model": model})
+
     def answered(self, model: str, route: str, status: int) -> None:
         self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
 

@@ -1,6 +1,6 @@
 """OpenAI request shapes (what we accept) and response shapes (what we send back).
 
-Fields we cannot honour exactly (n > 1, logprobs, penalties, logit_bias, ...) are
+Fields we cannot honour exactly (n > 1, penalties, logit_bias, ...) are
 refused with a 400 naming the field, rather than silently ignored: the output is
 supposed to be exactly the model's.
 """
@@ -33,7 +33,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -51,21 +51,20 @@ class _Sampling(BaseModel):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
         return stops
 
     def unsupported(self) -> str | None:
         """The first field set to something we would have to ignore, if any."""
         if self.n != 1:
             return "n"
-        neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None,
-                   "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
+        neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
                    "tool_choice": None, "response_format": None}
         for name, value in (self.model_extra or {}).items():
             if name not in neutral:
                 return name
-            if value not in (neutral[name], None, False) and not (name == "logprobs" and value is False):
+            if value not in (neutral[name], None, False):
                 return name
         return None
 
@@ -73,6 +72,10 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's and this many alternatives
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -93,6 +96,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class APIError(Exception):
@@ -117,19 +127,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def logprobs_body(entries: list[tuple[str, float, list[tuple[str, float]]]] | None, chat: bool,
+                  offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object from (token text, logprob, [(alternative, logprob)])."""
+    if entries is None:
+        return None
+    if chat:
+        def item(tok: str, lp: float) -> dict:
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]}
+                            for t, lp, top in entries]}
+    offsets, at = [], offset
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+
 def completion_body(rid: str, model: str, text: str | None, finish: str | None, chat: bool,
-                    first: bool = False, stream: bool = False) -> dict:
+                    first: bool = False, stream: bool = False, logprobs: dict | None = None) -> dict:
     """One response (stream=False) or one SSE chunk (stream=True)."""
     if chat:
         if stream:
             delta: dict = {"role": "assistant", "content": text or ""} if first else (
                 {"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish}
         obj = "chat.completion.chunk" if stream else "chat.completion"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}

@@ -26,7 +26,7 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     (app,) = config["applications"]
     assert app["import_path"] == "cluster.serve.app:build"
     args = ServeArgs(**app["args"])
-    assert (args.target, args.draft, args.pipeline) == (DEFAULT_TARGET, DEFAULT_DRAFT, "async")
+    assert (args.target, args.draft, args.pipeline) == (DEFAULT_TARGET, DEFAULT_DRAFT, "local")
     deployment = app["deployments"][0]
     assert deployment["max_ongoing_requests"] >= args.max_pending  # /health must get in past a full queue
     assert deployment["autoscaling_config"]["min_replicas"] >= 1
@@ -37,6 +37,9 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     ({"max_pending": 0}, "max_pending"),
     ({"dtype": "float8"}, "dtype"),
     ({"draft": None, "pipeline": "async"}, "needs a draft"),
+    ({"api_key": "a", "api_key_env": "B"}, "not both"),
+    ({"draft_length": 9}, "draft_length"),
+    ({"max_batch": 0}, "max_batch"),
     ({"ensemble": ["a"], "combine": "we:0.5"}, "at least 2"),
     ({"ensemble": ["a", "b"]}, "combine"),
     ({"combine": "we:0.5"}, "ensemble"),
@@ -62,7 +65,7 @@ def test_target_alone_runs_local_and_an_ensemble_replaces_the_target():
     assert ServeArgs(draft=None, pipeline="local").model_name == DEFAULT_TARGET
     ens = ServeArgs(ensemble=["a", "b"], combine="we:0.5")
     assert ens.target is None and ens.draft is None and ens.model_name == "a+b" and ens.pipeline == "sync"
-    assert ServeArgs().pipeline == "async"
+    assert ServeArgs().pipeline == "local"  # batched in the replica
 
 
 def test_heads_replace_the_draft_and_default_to_their_own_actor():

@@ -83,7 +83,7 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "args": {**common, "pipeline": "async", "max_pending": 40}},
             {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
              "runtime_env": {"env_vars": {"SPECRAY_NATIVE_BF16": "1", "SPECRAY_NATIVE_ISA": "none"}},
-             "args": {**common, "pipeline": "local", "max_pending": 1}},
+             "args": {**common, "pipeline": "local", "max_pending": 1, "draft_length": 3}},
             {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
                       "served_model_name": ENSEMBLE, "max_pending": 8}},

@@ -1,0 +1,185 @@
+"""The batched decoder: one thread loops admit -> prefill a chunk -> one round for all.
+
+Requests arrive from any thread (`submit`, `cancel`); everything else happens on the
+loop thread, so the scheduler, the slot pool and the sequences need no locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+
+from cluster.batching.runner import BatchRunner, Committed
+from cluster.batching.scheduler import BatchConfig, Scheduler
+from cluster.batching.sequence import Sequence, SlotPool, Status
+from cluster.decoder import Decoder, EventSink, Request, TokenEvent
+from decoding.request import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class BatchEngine(Decoder):
+    """Continuous batching over a `LocalEngine`'s loaded target (and draft model)."""
+
+    def __init__(self, engine, cfg: BatchConfig | None = None):
+        if engine.heads is not None or engine.self_draft is not None:
+            raise ValueError("the batched engine drafts with a draft model (or none); heads and self-drafting "
+                             "decode one request at a time")
+        target = engine.target_runner
+        if target.attention is not None or target.model.config.linear is not None:
+            raise ValueError("the batched engine needs a target with full softmax attention")
+        draft = engine.draft_runner
+        if draft is not None and (draft.attention is not None or draft.model.config.linear is not None):
+            raise ValueError("the batched engine needs a draft with full softmax attention")
+        self.engine, self.cfg = engine, cfg or BatchConfig()
+        self.tokenizer, self.context_length = engine.tokenizer, engine.context_length
+        self.eos_token_ids = tuple(engine.eos_token_ids)
+        self.max_len = min(engine.cfg.max_len or self.context_length, self.context_length)
+        models = [target.model] + ([draft.model] if draft is not None else [])
+        self.pool = SlotPool(models, self.cfg.max_seqs, self.max_len + self.cfg.max_draft + 2)
+        self.runner = BatchRunner(target.model, draft.model if draft is not None else None)
+        if draft is not None:  # seed the adaptive draft length with this machine's costs, up to batch-sized forwards
+            sizes = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k not in engine.verify_costs)
+            self.runner.target_costs.verify_s.update({**engine.verify_costs, **target.measure_verify_costs(sizes)})
+            self.runner.draft_costs.verify_s.update(draft.measure_verify_costs((1, 2, 4, 8, 16)))
+        self.scheduler = Scheduler(self.cfg, draft is not None, self.runner.target_costs, self.runner.draft_costs)
+        self.rounds = 0
+        self.draft_lengths: dict[int, int] = {}  # chosen k -> rounds, since start
+        self._sinks: dict[str, EventSink] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._inbox: deque[Sequence] = deque()
+        self._cancels: deque[str] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread -----------------------------------------------------------------
+    def submit(self, request: Request, on_event: EventSink) -> None:
+        cfg, n = request.cfg, len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + cfg.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({n} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds this engine's "
+                             f"max_len of {self.max_len} tokens")
+        if cfg.cache_room(n) > self.cfg.kv_tokens:
+            raise ValueError(f"this request needs {cfg.cache_room(n)} KV entries; the engine's budget is "
+                             f"{self.cfg.kv_tokens}")
+        if cfg.tree_width != 1:
+            raise ValueError("the batched engine drafts chains (tree_width 1)")
+        if request.logprobs is not None and request.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {request.logprobs}")
+        if not cfg.eos_token_ids:
+            cfg = dataclasses.replace(cfg, eos_token_ids=self.eos_token_ids)
+        seq = Sequence(request.id, list(request.prompt_ids), cfg, request.speculative, request.logprobs)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("this decoder is closed")
+            self._sinks[seq.id] = on_event
+            self._inbox.append(seq)
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._wake:
+            self._cancels.append(request_id)
+            self._wake.notify()
+
+    def runtime_info(self) -> dict:
+        return {**self.engine.runtime_info(), "batching": {"max_seqs": self.cfg.max_seqs,
+                                                           "kv_tokens": self.cfg.kv_tokens,
+                                                           "max_draft": self.cfg.max_draft}}
+
+    def state(self) -> dict:
+        with self._wake:
+            inbox = len(self._inbox)
+        s = self.scheduler.state()
+        s["waiting"] += inbox
+        return {**s, "batching": True, "rounds": self.rounds,
+                "draft_lengths": {str(k): v for k, v in sorted(self.draft_lengths.items())}}
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the loop thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self._cancels or self._busy()) and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                arrived, self._inbox = list(self._inbox), deque()
+                cancels, self._cancels = list(self._cancels), deque()
+            for seq in arrived:
+                self._seqs[seq.id] = seq
+                self.scheduler.add(seq)
+            for rid in cancels:
+                if (seq := self._seqs.get(rid)) is not None:
+                    seq.finish_reason = "cancelled"
+                    self._finish(seq)
+            try:
+                self._step()
+            except Exception as exc:  # fail what was in the step; the engine carries on
+                log.exception("batch step failed")
+                for seq in [*self.scheduler.prefilling, *self.scheduler.running]:
+                    self._finish(seq, error=f"{type(exc).__name__}: {exc}")
+
+    def _busy(self) -> bool:
+        s = self.scheduler
+        return bool(s.running or s.prefilling or (s.waiting and self.pool.available))
+
+    def _step(self) -> None:
+        for seq in self.scheduler.admit(self.pool):
+            seq.slot, caches = self.pool.take()
+            seq.target_cache = caches[0]
+            seq.draft_cache = caches[1] if len(caches) > 1 and seq.speculative else None
+            seq.started_at = time.perf_counter()
+        if chunks := self.scheduler.prefill_chunks():
+            for done in self.runner.prefill(chunks):
+                self.scheduler.started(done.seq)
+                self._emit(done)
+        running = [s for s in self.scheduler.running if s.finish_reason is None]
+        if running:
+            k = self.scheduler.draft_length()
+            self.rounds += 1
+            self.draft_lengths[k] = self.draft_lengths.get(k, 0) + 1
+            for done in self.runner.step(running, k):
+                self._emit(done)
+
+    def _emit(self, done: Committed) -> None:
+        seq = done.seq
+        if done.tokens:
+            self._send(seq.id, TokenEvent(seq.id, done.tokens, done.logprobs))
+        if seq.finish_reason is not None:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence, error: str | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.remove(seq)
+        if seq.slot is not None:
+            self.pool.give_back(seq.slot)  # freed at once: the next admission can take it
+            seq.slot = None
+        seq.status = Status.FINISHED
+        self._seqs.pop(seq.id, None)
+        st = seq.stats
+        st.new_tokens = len(seq.output)
+        st.wall_s = time.perf_counter() - seq.started_at if seq.started_at else 0.0
+        result = None if error else GenerationResult(list(seq.output), st)
+        self._send(seq.id, TokenEvent(seq.id, [], finish_reason="error" if error else seq.finish_reason,
+                                      result=result, error=error), last=True)
+
+    def _send(self, rid: str, event: TokenEvent, last: bool = False) -> None:
+        sink = self._sinks.pop(rid, None) if last else self._sinks.get(rid)
+        if sink is None:
+            return
+        try:
+            sink(event)
+        except Exception:  # a consumer's failure must not stop the batch
+            log.exception("token event consumer failed for request %s", rid)

@@ -1,0 +1,283 @@
+"""The one interface every front end speaks: submit a request, receive its token events,
+cancel it. The Serve endpoint, the CLI and the job entry get their decoder from
+`make_decoder` and never ask which kind it is.
+
+How a request flows: the endpoint parses and tokenizes it (`cluster/serve/app.py`) and
+calls `Decoder.submit`. With `pipeline: local` and a draft model (or the target alone)
+the decoder is a `BatchEngine` (`cluster/batching/engine.py`): its scheduler admits the
+request when a cache slot and KV budget are free, prefills its prompt in chunks, and
+from then on every round drafts for all running sequences in batched draft forwards
+(`BatchRunner._draft`), verifies all of them in one target forward (`BatchRunner.step`),
+accepts per sequence (`BatchRunner._accept`) and sends each request its committed tokens
+as a `TokenEvent`. Every other way of decoding (the Ray pipelines, ensembles, draft
+heads, sparse or linearized targets) runs behind a `SerialDecoder`: the same interface,
+one request at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cluster.batching.runner import TokenLogprob
+from decoding.request import DecodeConfig, GenerationResult, GenerationStats, TokenSink
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    cfg: DecodeConfig
+    speculative: bool = True  # False: the target alone (same output)
+    logprobs: int | None = None  # None: none; k >= 0: each token's and the target's top k
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_ids: list[int]  # newly committed
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set on the last event: stop | length | cancelled | error
+    result: GenerationResult | None = None  # on the last event (None after an error)
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+EventSink = Callable[[TokenEvent], None]
+
+
+class Decoder(ABC):
+    tokenizer: object
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+
+    @abstractmethod
+    def submit(self, request: Request, on_event: EventSink) -> None:
+        """Queue a request; raise ValueError (naming what is wrong) before queuing if it
+        cannot run here. `on_event` is called from the decoder's thread: keep it short."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """End a request at its next tokens; its cache is freed; a last event follows."""
+
+    @abstractmethod
+    def runtime_info(self) -> dict: ...
+
+    @abstractmethod
+    def state(self) -> dict:
+        """Load right now: running, waiting, capacity, the speculation chosen."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True,
+                 on_tokens: TokenSink | None = None) -> GenerationResult:
+        """Submit and wait: the blocking call the CLI and the job use. `on_tokens` may
+        return True to end the request there (a stop string)."""
+        events: queue.Queue[TokenEvent] = queue.Queue()
+        request = Request(list(prompt_ids), cfg, speculative)
+        self.submit(request, events.put)
+        tokens, stopped = [], False
+        while True:
+            ev = events.get()
+            tokens += ev.token_ids
+            if ev.token_ids and on_tokens is not None and not stopped and on_tokens(ev.token_ids) is True:
+                stopped = True
+                self.cancel(request.id)
+            if ev.done:
+                if ev.error is not None:
+                    raise RuntimeError(ev.error)
+                return ev.result or GenerationResult(tokens, GenerationStats(new_tokens=len(tokens)))
+
+
+class SerialDecoder(Decoder):
+    """Any `generate(prompt_ids, cfg, speculative, on_tokens)` engine, one request at a
+    time on its own thread, behind the `Decoder` interface."""
+
+    def __init__(self, engine, generate: Callable[..., GenerationResult], tokenizer, context_length: int,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.engine, self._generate = engine, generate
+        self.tokenizer, self.context_length = tokenizer, context_length
+        eos = set(eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self._queue: deque[tuple[Request, EventSink]] = deque()
+        self._cancelled: set[str] = set()
+        self._running: str | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="serial-decoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request, on_event: EventSink) -> None:
+        if request.logprobs is not None:
+            raise ValueError("logprobs are returned by the batched local engine (pipeline local, a draft model or "
+                             "the target alone); this server decodes another way")
+        with self._wake:
+            self._queue.append((request, on_event))
+            self._wake.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._wake:
+            self._cancelled.add(request_id)
+
+    def runtime_info(self) -> dict:
+        return self.engine.runtime_info()
+
+    def state(self) -> dict:
+        return {"running": int(self._running is not None), "waiting": len(self._queue), "max_seqs": 1,
+                "batching": False}
+
+    def close(self) -> None:
+        self._closed = True
+        with self._wake:
+            self._wake.notify()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                request, on_event = self._queue.popleft()
+                self._running = request.id
+            self._run(request, on_event)
+            self._running = None
+            self._cancelled.discard(request.id)
+
+    def _run(self, request: Request, on_event: EventSink) -> None:
+        rid = request.id
+        sent = 0
+
+        def on_tokens(ids: list[int]) -> bool:
+            nonlocal sent
+            sent += len(ids)
+            on_event(TokenEvent(rid, list(ids)))
+            return rid in self._cancelled
+
+        if rid in self._cancelled:
+            on_event(TokenEvent(rid, [], finish_reason="cancelled"))
+            return
+        try:
+            result = self._generate(request.prompt_ids, request.cfg, request.speculative, on_tokens)
+        except Exception as exc:  # this request fails; the decoder goes on with the next
+            on_event(TokenEvent(rid, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+            return
+        if rid not in self._cancelled and len(result.token_ids) > sent:  # tokens no callback carried
+            on_event(TokenEvent(rid, result.token_ids[sent:]))
+        eos = set(request.cfg.eos_token_ids) | set(self.eos_token_ids)
+        reason = "cancelled" if rid in self._cancelled else (
+            "stop" if result.token_ids and result.token_ids[-1] in eos else "length")
+        on_event(TokenEvent(rid, [], finish_reason=reason, result=result))
+
+
+def wait_idle(decoder: Decoder, timeout_s: float = 30.0) -> None:
+    """Until nothing runs or waits (tests, benchmarks)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = decoder.state()
+        if not s.get("running") and not s.get("waiting") and not s.get("prefilling"):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"decoder still busy after {timeout_s} s: {decoder.state()}")
+
+
+@dataclass
+class DecoderSpec:
+    """A way of decoding, as the Serve args or the CLI flags name it (checked there)."""
+    target: str | None = None
+    draft: str | None = None
+    heads: str | None = None
+    tree: str = "dynamic"
+    ensemble: tuple[str, ...] | None = None
+    combine: str | None = None
+    pipeline: str = "local"
+    dtype: str = "float32"
+    draft_dtype: str = "auto"
+    max_len: int | None = None
+    attention: str | None = None
+    draft_attention: str | None = None
+    lookahead: int = 8
+    accelerator: str = "auto"
+    cpus_per_actor: int = 1
+    spread: bool = False
+    request_timeout_s: float = 1800.0
+    batch: object | None = None  # a BatchConfig: batch requests where the way of decoding allows
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in ("local", "sync", "async"):
+            raise ValueError(f"pipeline must be local, sync or async, got {self.pipeline!r}")
+
+
+def make_decoder(spec: DecoderSpec, progress: bool = False) -> Decoder:
+    """The one factory: the decoder a spec describes, batched (`BatchEngine`) where the
+    way of decoding allows and `spec.batch` asks for it, else serial."""
+    from actors import loading
+    from cluster.placement import PlacementConfig
+
+    if spec.ensemble is not None:
+        from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble
+
+        placement = None if spec.pipeline == "local" else PlacementConfig(
+            n_actors=len(spec.ensemble), accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
+            spread=spec.spread)
+        cfg = EnsembleConfig(models=tuple(spec.ensemble), combine=spec.combine, dtype=spec.dtype,
+                             max_len=spec.max_len or 4096, placement=placement, request_timeout_s=spec.request_timeout_s)
+        ens = LocalEnsemble(cfg, progress=progress) if spec.pipeline == "local" else RayEnsemble(cfg)
+
+        def ensemble_generate(prompt_ids, cfg, speculative, on_tokens):
+            return ens.generate(prompt_ids, cfg, method="cos" if speculative else "ensemble", on_tokens=on_tokens)
+
+        return SerialDecoder(ens, ensemble_generate, ens.tokenizer, ens.info.context_length,
+                             getattr(ens, "eos_token_ids", ()) or ())
+    if spec.pipeline == "local":
+        from cluster.engine import EngineConfig, LocalEngine
+
+        local = LocalEngine(EngineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len,
+                                         heads=spec.heads, tree=spec.tree, attention=spec.attention,
+                                         draft_attention=spec.draft_attention), progress=progress)
+        if spec.batch is not None:
+            from cluster.batching.engine import BatchEngine
+
+            try:
+                return BatchEngine(local, spec.batch)
+            except ValueError:  # heads, self-drafting, sparse or linearized models: one request at a time
+                pass
+        return SerialDecoder(local, local.generate, local.tokenizer, local.context_length, local.eos_token_ids)
+    from actors.verifying import PipelineOptions
+    from cluster.pipeline import PipelineConfig, RayPipeline
+
+    placement = PlacementConfig(n_actors=2, accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
+                                spread=spec.spread)
+    pipe = RayPipeline(PipelineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len or 4096,
+                                      placement=placement, request_timeout_s=spec.request_timeout_s,
+                                      heads=spec.heads, tree=spec.tree, attention=spec.attention,
+                                      draft_attention=spec.draft_attention))
+    options = PipelineOptions(mode=spec.pipeline, lookahead=spec.lookahead)
+
+    def pipeline_generate(prompt_ids, cfg, speculative, on_tokens):
+        return pipe.generate(prompt_ids, cfg, options, on_tokens=on_tokens, speculative=speculative)
+
+    tokenizer = loading.load_tokenizer(spec.target)
+    return SerialDecoder(pipe, pipeline_generate, tokenizer, loading.context_length(loading.read_config(spec.target)),
+                         getattr(pipe, "eos_token_ids", ()) or ())

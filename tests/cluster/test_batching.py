@@ -1,0 +1,189 @@
+"""Continuous batching is exact: each request's output is the one it gets alone, whatever
+joins or leaves around it; sampling keeps the target's distribution; seeds reproduce."""
+
+from __future__ import annotations
+
+import queue
+from collections import Counter
+
+import pytest
+import torch
+
+import cluster.batching.runner as batch_runner
+from cluster.batching.engine import BatchEngine
+from cluster.batching.scheduler import BatchConfig
+from cluster.decoder import Request, wait_idle
+from cluster.engine import EngineConfig, LocalEngine
+from decoding.request import DecodeConfig
+from decoding.sampling import SamplingParams
+from sampling_check import NEW, PROMPT, VOCAB, chi2_pvalue, exact_sequence_probs
+
+NO_EOS = (-1,)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def engines(request, tiny_dir):
+    family = request.param
+    local = LocalEngine(EngineConfig(tiny_dir(family), tiny_dir(family, noise=0.2), draft_dtype="float32",
+                                     max_len=256), False)
+    return local
+
+
+def collect(decoder, requests, cancel_after: dict[str, int] | None = None, timeout: float = 120):
+    """Submit all, gather every request's events; cancel some after N tokens."""
+    events: queue.Queue = queue.Queue()
+    for r in requests:
+        decoder.submit(r, events.put)
+    out = {r.id: [] for r in requests}
+    last = {}
+    while len(last) < len(requests):
+        ev = events.get(timeout=timeout)
+        out[ev.request_id] += ev.token_ids
+        if cancel_after and ev.request_id in cancel_after and len(out[ev.request_id]) >= cancel_after[ev.request_id]:
+            decoder.cancel(ev.request_id)
+        if ev.done:
+            last[ev.request_id] = ev
+    return out, last
+
+
+def mixed_requests(seed: int, n: int, **cfg):
+    gen = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        prompt = torch.randint(2, 64, (int(torch.randint(1, 40, (), generator=gen)),), generator=gen).tolist()
+        max_new = int(torch.randint(1, 40, (), generator=gen))
+        eos = (int(torch.randint(2, 64, (), generator=gen)),) if i % 3 == 0 else NO_EOS
+        reqs.append(Request(prompt, DecodeConfig(max_new_tokens=max_new, eos_token_ids=eos, **cfg),
+                            speculative=i % 4 != 1))
+    return reqs
+
+
+@pytest.mark.parametrize("draft_length", [None, 0, 3])
+def test_greedy_batched_equals_alone(engines, draft_length):
+    local = engines
+    batch = BatchEngine(local, BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
+    try:
+        reqs = mixed_requests(draft_length or 11, 10)
+        cancel = {reqs[2].id: 5, reqs[7].id: 1}
+        got, last = collect(batch, reqs, cancel)
+        accepted = 0
+        for r in reqs:
+            alone = local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids
+            if r.id in cancel:
+                assert got[r.id] == alone[:len(got[r.id])] and last[r.id].finish_reason in ("cancelled", "length",
+                                                                                             "stop")
+                continue
+            assert got[r.id] == alone, r
+            assert last[r.id].result.token_ids == alone
+            accepted += last[r.id].result.stats.accepted_tokens
+        if draft_length == 3:
+            assert accepted > 0  # it really speculated
+        if draft_length == 0:
+            assert accepted == 0
+        wait_idle(batch)
+        assert batch.pool.available == 3 and batch.scheduler.reserved == 0  # every slot freed
+    finally:
+        batch.close()
+
+
+def test_requests_wait_for_capacity_and_refusals_name_the_limit(engines):
+    local = engines
+    batch = BatchEngine(local, BatchConfig(max_seqs=2, kv_tokens=200, draft_length=2))
+    try:
+        with pytest.raises(ValueError, match="max_len of 256"):
+            batch.submit(Request([1] * 250, DecodeConfig(max_new_tokens=10)), lambda e: None)
+        with pytest.raises(ValueError, match="budget is 200"):
+            batch.submit(Request([1] * 150, DecodeConfig(max_new_tokens=60)), lambda e: None)
+        reqs = [Request([3, 4, 5], DecodeConfig(max_new_tokens=60, eos_token_ids=NO_EOS)) for _ in range(4)]
+        got, last = collect(batch, reqs)
+        assert all(len(got[r.id]) == 60 for r in reqs)  # each waited its turn (kv budget fits one at a time)
+        assert batch.scheduler.reserved == 0
+    finally:
+        batch.close()
+
+
+def test_seeded_sampling_reproduces_whatever_the_batch(engines):
+    local = engines
+    batch = BatchEngine(local, BatchConfig(max_seqs=4))
+    try:
+        params = SamplingParams(temperature=0.9, top_p=0.95)
+        mine = Request([7, 8, 9], DecodeConfig(max_new_tokens=24, sampling=params, seed=42, eos_token_ids=NO_EOS),
+                       speculative=False)
+        alone, _ = collect(batch, [mine])
+        others = mixed_requests(5, 5, sampling=params)
+        again = Request(mine.prompt_ids, mine.cfg, speculative=False)
+        got, _ = collect(batch, [*others[:3], again, *others[3:]])
+        assert got[again.id] == alone[mine.id]
+        assert local.generate(mine.prompt_ids, mine.cfg, speculative=False).token_ids == alone[mine.id]
+    finally:
+        batch.close()
+
+
+def test_logprobs_are_the_targets_with_and_without_speculation(engines):
+    local = engines
+    batch = BatchEngine(local, BatchConfig(max_seqs=4, draft_length=3))
+    try:
+        cfg = DecodeConfig(max_new_tokens=20, eos_token_ids=NO_EOS)
+        spec, plain = Request([4, 5, 6, 7], cfg, True, logprobs=2), Request([4, 5, 6, 7], cfg, False, logprobs=2)
+        events: dict[str, list] = {spec.id: [], plain.id: []}
+        q: queue.Queue = queue.Queue()
+        batch.submit(spec, q.put)
+        batch.submit(plain, q.put)
+        done = 0
+        while done < 2:
+            ev = q.get(timeout=60)
+            events[ev.request_id] += ev.logprobs or []
+            done += ev.done
+        a, b = events[spec.id], events[plain.id]
+        assert [x.token for x in a] == [x.token for x in b] and len(a) == 20
+        for x, y in zip(a, b):
+            assert abs(x.logprob - y.logprob) < 1e-4
+            assert [t for t, _ in x.top] == [t for t, _ in y.top] and len(x.top) == 2
+            assert x.top[0][0] == x.token  # greedy: the chosen token is the target's top
+        # and they are the target's own: recompute the first one alone
+        runner = local.target_runner
+        runner.reset(64)
+        first = torch.log_softmax(runner.feed([4, 5, 6, 7]), -1)
+        assert abs(float(first[a[0].token]) - a[0].logprob) < 1e-4
+    finally:
+        batch.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_dir):
+    target = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3)
+    draft = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, noise=0.3)
+    return LocalEngine(EngineConfig(target, draft, draft_dtype="float32", max_len=64), False)
+
+
+def batched_samples(local, params, n: int = 10_000):
+    """n sequences of NEW tokens, 8 requests at a time in one batch, one seed each."""
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1))
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(99)).tolist()
+    try:
+        reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS),
+                        speculative=i % 5 != 0) for i, s in enumerate(seeds)]
+        got, _ = collect(batch, reqs, timeout=600)
+        return [tuple(got[r.id]) for r in reqs]
+    finally:
+        batch.close()
+
+
+def test_batched_sampling_follows_the_target(tiny_pair):
+    params = SamplingParams(temperature=1.0)
+    probs = exact_sequence_probs(tiny_pair.target_runner, params)
+    samples = batched_samples(tiny_pair, params)
+    assert chi2_pvalue(samples, probs) > 1e-3
+
+
+def test_batched_sampling_check_catches_a_broken_acceptance(tiny_pair, monkeypatch):
+    """Accepting every draft makes the output the draft's: the same check must fail."""
+    def accept_all(drafts, q, p, gen):
+        return drafts.numel(), int(torch.multinomial(p[-1], 1, generator=gen))
+
+    monkeypatch.setattr(batch_runner, "verify_chain_sampling", accept_all)
+    params = SamplingParams(temperature=1.0)
+    probs = exact_sequence_probs(tiny_pair.target_runner, params)
+    samples = batched_samples(tiny_pair, params, n=4000)
+    assert chi2_pvalue(samples, probs) < 1e-6
+    assert Counter(samples)  # sanity: it produced samples
