@@ -9,11 +9,12 @@ shares the forward.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from actors.model import BatchItem, Transformer
+from actors.runner import PREFILL_CHUNK
 from cluster.batching.sequence import Sequence
 from decoding.acceptance import verify_chain_greedy, verify_chain_sampling
 from decoding.draft_length import CostModel
@@ -54,22 +55,32 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[Token
     return out
 
 
+@dataclass
+class BatchCosts:
+    """What forwards cost here, measured at load and then as they run."""
+    target: CostModel = field(default_factory=CostModel)  # one target forward of B single tokens, by B
+    # one verify forward of B chains, by rows: dearer than as many single tokens (each sequence
+    # attends with its own mask); seeded from `target` and learned as rounds run
+    verify: CostModel = field(default_factory=CostModel)
+    draft: CostModel = field(default_factory=CostModel)  # one draft step, by sequences (one token each)
+    catch_up_s: float = 0.01  # per token a draft cache catches up (prefill-like)
+
+    def observe_catch_up(self, seconds: float, tokens: int) -> None:
+        self.catch_up_s = 0.7 * self.catch_up_s + 0.3 * seconds / max(tokens, 1)
+
+
 class BatchRunner:
     def __init__(self, target: Transformer, draft: Transformer | None):
         self.target, self.draft = target, draft
-        self.target_costs = CostModel()  # seconds of one target forward, by rows
-        self.draft_costs = CostModel()  # seconds of one draft step, by sequences
+        self.costs = BatchCosts()
 
     # ---- prompts ------------------------------------------------------------------
     def prefill(self, chunks: list[tuple[Sequence, list[int]]]) -> list[Committed]:
-        """Feed one chunk of each sequence's prompt (target, and draft if it will draft).
-        A sequence whose prompt is complete gets its first token."""
+        """Feed one chunk of each sequence's prompt to the target. A sequence whose prompt
+        is complete gets its first token. The draft reads the prompt only when it first
+        drafts for the sequence (`_catch_up`): under load, when drafting does not pay, the
+        draft's prefill is never spent."""
         hidden = self.target.forward_batch([BatchItem(_long(c), s.target_cache, prefill=True) for s, c in chunks])
-        drafting = [(s, c) for s, c in chunks if s.draft_cache is not None]
-        if drafting:
-            self.draft.forward_batch([BatchItem(_long(c), s.draft_cache, prefill=True) for s, c in drafting])
-            for s, c in drafting:
-                s.draft_tokens.extend(c)
         done = []
         for (seq, chunk), h in zip(chunks, hidden):
             seq.prefilled += len(chunk)
@@ -91,28 +102,37 @@ class BatchRunner:
         items = [BatchItem(_long(s.tokens[-1:] + drafts.get(s.id, [])), s.target_cache) for s in running]
         hidden = self.target.forward_batch(items)
         logits = self.target.logits(torch.cat(hidden)).split([len(it.tokens) for it in items])
-        self.target_costs.observe_verify(time.perf_counter() - start, sum(len(it.tokens) for it in items))
+        table = self.costs.verify if drafts else self.costs.target
+        table.observe_verify(time.perf_counter() - start, sum(len(it.tokens) for it in items))
         return [self._accept(s, drafts.get(s.id, []), q_rows.get(s.id), lg) for s, lg in zip(running, logits)]
 
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Feed each draft cache the committed tokens it lacks, but the newest (drafting
+        starts from that one): prompt-sized chunks, all sequences in one forward each."""
+        while lagging := [s for s in seqs if len(s.tokens) - len(s.draft_tokens) > 1]:
+            chunks = [(s, s.tokens[len(s.draft_tokens):len(s.tokens) - 1][:PREFILL_CHUNK]) for s in lagging]
+            start = time.perf_counter()
+            self.draft.forward_batch([BatchItem(_long(c), s.draft_cache, prefill=True) for s, c in chunks])
+            n = sum(len(c) for _, c in chunks)
+            self.costs.observe_catch_up(time.perf_counter() - start, n)
+            for s, c in chunks:
+                s.draft_tokens.extend(c)
+
     def _draft(self, seqs: list[Sequence], depth: dict[str, int]) -> tuple[dict, dict]:
-        """Batched drafting: the first forward also feeds what each draft cache lacks of
-        the committed tokens; then one token per sequence per step."""
+        """Batched drafting: one token per sequence per step, each step one draft forward."""
+        self._catch_up(seqs)
         drafts: dict[str, list[int]] = {s.id: [] for s in seqs}
         q_rows: dict[str, list[torch.Tensor]] = {s.id: [] for s in seqs}
-        feed = {}
-        for s in seqs:
-            n = len(s.draft_tokens)
-            feed[s.id] = s.tokens[n:]
-        active, step = list(seqs), 0
+        feed = {s.id: s.tokens[-1] for s in seqs}
+        active = list(seqs)
         while active:
             start = time.perf_counter()
-            hidden = self.draft.forward_batch([BatchItem(_long(feed[s.id]), s.draft_cache) for s in active])
-            logits = self.draft.logits(torch.cat([h[-1:] for h in hidden]))
-            if step:  # the first step also catches up: not a clean per-step cost
-                self.draft_costs.observe_verify(time.perf_counter() - start, len(active))
+            hidden = self.draft.forward_batch([BatchItem(_long([feed[s.id]]), s.draft_cache) for s in active])
+            logits = self.draft.logits(torch.cat(hidden))
+            self.costs.draft.observe_verify(time.perf_counter() - start, len(active))
             nxt = []
             for s, lg in zip(active, logits):
-                s.draft_tokens.extend(feed[s.id])
+                s.draft_tokens.append(feed[s.id])
                 params = s.cfg.sampling
                 if params.greedy:
                     token = int(lg.argmax())
@@ -123,9 +143,9 @@ class BatchRunner:
                 drafts[s.id].append(token)
                 s.stats.drafted_tokens += 1
                 if len(drafts[s.id]) < depth[s.id]:
-                    feed[s.id] = [token]
+                    feed[s.id] = token
                     nxt.append(s)
-            active, step = nxt, step + 1
+            active = nxt
         return drafts, q_rows
 
     def _accept(self, seq: Sequence, drafts: list[int], q_rows: list[torch.Tensor] | None,

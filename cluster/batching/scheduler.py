@@ -15,10 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from actors.runner import PREFILL_CHUNK
+from cluster.batching.runner import BatchCosts
 from cluster.batching.sequence import Sequence, SlotPool, Status
-from decoding.draft_length import CostModel
-
-PROBE_EVERY = 32  # rounds without drafting before one probing round re-measures acceptance
 
 
 @dataclass
@@ -44,14 +42,12 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 class Scheduler:
-    def __init__(self, cfg: BatchConfig, has_draft: bool, target_costs: CostModel, draft_costs: CostModel):
-        self.cfg, self.has_draft = cfg, has_draft
-        self.target_costs, self.draft_costs = target_costs, draft_costs  # seconds by rows in one forward
+    def __init__(self, cfg: BatchConfig, has_draft: bool, costs: BatchCosts):
+        self.cfg, self.has_draft, self.costs = cfg, has_draft, costs
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self.reserved = 0  # KV entries promised to admitted sequences
-        self.rounds_without_draft = 0
         self.last_draft_length = 0
 
     def add(self, seq: Sequence) -> None:
@@ -104,20 +100,23 @@ class Scheduler:
             k = self.cfg.draft_length
         else:
             k = self._best_k(spec)
-            if k == 0 and self.rounds_without_draft >= PROBE_EVERY:
-                k = 1  # acceptance is only measured while drafting: look again now and then
-        self.rounds_without_draft = 0 if k else self.rounds_without_draft + 1
         self.last_draft_length = k
         return k
 
     def _best_k(self, spec: list[Sequence]) -> int:
+        """A draft cache that lags (its prompt unread, or rounds without drafting) must
+        catch up first: that cost is charged in proportion to the share of the sequence's
+        remaining tokens this round yields, since later rounds reuse what it read."""
+        target, verify, draft = self.costs.target, self.costs.verify, self.costs.draft
         plain = len(self.running) - len(spec)
-        best_k, best_rate = 0, len(self.running) / self.target_costs.verify(len(self.running))
+        best_k, best_rate = 0, len(self.running) / target.verify(len(self.running))
         for k in range(1, self.cfg.max_draft + 1):
             ks = [min(k, s.remaining - 1) for s in spec]
-            tokens = plain + sum(expected_tokens(s.acceptance, kk) for s, kk in zip(spec, ks))
+            gains = [expected_tokens(s.acceptance, kk) for s, kk in zip(spec, ks)]
+            lag = sum((len(s.tokens) - len(s.draft_tokens) - 1) * min(1.0, g / s.remaining) for s, g in zip(spec, gains))
+            tokens = plain + sum(gains)
             rows = plain + sum(kk + 1 for kk in ks)
-            seconds = k * self.draft_costs.verify(len(spec)) + self.target_costs.verify(rows)
+            seconds = k * draft.verify(len(spec)) + verify.verify(rows) + lag * self.costs.catch_up_s
             if tokens / seconds > best_rate:
                 best_k, best_rate = k, tokens / seconds
         return best_k

@@ -4,8 +4,9 @@
 
 - `config.py`: what the Serve config's `args` may say (validated before anything loads).
 - `openai_api.py`: the OpenAI request and response shapes, and OpenAI-style errors.
-- `backend.py`: the decoder behind a replica (local engine, Ray pipeline or ensemble).
-- `admission.py`: one request decodes at a time; a bounded FIFO waits; full -> 503.
+- `backend.py`: the replica's decoder (`cluster.decoder.make_decoder`: batched in the
+  replica, or a Ray pipeline / ensemble one request at a time), tokenizing, limits.
+- `admission.py`: how many requests a replica holds; past `max_pending` -> 503 + Retry-After.
 - `text.py`: token ids to streamed text, with `stop` strings.
 - `metrics.py`: Prometheus metrics through Ray.
 - `app.py`: the FastAPI ingress deployment and the application builder.
