@@ -6,7 +6,8 @@ forward over the verified rows, and yields for each sequence 1 + a + ... + a^k t
 in expectation (a = its acceptance rate). The k with the most expected tokens per second
 wins, k = 0 (no speculation) included: on a CPU a 16-sequence batch is already
 compute-bound, and drafting then only costs (vLLM's and SGLang's adaptive speculation
-make the same call).
+make the same call). While prompts wait to be prefilled nobody drafts: their time to
+first token comes first.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class Scheduler:
             k = 0
         elif self.cfg.draft_length is not None:
             k = self.cfg.draft_length
+        elif self.prefilling or self.waiting:
+            k = 0  # prompts are waiting to be read: drafting (and a draft's catch-up) would delay them
         else:
             k = self._best_k(spec)
         self.last_draft_length = k
