@@ -81,20 +81,19 @@ class Sequence:
 class SlotPool:
     """Fixed KV-cache slots, one per running sequence, each `max_len` long, per model.
 
-    A slot's caches are allocated on first use and then reused: a sequence growing,
-    committing a path or leaving never copies or reallocates a cache."""
+    Every slot's caches are allocated (and their pages touched) when the engine starts, so
+    the first burst of requests does not pay for gigabytes of page faults; then they are
+    reused: a sequence growing, committing a path or leaving never copies or reallocates."""
 
     def __init__(self, models: list[Transformer], slots: int, max_len: int):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.models, self.max_len = models, max_len
-        self.caches: list[list[KVCache] | None] = [None] * slots
+        self.caches = [[m.new_cache(max_len) for m in models] for _ in range(slots)]
         self.free = list(range(slots))[::-1]
 
     def take(self) -> tuple[int, list[KVCache]]:
         slot = self.free.pop()
-        if self.caches[slot] is None:
-            self.caches[slot] = [m.new_cache(self.max_len) for m in self.models]
         for cache in self.caches[slot]:
             cache.reset()
         return slot, self.caches[slot]

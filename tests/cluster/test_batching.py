@@ -187,3 +187,34 @@ def test_batched_sampling_check_catches_a_broken_acceptance(tiny_pair, monkeypat
     samples = batched_samples(tiny_pair, params, n=4000)
     assert chi2_pvalue(samples, probs) < 1e-6
     assert Counter(samples)  # sanity: it produced samples
+
+
+def _scheduler(target_s: dict[int, float], draft_s: dict[int, float], acceptance: float, batch: int):
+    from cluster.batching.runner import BatchCosts
+    from cluster.batching.scheduler import Scheduler
+    from cluster.batching.sequence import Sequence
+
+    costs = BatchCosts()
+    costs.target.verify_s.update(target_s)
+    costs.verify.verify_s.update(target_s)
+    costs.draft.verify_s.update(draft_s)
+    sched = Scheduler(BatchConfig(max_seqs=batch), True, costs)
+    for i in range(batch):
+        seq = Sequence(str(i), [1, 2, 3], DecodeConfig(max_new_tokens=64), True, None)
+        seq.output, seq.draft_tokens, seq.acceptance = [4], [1, 2, 3], acceptance
+        sched.running.append(seq)
+    return sched
+
+
+def test_the_draft_length_follows_measured_costs_and_load():
+    """Memory-bound verify (flat in rows) and a cheap draft: draft far. Compute-bound
+    verify (linear in rows): drafting cannot pay, k = 0. Prompts waiting: k = 0."""
+    flat = {1: 0.25, 8: 0.26, 16: 0.27, 64: 0.30, 256: 0.40}
+    linear = {1: 0.25, 16: 4.0, 64: 16.0, 256: 64.0}
+    cheap = {1: 0.01, 16: 0.02}
+    assert _scheduler(flat, cheap, 0.8, 1).draft_length() >= 4
+    assert _scheduler(flat, cheap, 0.05, 1).draft_length() <= 1  # a draft that is never right is not worth it
+    assert _scheduler(linear, cheap, 0.8, 16).draft_length() == 0
+    busy = _scheduler(flat, cheap, 0.8, 1)
+    busy.waiting.append(busy.running[0])
+    assert busy.draft_length() == 0 and busy.state()["draft_length"] == 0
