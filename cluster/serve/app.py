@@ -222,7 +222,9 @@ class OpenAIServer:
                            code="context_length_exceeded" if "context" in str(exc) or "max_len" in str(exc)
                            else None) from None
         sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p)
-        return req, prompt_ids, DecodeConfig(max_new_tokens=max_tokens, sampling=sampling, seed=req.seed), top
+        no_eos = (-1,) if req.ignore_eos else ()  # -1 is no token: nothing ends the request early
+        return req, prompt_ids, DecodeConfig(max_new_tokens=max_tokens, sampling=sampling, seed=req.seed,
+                                             eos_token_ids=no_eos), top
 
     def _check_model(self, name: str) -> None:
         if name != self.model:

@@ -38,6 +38,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: decode to max_tokens past end-of-sequence (load tests send it)
     specray: SpecrayOptions = Field(default_factory=SpecrayOptions)
 
     @field_validator("max_tokens")

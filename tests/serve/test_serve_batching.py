@@ -84,6 +84,10 @@ def test_api_key_is_required_and_the_openai_clients_key_works(endpoint):
         wrong.models.list()
     assert [m.id for m in endpoint.client.models.list().data] == [MODEL]
     assert endpoint.client.completions.create(model=MODEL, prompt="hi", max_tokens=3).usage.completion_tokens == 3
+    # vLLM's ignore_eos (load generators send it): exactly max_tokens
+    long = endpoint.client.completions.create(model=MODEL, prompt="hi", max_tokens=40, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 40
     health = endpoint.health()  # no key needed: load balancers probe it
     assert health["status"] == "ok" and health["decoder"]["batching"] is True
     assert health["decoder"]["max_seqs"] == 3
