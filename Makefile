@@ -20,7 +20,10 @@ demo: $(BIN)/.installed
 	$(BIN)/specray bench --target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --chat \
 		--prompts $(PROMPTS) --limit 3 --max-new-tokens 64 --out bench-out/demo
 
+# Two workers (pytest-xdist): the tests are mostly single-threaded and the machines have 2
+# cores. Grouping and order: tests/conftest.py. The slowest tests are listed at the end.
+WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 .PHONY: install demo test

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import actors  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
@@ -14,14 +16,55 @@ from actors import tiny  # noqa: E402
 torch.set_num_threads(1)
 
 
+def worker_threads() -> int:
+    """Threads for a test on the real models: the cores shared among the xdist workers."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`).
+# A module's tests stay on one worker (its module fixtures and Ray cluster start once); the
+# modules on the real built-in models (their names say `builtin`) form one group, so only
+# one copy of the pair is loaded at a time (24 GiB holds one); and the longest groups start
+# first, so neither worker is left alone with a long tail at the end. Measured in
+# BENCHMARKS.md ("Test suite"); modules not named here follow in collection order.
+SLOW_FIRST = (
+    "builtin",
+)
+
+
+def test_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "builtin" if "builtin" in module.rsplit("/", 1)[-1] else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the built-in modules as one unit (xdist's own `loadgroup`
+    cannot be used: it rewrites node ids in a way pytest 9.2 no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`cuda` tests run where torch sees a GPU (benchmarks/gpu_check.sh), else skip."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("builtin") and test_group(item.nodeid) != "builtin":
+            raise pytest.UsageError(f"{item.nodeid} uses the built-in models: its module's name must say "
+                                    "`builtin` (tests/conftest.py keeps those on one xdist worker)")
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(rank)))  # stable: the rest keep their order
+    # `cuda` tests run where torch sees a GPU (benchmarks/gpu_check.sh), else skip.
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +99,7 @@ def builtin_engine():
     freed after it, so later modules can load the pair in actors instead."""
     from cluster.engine import EngineConfig, LocalEngine
 
+    torch.set_num_threads(worker_threads())
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", heads="medusa",
                                      more_heads=("amphista",)))
 

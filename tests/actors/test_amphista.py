@@ -98,7 +98,7 @@ def test_greedy_with_amphista_heads_on_a_gguf_target(tmp_path):
 @pytest.fixture(scope="module")
 def vocab4(tiny_dir, tmp_path_factory):
     target, _ = sc.runners(tiny_dir)
-    path = tiny_dir("qwen2", vocab_size=sc.VOCAB, initializer_range=0.3)
+    path = tiny_dir("qwen2", **sc.MODEL)
     heads_dir = tiny.make_tiny_heads(tmp_path_factory.mktemp("a4") / "heads", path, scale=0.5, kind="amphista")
     return target, load_heads(heads_dir, target.model)
 

@@ -18,7 +18,7 @@ from actors.runner import ModelRunner
 from decoding.ensemble import combine_logits, parse_combine
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams, logits_to_probs
-from sampling_check import NEW, PROMPT, SAMPLES, VOCAB, chi2_pvalue
+from sampling_check import MODEL, NEW, PROMPT, SAMPLES, VOCAB, chi2_pvalue
 
 
 def load_runner(path: str, max_len: int = 256) -> ModelRunner:
@@ -117,7 +117,7 @@ def test_adaptive_cos_falls_back_when_speculation_does_not_pay(trio):
 @pytest.fixture(scope="module")
 def vocab4(tiny_dir):
     def runner(**kw):
-        return load_runner(tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, **kw), 64)
+        return load_runner(tiny_dir("qwen2", **MODEL, **kw), 64)
 
     return [runner(), runner(noise=0.3), runner(seed=9)]
 

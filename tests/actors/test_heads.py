@@ -12,9 +12,13 @@ from actors.heads import HeadsConfig, check_heads, load_heads, resolve_heads
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams
+from actors.proposing import propose_with_heads
+from actors.verifying import PipelineOptions
 from tests import sampling_check as sc
+from wire_pair import FINGERPRINT, WirePair
 
 FAMILIES = ("qwen2", "llama", "gemma3")
+HEADS_OVER_THE_WIRE = PipelineOptions(mode="sync", heads=True)
 
 
 def heads_for(tmp_path, model_dir, **kw):
@@ -101,7 +105,7 @@ def sample_with_heads(target, drafter, params, n, counts=None):
 @pytest.fixture(scope="module")
 def vocab4(tiny_dir, tmp_path_factory):
     target, _ = sc.runners(tiny_dir)
-    path = tiny_dir("qwen2", vocab_size=sc.VOCAB, initializer_range=0.3)
+    path = tiny_dir("qwen2", **sc.MODEL)
     heads = load_heads(tiny.make_tiny_heads(tmp_path_factory.mktemp("h4") / "heads", path, scale=0.5), target.model)
     return target, heads
 
@@ -129,29 +133,16 @@ def test_a_broken_residual_is_caught(vocab4, monkeypatch):
 # ---- over the wire: the sync pipeline's verifier and a heads drafter on real ZeroMQ sockets ----
 
 
+def heads_pair(target, drafter) -> WirePair:
+    """The target verifying here, draft heads drafting in another thread (sync pipeline)."""
+    def propose(dealer, session, cfg, opts, cancelled):
+        return propose_with_heads(drafter, dealer, FINGERPRINT, session, cfg, opts, cancelled=cancelled)
+
+    return WirePair(target, propose)
+
+
 def wire_generate(target, drafter, prompt, cfg):
-    import threading
-
-    from actors.proposing import propose_with_heads
-    from actors.verifying import PipelineOptions, verify_request
-    from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, ipc_endpoint, new_session_id
-
-    fingerprint = ModelFingerprint(vocab_size=1, tokenizer_hash="t" * 64)
-    channel = ChannelConfig(tensor_lib="torch", recv_timeout_s=10, connection_heartbeat_s=None)
-    opts = PipelineOptions(mode="sync", heads=True)
-    session, box = new_session_id(), {}
-    with RouterChannel(ipc_endpoint(), config=channel) as router:
-        def drafting():
-            with DealerChannel(router.endpoint, config=channel) as dealer:
-                try:
-                    box["stats"] = propose_with_heads(drafter, dealer, fingerprint, session, cfg, opts)
-                except BaseException as exc:  # noqa: BLE001 - reported to the test
-                    box["error"] = exc
-
-        thread = threading.Thread(target=drafting, daemon=True)
-        thread.start()
-        result = verify_request(target, router, fingerprint, session, prompt, cfg, opts, drafter_alive=thread.is_alive)
-        thread.join(10)
+    result, box = heads_pair(target, drafter).generate(prompt, cfg, HEADS_OVER_THE_WIRE)
     assert "error" not in box, box
     assert not result.stats.drafter_lost
     return result, box["stats"]
@@ -176,8 +167,9 @@ def test_heads_over_zeromq_keep_the_targets_distribution(vocab4):
     params = SamplingParams(temperature=1.0)
     drafter = HeadDrafter(heads, "dynamic", max_nodes=6, top_m=2)
     seeds = torch.randint(0, 2**62, (sc.SAMPLES,), generator=torch.Generator().manual_seed(11)).tolist()
-    samples = [tuple(wire_generate(target, drafter, sc.PROMPT, DecodeConfig(
-        max_new_tokens=sc.NEW, sampling=params, seed=s, eos_token_ids=(-1,)))[0].token_ids) for s in seeds]
+    cfgs = [DecodeConfig(max_new_tokens=sc.NEW, sampling=params, seed=s, eos_token_ids=(-1,)) for s in seeds]
+    results, _ = heads_pair(target, drafter).generate_many(sc.PROMPT, cfgs, HEADS_OVER_THE_WIRE)
+    samples = [tuple(result.token_ids) for result in results]
     assert sc.chi2_pvalue(samples, sc.exact_sequence_probs(target, params)) > 1e-3
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling_check import LONG_PROMPT, chi2_pvalue, exact_sequence_probs, sample_sequences
+from sampling_check import LONG_PROMPT, MODEL, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 from actors import linear_attention as lin
 from actors import loading
@@ -208,18 +208,23 @@ def test_greedy_speculation_with_a_linearized_target_or_draft_is_the_linearized_
         assert speculative_generate(plain_target, lin_draft, prompt, cfg).token_ids == plain, trial
 
 
+# Two layers: with one, a tree verified over the flattened order (the mutation below) moves
+# the distribution too little for the sampling test to see it.
+TWO_LAYERS = MODEL | {"num_hidden_layers": 2}
+
+
 @pytest.mark.parametrize("width", [1, 2])
 def test_sampling_with_a_linearized_target_matches_its_distribution(tiny_linear, tiny_dir, width):
-    target = runner(tiny_linear("qwen2", vocab_size=4, initializer_range=0.3), 64)
-    draft = runner(tiny_dir("qwen2", vocab_size=4, initializer_range=0.3, noise=0.3), 64)
+    target = runner(tiny_linear("qwen2", **TWO_LAYERS), 64)
+    draft = runner(tiny_dir("qwen2", **TWO_LAYERS, noise=0.3), 64)
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params, LONG_PROMPT)
     assert chi2_pvalue(sample_sequences(target, draft, params, width=width, prompt=LONG_PROMPT), probs) > 1e-3
 
 
 def test_a_tree_verify_over_the_flattened_order_is_caught_by_the_sampling_test(tiny_linear, tiny_dir, monkeypatch):
-    target = runner(tiny_linear("qwen2", vocab_size=4, initializer_range=0.3), 64)
-    draft = runner(tiny_dir("qwen2", vocab_size=4, initializer_range=0.3, noise=0.3), 64)
+    target = runner(tiny_linear("qwen2", **TWO_LAYERS), 64)
+    draft = runner(tiny_dir("qwen2", **TWO_LAYERS, noise=0.3), 64)
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params, LONG_PROMPT)
     original = lin.ancestry

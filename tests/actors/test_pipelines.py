@@ -4,8 +4,6 @@ target's own, sampled output follows the target's distribution."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -14,46 +12,20 @@ from actors import loading
 from actors.model import Transformer
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions, verify_request
+from actors.verifying import PipelineOptions
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
 from cluster.local import autoregressive_generate
-from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, ipc_endpoint, new_session_id
 from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
-
-FINGERPRINT = ModelFingerprint(vocab_size=1, tokenizer_hash="t" * 64)
-CHANNEL = ChannelConfig(tensor_lib="torch", recv_timeout_s=10, connection_heartbeat_s=None)
+from wire_pair import FINGERPRINT, WirePair
 
 
-class Pair:
-    """A verifier (this thread) and a drafter (a thread per request) joined by ipc sockets."""
+def drafting_pair(target: ModelRunner, draft: ModelRunner) -> WirePair:
+    """The target verifying here, `draft` drafting in another thread."""
+    def propose(dealer, session, cfg, opts, cancelled):
+        return propose_request(draft, dealer, FINGERPRINT, session, cfg, opts, cancelled=cancelled)
 
-    def __init__(self, target: ModelRunner, draft: ModelRunner):
-        self.target, self.draft = target, draft
-        self.router = RouterChannel(ipc_endpoint(), config=CHANNEL)
-        self.dealer: DealerChannel | None = None
-
-    def generate(self, prompt, cfg: DecodeConfig, opts: PipelineOptions, drafter_dies_after: float | None = None):
-        session, box = new_session_id(), {}
-        stop = threading.Event()
-
-        def drafter():
-            with DealerChannel(self.router.endpoint, config=CHANNEL) as dealer:
-                try:
-                    box["stats"] = propose_request(self.draft, dealer, FINGERPRINT, session, cfg, opts,
-                                                   cancelled=stop.is_set)
-                except BaseException as exc:  # noqa: BLE001 - reported to the test
-                    box["error"] = exc
-
-        thread = threading.Thread(target=drafter, daemon=True)
-        thread.start()
-        if drafter_dies_after is not None:
-            threading.Timer(drafter_dies_after, stop.set).start()
-        result = verify_request(self.target, self.router, FINGERPRINT, session, prompt, cfg, opts,
-                                drafter_alive=thread.is_alive)
-        thread.join(10)
-        assert not thread.is_alive()
-        return result, box
+    return WirePair(target, propose)
 
 
 def tiny_runner(path: str, max_len: int = 256) -> ModelRunner:
@@ -72,7 +44,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_greedy_output_is_the_targets_own(tiny_dir, family):
-    pair = Pair(tiny_runner(tiny_dir(family)), tiny_runner(tiny_dir(family, noise=0.3)))
+    pair = drafting_pair(tiny_runner(tiny_dir(family)), tiny_runner(tiny_dir(family, noise=0.3)))
     gen = torch.Generator().manual_seed(3)
     for trial in range(4):
         prompt = torch.randint(2, 64, (int(torch.randint(1, 20, (), generator=gen)),), generator=gen).tolist()
@@ -87,7 +59,7 @@ def test_greedy_output_is_the_targets_own(tiny_dir, family):
 
 def test_async_with_a_perfect_drafter_never_rolls_back(tiny_dir):
     same = tiny_dir("llama")
-    pair = Pair(tiny_runner(same), tiny_runner(same))
+    pair = drafting_pair(tiny_runner(same), tiny_runner(same))
     cfg = DecodeConfig(max_new_tokens=60, eos_token_ids=(-1,))
     result, box = pair.generate([5, 6, 7], cfg, PipelineOptions(mode="async", lookahead=4))
     assert box["stats"]["rollbacks"] == 0
@@ -98,7 +70,7 @@ def test_async_with_a_perfect_drafter_never_rolls_back(tiny_dir):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, mode):
-    pair = Pair(tiny_runner(tiny_dir("llama"), 1024), tiny_runner(tiny_dir("llama", noise=0.3), 1024))
+    pair = drafting_pair(tiny_runner(tiny_dir("llama"), 1024), tiny_runner(tiny_dir("llama", noise=0.3), 1024))
     cfg = DecodeConfig(max_new_tokens=600, eos_token_ids=(-1,))
     expected = autoregressive_generate(pair.target, [9, 8], cfg).token_ids
     result, box = pair.generate([9, 8], cfg, PipelineOptions(mode=mode, lookahead=3), drafter_dies_after=0.3)
@@ -108,15 +80,12 @@ def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, 
 
 # ---- sampling -------------------------------------------------------------------------
 
-def sample_sequences(pair: Pair, params: SamplingParams, opts: PipelineOptions, n: int = SAMPLES):
+def sample_sequences(pair: WirePair, params: SamplingParams, opts: PipelineOptions, n: int = SAMPLES):
     seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(5)).tolist()
-    out = []
-    for seed in seeds:
-        cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=seed, draft_length=NEW - 1, eos_token_ids=(-1,))
-        result, box = pair.generate(PROMPT, cfg, opts)
-        assert "error" not in box, box
-        out.append(tuple(result.token_ids))
-    return out
+    cfgs = [DecodeConfig(max_new_tokens=NEW, sampling=params, seed=seed, draft_length=NEW - 1, eos_token_ids=(-1,))
+            for seed in seeds]
+    results, _ = pair.generate_many(PROMPT, cfgs, opts)
+    return [tuple(result.token_ids) for result in results]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -124,7 +93,7 @@ def test_sampling_follows_the_target_distribution(tiny_dir, mode):
     target, draft = runners(tiny_dir)
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params)
-    samples = sample_sequences(Pair(target, draft), params, PipelineOptions(mode=mode, lookahead=NEW - 1))
+    samples = sample_sequences(drafting_pair(target, draft), params, PipelineOptions(mode=mode, lookahead=NEW - 1))
     assert chi2_pvalue(samples, probs) > 1e-3
 
 
@@ -134,5 +103,5 @@ def test_broken_residual_is_caught_async(tiny_dir, monkeypatch):
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params)
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
-    samples = sample_sequences(Pair(target, draft), params, PipelineOptions(mode="async", lookahead=NEW - 1))
+    samples = sample_sequences(drafting_pair(target, draft), params, PipelineOptions(mode="async", lookahead=NEW - 1))
     assert chi2_pvalue(samples, probs) < 1e-6

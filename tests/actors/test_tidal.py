@@ -167,7 +167,7 @@ SPARSE = TidalConfig(3, (), (0,))  # layer 0 selects, layer 1 attends sparsely
 def test_sampling_with_sparse_drafting_matches_the_target(tiny_dir, use):
     from sampling_check import runners
 
-    target, draft = runners(tiny_dir)
+    target, draft = runners(tiny_dir, layers=2)  # layer 0 selects, layer 1 reads sparsely
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params, LONG_PROMPT)
     if use == "draft":
@@ -183,7 +183,7 @@ def test_a_sparse_verify_is_caught_by_the_sampling_test(tiny_dir):
     sparsely), the distribution would be the sparse model's, and the test must see it."""
     from sampling_check import runners
 
-    target, draft = runners(tiny_dir)
+    target, draft = runners(tiny_dir, layers=2)  # layer 0 selects, layer 1 reads sparsely
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params, LONG_PROMPT)
     target.attention = TidalConfig(1, (), (0,))

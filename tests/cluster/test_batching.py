@@ -16,7 +16,7 @@ from cluster.decoder import Request, wait_idle
 from cluster.engine import EngineConfig, LocalEngine
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
-from sampling_check import NEW, PROMPT, VOCAB, chi2_pvalue, exact_sequence_probs
+from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
 
 NO_EOS = (-1,)
 
@@ -151,8 +151,8 @@ def test_logprobs_are_the_targets_with_and_without_speculation(engines):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_dir):
-    target = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3)
-    draft = tiny_dir("qwen2", vocab_size=VOCAB, initializer_range=0.3, noise=0.3)
+    target = tiny_dir("qwen2", **MODEL)
+    draft = tiny_dir("qwen2", **MODEL, noise=0.3)
     return LocalEngine(EngineConfig(target, draft, draft_dtype="float32", max_len=64), False)
 
 

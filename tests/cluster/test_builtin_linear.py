@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cluster.local import DecodeConfig
+from conftest import worker_threads
 
 pytestmark = pytest.mark.builtin
 
@@ -19,7 +20,7 @@ PROMPTS = [("Write a Python function that returns the n-th Fibonacci number.", T
 def linear_engine():
     from cluster.engine import EngineConfig, LocalEngine
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(worker_threads())
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b-linear", "qwen2.5-coder-0.5b"), progress=False)
 
 

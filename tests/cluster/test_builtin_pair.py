@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cluster.local import DecodeConfig
+from conftest import worker_threads
 
 pytestmark = pytest.mark.builtin
 
@@ -20,7 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def expected(builtin_engine):
-    torch.set_num_threads(2)
+    torch.set_num_threads(worker_threads())
     out = []
     for text, chat in PROMPTS:
         ids = builtin_engine.encode(text, chat)
