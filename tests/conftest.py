@@ -16,9 +16,6 @@ from actors import tiny  # noqa: E402
 torch.set_num_threads(1)
 
 
-def worker_threads() -> int:
-    """Threads for a test on the real models: the cores shared among the xdist workers."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 # `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`).
@@ -94,12 +91,21 @@ def tiny_linear(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def builtin_engine():
+def builtin_threads():
+    """A built-in module computes on this worker's share of the cores; the tiny-model tests
+    after it run on one thread again (a module left at 2 threads made them 3x slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def builtin_engine(builtin_threads):
     """The real built-in pair (about 5 GB) and the target's built-in heads, loaded once by the one module that uses it and
     freed after it, so later modules can load the pair in actors instead."""
     from cluster.engine import EngineConfig, LocalEngine
 
-    torch.set_num_threads(worker_threads())
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", heads="medusa",
                                      more_heads=("amphista",)))
 

@@ -5,10 +5,8 @@ draft gives exactly its own greedy output, for chains and trees."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cluster.local import DecodeConfig
-from conftest import worker_threads
 
 pytestmark = pytest.mark.builtin
 
@@ -17,10 +15,9 @@ PROMPTS = [("Write a Python function that returns the n-th Fibonacci number.", T
 
 
 @pytest.fixture(scope="module")
-def linear_engine():
+def linear_engine(builtin_threads):
     from cluster.engine import EngineConfig, LocalEngine
 
-    torch.set_num_threads(worker_threads())
     return LocalEngine(EngineConfig("qwen2.5-coder-1.5b-linear", "qwen2.5-coder-0.5b"), progress=False)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cluster.local import DecodeConfig
-from conftest import worker_threads
 
 pytestmark = pytest.mark.builtin
 
@@ -21,7 +20,6 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def expected(builtin_engine):
-    torch.set_num_threads(worker_threads())
     out = []
     for text, chat in PROMPTS:
         ids = builtin_engine.encode(text, chat)
