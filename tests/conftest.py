@@ -26,6 +26,18 @@ torch.set_num_threads(1)
 # BENCHMARKS.md ("Test suite"); modules not named here follow in collection order.
 SLOW_FIRST = (
     "builtin",
+    "tests/actors/test_linear_attention.py",
+    "tests/actors/test_pipelines.py",
+    "tests/actors/test_cos.py",
+    "tests/actors/test_tidal.py",
+    "tests/cluster/test_local.py",
+    "tests/cluster/test_job.py",
+    "tests/serve/test_serve_app.py",
+    "tests/serve/test_serve_batching.py",
+    "tests/actors/test_quantized.py",
+    "tests/actors/test_heads.py",
+    "tests/cluster/test_batching.py",
+    "tests/actors/test_amphista.py",
 )
 
 
