@@ -178,6 +178,8 @@ def serve_member(runner: ModelRunner, channel: DealerChannel, fingerprint: Model
                  cancelled: Callable[[], bool] = lambda: False) -> dict:
     """A non-leading member: answer the leader's calls until it shuts the session."""
     own = member_session(session, index)
+    if cancelled():  # cancelled while this call waited for the actor: the leader is gone, do not wait on it
+        raise Cancelled(session)
     channel.handshake(Handshake(session_id=own, step=0, role=Role.PEER, fingerprint=fingerprint),
                       timeout_s=opts.handshake_timeout_s)
     gen = make_generator(member_seed(cfg.seed, index))

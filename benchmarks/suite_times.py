@@ -21,9 +21,10 @@ def read_times(path: str) -> dict[str, float]:
     """test node id -> seconds, from a JUnit XML file."""
     times: dict[str, float] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        module = case.get("classname", "").replace(".", "/")
-        # classname is "tests.actors.test_x" (or "...test_x.TestClass"): the file is the module path
-        node = f"{module}.py::{case.get('name')}"
+        # classname is "tests.actors.test_x", or "tests.actors.test_x.TestClass"
+        parts = case.get("classname", "").split(".")
+        cls = [parts.pop()] if len(parts) > 1 and parts[-1][:1].isupper() else []
+        node = "::".join(["/".join(parts) + ".py", *cls, case.get("name", "")])
         times[node] = times.get(node, 0.0) + float(case.get("time", 0.0))
     return times
 

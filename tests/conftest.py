@@ -19,36 +19,44 @@ torch.set_num_threads(1)
 
 
 # `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`).
-# A module's tests stay on one worker (its module fixtures and Ray cluster start once); the
-# modules on the real built-in models (their names say `builtin`) form one group, so only
-# one copy of the pair is loaded at a time (24 GiB holds one); and the longest groups start
-# first, so neither worker is left alone with a long tail at the end. Measured in
-# BENCHMARKS.md ("Test suite"); modules not named here follow in collection order.
+# A module's tests stay on one worker (its module fixtures and Ray cluster start once). Two
+# groups span modules: those on the real built-in models (their names say `builtin`), so one
+# copy of the pair is loaded at a time (24 GiB holds one); and those that start a Ray cluster
+# of their own, so two clusters' actors never share the 2 cores at once (once they did, an
+# ensemble's actors were starved past its 120 s timeout). The longest groups start first, so
+# neither worker is left alone with a long tail. Measured in BENCHMARKS.md ("Test suite").
+RAY_MODULES = frozenset(f"tests/{m}.py" for m in (
+    "cluster/test_bench", "cluster/test_cli_heads", "cluster/test_job", "cluster/test_placement",
+    "cluster/test_portability", "cluster/test_ray_ensemble", "cluster/test_ray_linear",
+    "cluster/test_ray_long_context", "cluster/test_ray_pipeline", "serve/test_serve_app",
+    "serve/test_serve_batching",
+))
 SLOW_FIRST = (
     "builtin",
+    "ray",
     "tests/actors/test_linear_attention.py",
+    "tests/cluster/test_local.py",
     "tests/actors/test_pipelines.py",
     "tests/actors/test_cos.py",
     "tests/actors/test_tidal.py",
-    "tests/cluster/test_local.py",
-    "tests/cluster/test_job.py",
-    "tests/serve/test_serve_app.py",
-    "tests/serve/test_serve_batching.py",
-    "tests/actors/test_quantized.py",
+    "tests/training/test_train_heads.py",
     "tests/actors/test_heads.py",
-    "tests/cluster/test_batching.py",
+    "tests/actors/test_quantized.py",
     "tests/actors/test_amphista.py",
+    "tests/cluster/test_batching.py",
 )
 
 
 def test_group(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0]
-    return "builtin" if "builtin" in module.rsplit("/", 1)[-1] else module
+    if "builtin" in module.rsplit("/", 1)[-1]:
+        return "builtin"
+    return "ray" if module in RAY_MODULES else module
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, with the built-in modules as one unit (xdist's own `loadgroup`
+    """`--dist loadfile`, with the groups of `test_group` as units (xdist's own `loadgroup`
     cannot be used: it rewrites node ids in a way pytest 9.2 no longer reads)."""
     if config.getvalue("dist") != "loadfile":
         return None
@@ -66,6 +74,9 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("builtin") and test_group(item.nodeid) != "builtin":
             raise pytest.UsageError(f"{item.nodeid} uses the built-in models: its module's name must say "
                                     "`builtin` (tests/conftest.py keeps those on one xdist worker)")
+        if "local_ray" in item.fixturenames and test_group(item.nodeid) not in ("ray", "builtin"):
+            raise pytest.UsageError(f"{item.nodeid} starts a Ray cluster: add its module to RAY_MODULES "
+                                    "in tests/conftest.py (one cluster at a time)")
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(rank)))  # stable: the rest keep their order
     # `cuda` tests run where torch sees a GPU (benchmarks/gpu_check.sh), else skip.
