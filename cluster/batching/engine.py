@@ -12,22 +12,25 @@ import threading
 import time
 from collections import deque
 
-from cluster.batching.runner import BatchRunner, Committed
+from actors.drafters.none import NoDrafter
+from actors.verifier import SlotPool, TargetVerifier
+from cluster.batching.drafters import make_drafter
 from cluster.batching.scheduler import BatchConfig, Scheduler
-from cluster.batching.sequence import Sequence, SlotPool, Status
 from cluster.decoder import Decoder, EventSink, Request, TokenEvent
 from decoding.request import GenerationResult
+from decoding.round import Committed, Drafter, first_tokens, speculative_round
+from decoding.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 
 
 class BatchEngine(Decoder):
-    """Continuous batching over a `LocalEngine`'s loaded target (and draft model)."""
+    """Continuous batching over a `LocalEngine`'s loaded target, with its draft model or
+    heads: each round is `decoding.round.speculative_round` over every running sequence."""
 
-    def __init__(self, engine, cfg: BatchConfig | None = None):
-        if engine.heads is not None or engine.self_draft is not None:
-            raise ValueError("the batched engine drafts with a draft model (or none); heads and self-drafting "
-                             "decode one request at a time")
+    def __init__(self, engine, cfg: BatchConfig | None = None, drafter: Drafter | None = None):
+        """`drafter`: how to draft (default: what the engine loaded: its draft model, else
+        its heads, else none)."""
         target = engine.target_runner
         if target.attention is not None or target.model.config.linear is not None:
             raise ValueError("the batched engine needs a target with full softmax attention")
@@ -38,19 +41,14 @@ class BatchEngine(Decoder):
         self.tokenizer, self.context_length = engine.tokenizer, engine.context_length
         self.eos_token_ids = tuple(engine.eos_token_ids)
         self.max_len = min(engine.cfg.max_len or self.context_length, self.context_length)
-        models = [target.model] + ([draft.model] if draft is not None else [])
-        self.pool = SlotPool(models, self.cfg.max_seqs, self.max_len + self.cfg.max_draft + 2)
-        self.runner = BatchRunner(target.model, draft.model if draft is not None else None)
-        if draft is not None:  # seed the adaptive draft length with this machine's costs, up to batch-sized forwards
+        room = self.max_len + self.cfg.max_draft + 2
+        self.drafter = drafter or make_drafter(engine, self.cfg.max_seqs, room, self.cfg.max_draft)
+        self.pool = SlotPool(target.model, self.cfg.max_seqs, room + self.drafter.tree_room)
+        self.verifier = TargetVerifier(target.model, self.pool)
+        if not isinstance(self.drafter, NoDrafter):  # seed the choice of k with this machine's costs
             sizes = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k not in engine.verify_costs)
-            costs = self.runner.costs
-            costs.target.verify_s.update({**engine.verify_costs, **target.measure_verify_costs(sizes)})
-            # prior: verifying chains costs ~1.3x as many single tokens (measured for 16 x 2 on a
-            # 2-core Xeon); each round's measurement then replaces it for its row count
-            costs.verify.verify_s.update({k: 1.3 * v for k, v in costs.target.verify_s.items()})
-            costs.draft.verify_s.update(draft.measure_verify_costs((1, 2, 4, 8, 16, 64)))
-            costs.catch_up_s = costs.draft.verify_s.pop(64) / 64
-        self.scheduler = Scheduler(self.cfg, draft is not None, self.runner.costs)
+            self.verifier.costs.seed({**engine.verify_costs, **(target.measure_verify_costs(sizes) if sizes else {})})
+        self.scheduler = Scheduler(self.cfg, self.drafter, self.verifier.costs)
         self.rounds = 0
         self.draft_lengths: dict[int, int] = {}  # chosen k -> rounds, since start
         self._sinks: dict[str, EventSink] = {}
@@ -74,7 +72,7 @@ class BatchEngine(Decoder):
             raise ValueError(f"this request needs {cfg.cache_room(n)} KV entries; the engine's budget is "
                              f"{self.cfg.kv_tokens}")
         if cfg.tree_width != 1:
-            raise ValueError("the batched engine drafts chains (tree_width 1)")
+            raise ValueError("the batched engine drafts chains or heads' trees (tree_width 1)")
         if request.logprobs is not None and request.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {request.logprobs}")
         if not cfg.eos_token_ids:
@@ -140,13 +138,11 @@ class BatchEngine(Decoder):
         return bool(s.running or s.prefilling or (s.waiting and self.pool.available))
 
     def _step(self) -> None:
-        for seq in self.scheduler.admit(self.pool):
-            seq.slot, caches = self.pool.take()
-            seq.target_cache = caches[0]
-            seq.draft_cache = caches[1] if len(caches) > 1 and seq.speculative else None
+        for seq in self.scheduler.admit(self.pool.available):
+            self.verifier.attach(seq)
             seq.started_at = time.perf_counter()
         if chunks := self.scheduler.prefill_chunks():
-            for done in self.runner.prefill(chunks):
+            for done in first_tokens(self.verifier.prefill(chunks), self.drafter):
                 self.scheduler.started(done.seq)
                 self._emit(done)
         running = [s for s in self.scheduler.running if s.finish_reason is None]
@@ -154,7 +150,7 @@ class BatchEngine(Decoder):
             k = self.scheduler.draft_length()
             self.rounds += 1
             self.draft_lengths[k] = self.draft_lengths.get(k, 0) + 1
-            for done in self.runner.step(running, k):
+            for done in speculative_round(running, self.drafter, self.verifier, k):
                 self._emit(done)
 
     def _emit(self, done: Committed) -> None:
@@ -168,9 +164,8 @@ class BatchEngine(Decoder):
         if seq.status is Status.FINISHED:
             return
         self.scheduler.remove(seq)
-        if seq.slot is not None:
-            self.pool.give_back(seq.slot)  # freed at once: the next admission can take it
-            seq.slot = None
+        self.verifier.free(seq)  # at once: the next admission can take the slot
+        self.drafter.release(seq)
         seq.status = Status.FINISHED
         self._seqs.pop(seq.id, None)
         st = seq.stats

@@ -1,10 +1,10 @@
 """What runs next: admissions by capacity, prompt chunks to prefill, how far to draft.
 
-The draft length of a round is chosen for the whole batch from measured costs: with B
-running sequences, drafting k tokens each costs k batched draft steps plus one target
-forward over the verified rows, and yields for each sequence 1 + a + ... + a^k tokens
-in expectation (a = its acceptance rate). The k with the most expected tokens per second
-wins, k = 0 (no speculation) included: on a CPU a 16-sequence batch is already
+The draft depth of a round is chosen for the whole batch from measured costs: for each
+depth k the drafter offers, it estimates the tokens the round would commit and what
+drafting costs (`Drafter.estimate`); the verifier's measured costs give the verify
+forward over that many rows. The k with the most expected tokens per second wins,
+k = 0 (no speculation) included: on a CPU a 16-sequence batch is already
 compute-bound, and drafting then only costs (vLLM's and SGLang's adaptive speculation
 make the same call). While prompts wait to be prefilled nobody drafts: their time to
 first token comes first.
@@ -16,8 +16,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from actors.runner import PREFILL_CHUNK
-from cluster.batching.runner import BatchCosts
-from cluster.batching.sequence import Sequence, SlotPool, Status
+from actors.verifier import VerifyCosts
+from decoding.round import Drafter
+from decoding.sequence import Sequence, Status
 
 
 @dataclass
@@ -36,15 +37,9 @@ class BatchConfig:
             raise ValueError(f"draft_length must lie in [0, max_draft={self.max_draft}], got {self.draft_length}")
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one round commits when drafting k with per-token acceptance `acceptance`."""
-    a = min(acceptance, 0.999)
-    return (1 - a ** (k + 1)) / (1 - a)
-
-
 class Scheduler:
-    def __init__(self, cfg: BatchConfig, has_draft: bool, costs: BatchCosts):
-        self.cfg, self.has_draft, self.costs = cfg, has_draft, costs
+    def __init__(self, cfg: BatchConfig, drafter: Drafter, costs: VerifyCosts):
+        self.cfg, self.drafter, self.costs = cfg, drafter, costs
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -54,10 +49,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self, pool: SlotPool) -> list[Sequence]:
+    def admit(self, free_slots: int) -> list[Sequence]:
         """First come, first served, while a slot and the KV budget allow."""
         joined = []
-        while self.waiting and len(joined) < pool.available and self.reserved + self.waiting[0].kv_tokens <= self.cfg.kv_tokens:
+        while self.waiting and len(joined) < free_slots and self.reserved + self.waiting[0].kv_tokens <= self.cfg.kv_tokens:
             seq = self.waiting.popleft()
             self.reserved += seq.kv_tokens
             seq.status = Status.PREFILLING
@@ -94,8 +89,8 @@ class Scheduler:
 
     def draft_length(self) -> int:
         """k for this round (0: every sequence steps with the target alone)."""
-        spec = [s for s in self.running if s.speculative and s.remaining > 1]
-        if not self.has_draft or not spec:
+        spec = [s for s in self.running if s.drafting]
+        if not spec or not self.drafter.depths(self.cfg.max_draft):
             k = 0
         elif self.cfg.draft_length is not None:
             k = self.cfg.draft_length
@@ -107,21 +102,13 @@ class Scheduler:
         return k
 
     def _best_k(self, spec: list[Sequence]) -> int:
-        """A draft cache that lags (its prompt unread, or rounds without drafting) must
-        catch up first: that cost is charged in proportion to the share of the sequence's
-        remaining tokens this round yields, since later rounds reuse what it read."""
-        target, verify, draft = self.costs.target, self.costs.verify, self.costs.draft
         plain = len(self.running) - len(spec)
-        best_k, best_rate = 0, len(self.running) / target.verify(len(self.running))
-        for k in range(1, self.cfg.max_draft + 1):
-            ks = [min(k, s.remaining - 1) for s in spec]
-            gains = [expected_tokens(s.acceptance, kk) for s, kk in zip(spec, ks)]
-            lag = sum((len(s.tokens) - len(s.draft_tokens) - 1) * min(1.0, g / s.remaining) for s, g in zip(spec, gains))
-            tokens = plain + sum(gains)
-            rows = plain + sum(kk + 1 for kk in ks)
-            seconds = k * draft.verify(len(spec)) + verify.verify(rows) + lag * self.costs.catch_up_s
-            if tokens / seconds > best_rate:
-                best_k, best_rate = k, tokens / seconds
+        best_k, best_rate = 0, len(self.running) / self.costs.plain.verify(len(self.running))
+        for k in self.drafter.depths(self.cfg.max_draft):
+            tokens, draft_s, rows = self.drafter.estimate(spec, k)
+            rate = (plain + tokens) / (draft_s + self.costs.trees.verify(plain + rows))
+            if rate > best_rate:
+                best_k, best_rate = k, rate
         return best_k
 
     def state(self) -> dict:

@@ -9,11 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-import cluster.batching.runner as batch_runner
+import decoding.round as spec_round
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
 from cluster.decoder import Request, wait_idle
 from cluster.engine import EngineConfig, LocalEngine
+from decoding.acceptance import Verdict
+from decoding.draft_length import CostModel
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
 from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
@@ -178,10 +180,10 @@ def test_batched_sampling_follows_the_target(tiny_pair):
 
 def test_batched_sampling_check_catches_a_broken_acceptance(tiny_pair, monkeypatch):
     """Accepting every draft makes the output the draft's: the same check must fail."""
-    def accept_all(drafts, q, p, gen):
-        return drafts.numel(), int(torch.multinomial(p[-1], 1, generator=gen))
+    def accept_all(tree, p, q, gen):
+        return Verdict(list(range(1, tree.size)), int(torch.multinomial(p[-1], 1, generator=gen)))
 
-    monkeypatch.setattr(batch_runner, "verify_chain_sampling", accept_all)
+    monkeypatch.setattr(spec_round, "verify_sampling", accept_all)
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(tiny_pair.target_runner, params)
     samples = batched_samples(tiny_pair, params, n=4000)
@@ -190,18 +192,22 @@ def test_batched_sampling_check_catches_a_broken_acceptance(tiny_pair, monkeypat
 
 
 def _scheduler(target_s: dict[int, float], draft_s: dict[int, float], acceptance: float, batch: int):
-    from cluster.batching.runner import BatchCosts
+    from actors.drafters.draft_model import DraftModelDrafter, DraftState
+    from actors.verifier import VerifyCosts
     from cluster.batching.scheduler import Scheduler
-    from cluster.batching.sequence import Sequence
+    from decoding.sequence import Sequence
 
-    costs = BatchCosts()
-    costs.target.verify_s.update(target_s)
-    costs.verify.verify_s.update(target_s)
-    costs.draft.verify_s.update(draft_s)
-    sched = Scheduler(BatchConfig(max_seqs=batch), True, costs)
+    costs = VerifyCosts()
+    costs.plain.verify_s.update(target_s)
+    costs.trees.verify_s.update(target_s)
+    drafter = DraftModelDrafter.__new__(DraftModelDrafter)  # its cost model only: no model, no caches
+    drafter.step, drafter.catch_up_s = CostModel(), 0.01
+    drafter.step.verify_s.update(draft_s)
+    sched = Scheduler(BatchConfig(max_seqs=batch), drafter, costs)
     for i in range(batch):
         seq = Sequence(str(i), [1, 2, 3], DecodeConfig(max_new_tokens=64), True, None)
-        seq.output, seq.draft_tokens, seq.acceptance = [4], [1, 2, 3], acceptance
+        seq.output, seq.acceptance = [4], acceptance
+        seq.draft = DraftState(0, None, [1, 2, 3])
         sched.running.append(seq)
     return sched
 

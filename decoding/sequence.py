@@ -1,13 +1,13 @@
-"""One request in the batch, and the pool of KV-cache slots the requests take turns on."""
+"""One request being decoded: its tokens, its cache, its random stream, what its drafter keeps."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from actors.model import Transformer
 from decoding.kv_cache import KVCache
 from decoding.request import DecodeConfig, GenerationStats, make_generator
 
@@ -22,8 +22,9 @@ class Status(enum.Enum):
 @dataclass
 class Sequence:
     """A request's state. Invariant while running: the target cache holds every committed
-    token but the newest (`tokens[-1]`, the root of the next round); the draft cache holds
-    `draft_tokens`, a prefix of the committed tokens it has fed so far."""
+    token but the newest (`tokens[-1]`, the root of the next round). `draft` is whatever
+    the drafter keeps for this sequence (a draft cache, a hidden state); None when it does
+    not draft for it."""
 
     id: str
     prompt: list[int]
@@ -34,9 +35,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the target cache
     slot: int | None = None
-    target_cache: KVCache | None = None
-    draft_cache: KVCache | None = None
-    draft_tokens: list[int] = field(default_factory=list)
+    cache: KVCache | None = None  # the target's
+    draft: Any = None
     generator: torch.Generator = field(init=False)
     stats: GenerationStats = field(default_factory=GenerationStats)
     acceptance: float = 0.7  # running estimate of P(draft token accepted), per sequence
@@ -62,6 +62,17 @@ class Sequence:
         """KV slots this request may come to use (reserved at admission)."""
         return self.cfg.cache_room(len(self.prompt))
 
+    @property
+    def drafting(self) -> bool:
+        """Drafting for it can still pay: its drafter keeps state and more than one token is due."""
+        return self.draft is not None and self.remaining > 1
+
+    def observe_acceptance(self, accepted: int, drafted: int) -> None:
+        """Decayed counts of accepted and tried drafts: the geometric rate a = accepted / tried."""
+        self.acc_hits = 0.8 * self.acc_hits + accepted
+        self.acc_tries = 0.8 * self.acc_tries + accepted + (accepted < drafted)
+        self.acceptance = self.acc_hits / max(self.acc_tries, 1e-9)
+
     def append(self, new: list[int]) -> list[int]:
         """Commit tokens up to max_new_tokens or an end-of-sequence token; return those kept."""
         kept = []
@@ -76,31 +87,3 @@ class Sequence:
         if self.finish_reason is None and self.remaining <= 0:
             self.finish_reason = "length"
         return kept
-
-
-class SlotPool:
-    """Fixed KV-cache slots, one per running sequence, each `max_len` long, per model.
-
-    Every slot's caches are allocated (and their pages touched) when the engine starts, so
-    the first burst of requests does not pay for gigabytes of page faults; then they are
-    reused: a sequence growing, committing a path or leaving never copies or reallocates."""
-
-    def __init__(self, models: list[Transformer], slots: int, max_len: int):
-        if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        self.models, self.max_len = models, max_len
-        self.caches = [[m.new_cache(max_len) for m in models] for _ in range(slots)]
-        self.free = list(range(slots))[::-1]
-
-    def take(self) -> tuple[int, list[KVCache]]:
-        slot = self.free.pop()
-        for cache in self.caches[slot]:
-            cache.reset()
-        return slot, self.caches[slot]
-
-    def give_back(self, slot: int) -> None:
-        self.free.append(slot)
-
-    @property
-    def available(self) -> int:
-        return len(self.free)

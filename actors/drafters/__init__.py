@@ -1,0 +1,7 @@
+"""Drafters: what proposes the token trees a speculative round verifies.
+
+Each file is one way to draft, behind the `decoding.round.Drafter` interface:
+- `draft_model.py`: a small model of the same vocabulary, batched over sequences.
+- `heads.py`: Medusa / Amphista heads reading the target's own hidden states.
+- `none.py`: no drafting (`ar`): the round is one plain target step.
+"""

@@ -1,0 +1,135 @@
+"""A draft model in this process: chains drafted for every sequence at once, one batched
+draft forward per depth.
+
+The draft cache of a sequence is taken when the sequence first may draft and catches up
+lazily (`_catch_up`): under load, when drafting does not pay, the draft never reads the
+prompt at all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.model import BatchItem, Transformer
+from actors.runner import PREFILL_CHUNK
+from actors.verifier import SlotPool, long_tensor
+from decoding.acceptance import Verdict
+from decoding.draft_length import CostModel
+from decoding.kv_cache import KVCache
+from decoding.round import Draft
+from decoding.sampling import logits_to_probs, sample
+from decoding.sequence import Sequence
+from decoding.tree import TokenTree
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one round commits when drafting k with per-token acceptance `acceptance`."""
+    a = min(acceptance, 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+@dataclass
+class DraftState:
+    slot: int
+    cache: KVCache
+    tokens: list[int] = field(default_factory=list)  # what the draft cache holds, in order
+    verified: int = 0  # leading entries of `tokens` known to be committed
+
+
+class DraftModelDrafter:
+    def __init__(self, model: Transformer, slots: int, max_len: int, max_draft: int):
+        self.model = model
+        self.pool = SlotPool(model, slots, max_len)
+        self.tree_room = max_draft + 1
+        self.step = CostModel()  # one draft step, by sequences (one token each)
+        self.catch_up_s = 0.01  # per prompt token a lagging draft cache reads
+
+    def measure(self, runner) -> None:
+        """Seed the step and catch-up costs on this machine (`runner`: the draft's ModelRunner)."""
+        costs = runner.measure_verify_costs((1, 2, 4, 8, 16, 64))
+        self.catch_up_s = costs.pop(64) / 64
+        self.step.verify_s.update(costs)
+
+    def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        slot, cache = self.pool.take()
+        seq.draft = DraftState(slot, cache)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.draft is not None:
+            self.pool.give_back(seq.draft.slot)
+            seq.draft = None
+
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Feed each draft cache the committed tokens it lacks but the newest (drafting
+        starts from that one): prompt-sized chunks, all sequences in one forward each."""
+        while lagging := [s for s in seqs if len(s.tokens) - len(s.draft.tokens) > 1]:
+            chunks = [(s, s.tokens[len(s.draft.tokens):len(s.tokens) - 1][:PREFILL_CHUNK]) for s in lagging]
+            start = time.perf_counter()
+            self.model.forward_batch([BatchItem(long_tensor(c), s.draft.cache, prefill=True) for s, c in chunks])
+            n = sum(len(c) for _, c in chunks)
+            self.catch_up_s = 0.7 * self.catch_up_s + 0.3 * (time.perf_counter() - start) / n
+            for s, c in chunks:
+                s.draft.tokens.extend(c)
+                s.draft.verified = len(s.draft.tokens)
+
+    def propose(self, seqs: list[Sequence], k: int) -> dict[str, Draft]:
+        depth = {s.id: min(k, s.remaining - 1) for s in seqs}
+        seqs = [s for s in seqs if depth[s.id] > 0]
+        self._catch_up(seqs)
+        drafts: dict[str, list[int]] = {s.id: [] for s in seqs}
+        q_rows: dict[str, list[torch.Tensor]] = {s.id: [] for s in seqs}
+        feed = {s.id: s.tokens[-1] for s in seqs}
+        active = list(seqs)
+        while active:
+            start = time.perf_counter()
+            hidden = self.model.forward_batch([BatchItem(long_tensor([feed[s.id]]), s.draft.cache) for s in active])
+            logits = self.model.logits(torch.cat(hidden))
+            self.step.observe_verify(time.perf_counter() - start, len(active))
+            still = []
+            for s, lg in zip(active, logits):
+                s.draft.tokens.append(feed[s.id])
+                params = s.cfg.sampling
+                if params.greedy:
+                    token = int(lg.argmax())
+                else:
+                    q = logits_to_probs(lg, params)
+                    token = int(sample(q, s.generator))
+                    q_rows[s.id].append(q)
+                drafts[s.id].append(token)
+                if len(drafts[s.id]) < depth[s.id]:
+                    feed[s.id] = token
+                    still.append(s)
+            active = still
+        out = {}
+        for s in seqs:
+            q = None
+            if q_rows[s.id]:  # row i: what node i's child was drawn from; the leaf's row is never read
+                q = torch.cat([torch.stack(q_rows[s.id]), torch.zeros_like(q_rows[s.id][0])[None]])
+            out[s.id] = Draft(TokenTree.chain(s.tokens[-1], drafts[s.id]), q)
+        return out
+
+    def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
+        """Keep the draft's entries that match what was committed (a rejected draft's go)."""
+        st, tokens = seq.draft, seq.tokens
+        m = st.verified
+        while m < min(len(st.tokens), len(tokens)) and st.tokens[m] == tokens[m]:
+            m += 1
+        st.cache.crop(m)
+        del st.tokens[m:]
+        st.verified = m
+
+    def estimate(self, seqs: list[Sequence], k: int) -> tuple[float, float, int]:
+        """A draft cache that lags (its prompt unread, or rounds without drafting) must
+        catch up first: that cost is charged in proportion to the share of the sequence's
+        remaining tokens this round yields, since later rounds reuse what it read."""
+        ks = [min(k, s.remaining - 1) for s in seqs]
+        gains = [expected_tokens(s.acceptance, kk) for s, kk in zip(seqs, ks)]
+        lag = sum((len(s.tokens) - len(s.draft.tokens) - 1) * min(1.0, g / s.remaining) for s, g in zip(seqs, gains))
+        seconds = k * self.step.verify(len(seqs)) + lag * self.catch_up_s
+        return sum(gains), seconds, sum(kk + 1 for kk in ks)
+
+    def depths(self, max_draft: int) -> list[int]:
+        return list(range(1, max_draft + 1))

@@ -1,0 +1,109 @@
+"""Every drafter behind the one batched round is exact: Medusa and Amphista heads give each
+request the target's own greedy output whatever shares the batch, and keep the target's
+distribution under sampling (and the check fails when the acceptance rule is broken)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decoding.acceptance as acceptance
+from actors import tiny
+from actors.drafters.heads import HeadsDrafter
+from actors.head_drafter import HeadDrafter
+from cluster.batching.engine import BatchEngine
+from cluster.batching.scheduler import BatchConfig
+from cluster.decoder import Request, wait_idle
+from cluster.engine import EngineConfig, LocalEngine
+from decoding.request import DecodeConfig
+from decoding.sampling import SamplingParams
+from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
+from test_batching import NO_EOS, collect, mixed_requests
+
+
+@pytest.fixture(scope="module", params=[("medusa", "dynamic"), ("amphista", "static")], ids=lambda p: "-".join(p))
+def heads_engine(request, tiny_dir, tmp_path_factory):
+    kind, tree = request.param
+    target = tiny_dir("llama")
+    heads = tiny.make_tiny_heads(tmp_path_factory.mktemp(kind) / "heads", target, scale=0.3, kind=kind)
+    return LocalEngine(EngineConfig(target, heads=str(heads), tree=tree, max_len=256), False)
+
+
+@pytest.mark.parametrize("draft_length", [None, 3])
+def test_heads_batched_greedy_equals_the_target_alone(heads_engine, draft_length):
+    local = heads_engine
+    batch = BatchEngine(local, BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
+    try:
+        assert isinstance(batch.drafter, HeadsDrafter)
+        reqs = mixed_requests(21, 8)
+        cancel = {reqs[5].id: 3}
+        got, last = collect(batch, reqs, cancel)
+        accepted = 0
+        for r in reqs:
+            alone = local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids
+            if r.id in cancel:
+                assert got[r.id] == alone[:len(got[r.id])]
+                continue
+            assert got[r.id] == alone, r
+            accepted += last[r.id].result.stats.accepted_tokens
+        if draft_length:
+            assert accepted > 0  # the heads' trees were verified and some drafts kept
+        wait_idle(batch)
+        assert batch.pool.available == 3 and batch.scheduler.reserved == 0
+    finally:
+        batch.close()
+
+
+def test_heads_batched_logprobs_are_the_targets(heads_engine):
+    batch = BatchEngine(heads_engine, BatchConfig(max_seqs=2, draft_length=3))
+    try:
+        cfg = DecodeConfig(max_new_tokens=16, eos_token_ids=NO_EOS)
+        spec, plain = Request([4, 5, 6], cfg, True, logprobs=2), Request([4, 5, 6], cfg, False, logprobs=2)
+        got, last = collect(batch, [spec, plain])
+        assert got[spec.id] == got[plain.id]
+    finally:
+        batch.close()
+
+
+@pytest.fixture(scope="module")
+def vocab4_heads(tiny_dir, tmp_path_factory):
+    path = tiny_dir("qwen2", **MODEL)
+    local = LocalEngine(EngineConfig(path, max_len=64), False)
+    heads_dir = tiny.make_tiny_heads(tmp_path_factory.mktemp("h4") / "heads", path, scale=0.5)
+    from actors.heads import load_heads
+
+    return local, load_heads(heads_dir, local.target_runner.model)
+
+
+def heads_samples(local, heads, tree: str, n: int) -> tuple[list[tuple[int, ...]], int, int]:
+    """n sequences of NEW tokens, 8 requests at a time, one seed each; (samples, drafted, accepted)."""
+    drafter = HeadsDrafter(HeadDrafter(heads, tree, max_nodes=6, top_m=2))
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1), drafter=drafter)
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(temperature=1.0)
+    try:
+        reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+                for s in seeds]
+        got, last = collect(batch, reqs, timeout=600)
+        drafted = sum(last[r.id].result.stats.drafted_tokens for r in reqs)
+        accepted = sum(last[r.id].result.stats.accepted_tokens for r in reqs)
+        return [tuple(got[r.id]) for r in reqs], drafted, accepted
+    finally:
+        batch.close()
+
+
+def test_heads_batched_sampling_follows_the_target(vocab4_heads):
+    local, heads = vocab4_heads
+    samples, drafted, accepted = heads_samples(local, heads, "dynamic", 10_000)
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
+    assert chi2_pvalue(samples, probs) > 1e-3
+    assert 0.05 * drafted < accepted < 0.9 * drafted  # accepts and rejections both ran
+
+
+def test_heads_batched_sampling_check_catches_a_broken_residual(vocab4_heads, monkeypatch):
+    """Keeping p as the residual after a rejected candidate must show up."""
+    local, heads = vocab4_heads
+    monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p)
+    samples, _, _ = heads_samples(local, heads, "dynamic", 4000)
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
+    assert chi2_pvalue(samples, probs) < 1e-6
