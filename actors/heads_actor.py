@@ -16,7 +16,7 @@ import torch
 
 from actors import hardware, loading
 from actors.head_drafter import HeadDrafter
-from actors.heads import load_heads
+from actors.head_kinds import load_heads
 from actors.proposing import propose_with_heads
 from actors.verifying import Cancelled, PipelineOptions
 from decoding.request import DecodeConfig
@@ -36,7 +36,7 @@ class HeadsActor:
     def __init__(self, spec: dict):
         import ray
 
-        from cluster.placement import assigned_cpus
+        from actors.resources import assigned_cpus
 
         self.spec = HeadsSpec(**spec)
         self.threads = assigned_cpus()

@@ -190,7 +190,7 @@ def cache_key(caps: hardware.Capabilities, threads: int) -> dict:
 
 
 def cache_file(caps: hardware.Capabilities, threads: int) -> Path:
-    from actors.loading import cache_root
+    from actors.paths import cache_root
 
     key = json.dumps(cache_key(caps, threads), sort_keys=True)
     return cache_root() / "kernels" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
@@ -207,7 +207,7 @@ def read_cache(path: Path) -> dict[str, list[str]]:
 
 
 def write_cache(path: Path, caps: hardware.Capabilities, threads: int, measured: dict[str, list[str]]) -> None:
-    from actors.loading import file_lock
+    from actors.paths import file_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock")):

@@ -8,8 +8,6 @@ they are written as a Hugging Face directory first, then loaded like any other.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
 import json
 import os
@@ -20,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-CACHE_ENV = "SPECRAY_CACHE"
+from actors.paths import CACHE_ENV, cache_root, file_lock  # noqa: F401  (loading's surface too)
+
 DOWNLOAD_ENV = "SPECRAY_ALLOW_DOWNLOAD"  # "1": hub ids missing from the local HF cache are downloaded
 
 
@@ -58,10 +57,6 @@ DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 
 class ModelNotFoundError(ValueError):
     """A model name that is neither a built-in, a local directory, nor a cached hub id."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "specray"))
 
 
 def builtin_dir(alias: str) -> Path:
@@ -182,16 +177,6 @@ GGUF_NAME = "model.gguf"
 
 def _has_dense_weights(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _chunk_paths(b: Builtin) -> list[Path]:

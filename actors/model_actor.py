@@ -53,7 +53,7 @@ class ModelActor:
         import ray
         import transformers
 
-        from cluster.placement import assigned_cpus, assigned_device
+        from actors.resources import assigned_cpus, assigned_device
 
         transformers.utils.logging.disable_progress_bar()  # actor stderr goes to the driver's console
         self.spec = ActorSpec(**spec)

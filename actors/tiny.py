@@ -173,7 +173,8 @@ def make_tiny_heads(path: str | Path, model_dir: str | Path, n_heads: int = 3, h
     trees vary, wrong often enough that rejections happen. Hot vocab: the lowest ids."""
     from transformers import AutoConfig
 
-    from actors.heads import HeadsConfig, make_heads
+    from actors.heads import HeadsConfig
+    from actors.head_kinds import make_heads
 
     cfg = AutoConfig.from_pretrained(model_dir)
     vocab = cfg.vocab_size

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -235,10 +236,6 @@ def llamacpp_for(args: argparse.Namespace, methods: list[str]) -> LlamaCpp:
 def bench_from_args(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    if getattr(args, "ensemble", None) is not None or getattr(args, "combine", None) is not None:
-        from cluster.bench_ensemble import ensemble_bench_from_args
-
-        return ensemble_bench_from_args(args)
     if args.target is None:
         raise ValueError("bench needs --target (or --ensemble A,B --combine RULE)")
     if getattr(args, "temperature", 0.0) != 0:
@@ -429,17 +426,13 @@ def render_runtime(runtime: dict) -> list[str]:
     return lines
 
 
-def write_report(report: dict, out_dir: Path) -> None:
+def write_report(report: dict, out_dir: Path, render: Callable[[dict], str] = render_markdown) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    if report["config"].get("ensemble"):
-        from cluster.bench_ensemble import render_ensemble_markdown as render
-    else:
-        render = render_markdown
     (out_dir / "report.md").write_text(render(report))
     names = list(report["methods"])
     rates = [report["methods"][n]["tokens_per_s"] for n in names]

@@ -119,7 +119,7 @@ def ensemble_bench_from_args(args: argparse.Namespace) -> dict:
         },
         "methods": rows,
     }
-    write_report(report, out_dir)
+    write_report(report, out_dir, render_ensemble_markdown)
     print(render_ensemble_markdown(report))
     return report
 

@@ -188,8 +188,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_from_args
-
+    if getattr(args, "ensemble", None) is not None or getattr(args, "combine", None) is not None:
+        from cluster.bench_ensemble import ensemble_bench_from_args as bench_from_args
+    else:
+        from cluster.bench import bench_from_args
     bench_from_args(args)
     return 0
 

@@ -1,6 +1,6 @@
 """The one interface every front end speaks: submit a request, receive its token events,
 cancel it. The Serve endpoint, the CLI and the job entry get their decoder from
-`make_decoder` and never ask which kind it is.
+`cluster.factory.make_decoder` and never ask which kind it is.
 
 How a request flows: the endpoint parses and tokenizes it (`cluster/serve/app.py`) and
 calls `Decoder.submit`. With `pipeline: local` and a draft model, draft heads or the
@@ -200,84 +200,3 @@ def wait_idle(decoder: Decoder, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.01)
     raise TimeoutError(f"decoder still busy after {timeout_s} s: {decoder.state()}")
-
-
-@dataclass
-class DecoderSpec:
-    """A way of decoding, as the Serve args or the CLI flags name it (checked there)."""
-    target: str | None = None
-    draft: str | None = None
-    heads: str | None = None
-    tree: str = "dynamic"
-    ensemble: tuple[str, ...] | None = None
-    combine: str | None = None
-    pipeline: str = "local"
-    dtype: str = "float32"
-    draft_dtype: str = "auto"
-    max_len: int | None = None
-    attention: str | None = None
-    draft_attention: str | None = None
-    lookahead: int = 8
-    accelerator: str = "auto"
-    cpus_per_actor: int = 1
-    spread: bool = False
-    request_timeout_s: float = 1800.0
-    batch: object | None = None  # a BatchConfig: batch requests where the way of decoding allows
-
-    def __post_init__(self) -> None:
-        if self.pipeline not in ("local", "sync", "async"):
-            raise ValueError(f"pipeline must be local, sync or async, got {self.pipeline!r}")
-
-
-def make_decoder(spec: DecoderSpec, progress: bool = False) -> Decoder:
-    """The one factory: the decoder a spec describes, batched (`BatchEngine`) where the
-    way of decoding allows and `spec.batch` asks for it, else serial."""
-    from actors import loading
-    from cluster.placement import PlacementConfig
-
-    if spec.ensemble is not None:
-        from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble
-
-        placement = None if spec.pipeline == "local" else PlacementConfig(
-            n_actors=len(spec.ensemble), accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
-            spread=spec.spread)
-        cfg = EnsembleConfig(models=tuple(spec.ensemble), combine=spec.combine, dtype=spec.dtype,
-                             max_len=spec.max_len or 4096, placement=placement, request_timeout_s=spec.request_timeout_s)
-        ens = LocalEnsemble(cfg, progress=progress) if spec.pipeline == "local" else RayEnsemble(cfg)
-
-        def ensemble_generate(prompt_ids, cfg, speculative, on_tokens):
-            return ens.generate(prompt_ids, cfg, method="cos" if speculative else "ensemble", on_tokens=on_tokens)
-
-        return SerialDecoder(ens, ensemble_generate, ens.tokenizer, ens.info.context_length,
-                             getattr(ens, "eos_token_ids", ()) or ())
-    if spec.pipeline == "local":
-        from cluster.engine import EngineConfig, LocalEngine
-
-        local = LocalEngine(EngineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len,
-                                         heads=spec.heads, tree=spec.tree, attention=spec.attention,
-                                         draft_attention=spec.draft_attention), progress=progress)
-        if spec.batch is not None:
-            from cluster.batching.engine import BatchEngine
-
-            try:
-                return BatchEngine(local, spec.batch)
-            except ValueError:  # heads, self-drafting, sparse or linearized models: one request at a time
-                pass
-        return SerialDecoder(local, local.generate, local.tokenizer, local.context_length, local.eos_token_ids)
-    from actors.verifying import PipelineOptions
-    from cluster.pipeline import PipelineConfig, RayPipeline
-
-    placement = PlacementConfig(n_actors=2, accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
-                                spread=spec.spread)
-    pipe = RayPipeline(PipelineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len or 4096,
-                                      placement=placement, request_timeout_s=spec.request_timeout_s,
-                                      heads=spec.heads, tree=spec.tree, attention=spec.attention,
-                                      draft_attention=spec.draft_attention))
-    options = PipelineOptions(mode=spec.pipeline, lookahead=spec.lookahead)
-
-    def pipeline_generate(prompt_ids, cfg, speculative, on_tokens):
-        return pipe.generate(prompt_ids, cfg, options, on_tokens=on_tokens, speculative=speculative)
-
-    tokenizer = loading.load_tokenizer(spec.target)
-    return SerialDecoder(pipe, pipeline_generate, tokenizer, loading.context_length(loading.read_config(spec.target)),
-                         getattr(pipe, "eos_token_ids", ()) or ())

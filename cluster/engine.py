@@ -174,7 +174,7 @@ class LocalEngine:
             self.draft_runner = ModelRunner.for_serving(
                 self.draft.build(), max_len, progress,
                 TidalConfig.parse(cfg.draft_attention, draft_layers) if cfg.draft_attention else None)
-        from actors.heads import load_heads
+        from actors.head_kinds import load_heads
 
         self.heads_sets = {name: load_heads(heads_dir(cfg, name), self.target_runner.model)
                            for name in heads_names(cfg)}

@@ -6,7 +6,7 @@ import argparse
 
 from actors import loading
 from actors.verifying import PipelineOptions
-from cluster.decoder import DecoderSpec, make_decoder
+from cluster.factory import DecoderSpec, make_decoder
 from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from cluster.local import DecodeConfig
 from cluster.placement import PlacementConfig

@@ -57,8 +57,9 @@ class Drafter(Protocol):
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """The prompt is in the target's cache; `hidden` = the target's state at its last token."""
 
-    def propose(self, seqs: list[Sequence], k: int) -> dict[str, Draft]:
-        """Trees of depth <= k for the drafting sequences among `seqs` (by id)."""
+    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+        """Trees of depth <= k for the drafting sequences among `seqs` (by id). k None: one
+        sequence decodes alone and the drafter sizes its tree by its own per-token policy."""
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
         """After commit: `hidden` = the target's state at the newest committed token."""
@@ -94,10 +95,11 @@ def accept(seq: Sequence, draft: Draft | None, logits: torch.Tensor) -> Verdict:
     return verify_sampling(draft.tree, p, draft.q, seq.generator)
 
 
-def speculative_round(seqs: list[Sequence], drafter: Drafter, verifier: Verifier, k: int) -> list[Committed]:
-    """Draft up to k tokens for each drafting sequence, verify every tree in one target
-    forward, accept per sequence with its own sampling parameters and random stream, commit."""
-    drafts = drafter.propose([s for s in seqs if s.drafting], k) if k > 0 else {}
+def speculative_round(seqs: list[Sequence], drafter: Drafter, verifier: Verifier, k: int | None) -> list[Committed]:
+    """Draft up to k tokens for each drafting sequence (k None: as far as the drafter's own
+    policy goes), verify every tree in one target forward, accept per sequence with its own
+    sampling parameters and random stream, commit."""
+    drafts = drafter.propose([s for s in seqs if s.drafting], k) if k != 0 else {}
     trees = [drafts[s.id].tree if s.id in drafts else TokenTree.chain(s.tokens[-1], []) for s in seqs]
     done = []
     for seq, tree, (hidden, logits) in zip(seqs, trees, verifier.score(seqs, trees)):

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, make_heads, output_rows
+from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, output_rows
+from actors.head_kinds import make_heads
 from training.checkpoint import load_state, save_state
 
 CHECKPOINT_EVERY = 50  # steps between saved training states

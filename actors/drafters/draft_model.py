@@ -3,7 +3,9 @@ draft forward per depth.
 
 The draft cache of a sequence is taken when the sequence first may draft and catches up
 lazily (`_catch_up`): under load, when drafting does not pay, the draft never reads the
-prompt at all.
+prompt at all. A sequence decoding alone (k None) drafts token by token while the
+draft's calibrated confidence says the next token is worth its cost (`DraftLengthPolicy`,
+as the single-request loop does); in a batch the scheduler picks one k for all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from actors.model import BatchItem, Transformer
 from actors.runner import PREFILL_CHUNK
 from actors.verifier import SlotPool, long_tensor
 from decoding.acceptance import Verdict
-from decoding.draft_length import CostModel
+from decoding.draft_length import CostModel, DraftLengthPolicy
 from decoding.kv_cache import KVCache
 from decoding.round import Draft
 from decoding.sampling import logits_to_probs, sample
@@ -46,12 +48,16 @@ class DraftModelDrafter:
         self.tree_room = max_draft + 1
         self.step = CostModel()  # one draft step, by sequences (one token each)
         self.catch_up_s = 0.01  # per prompt token a lagging draft cache reads
+        self.policy = DraftLengthPolicy(max_len=max_draft)  # for a sequence alone
 
-    def measure(self, runner) -> None:
-        """Seed the step and catch-up costs on this machine (`runner`: the draft's ModelRunner)."""
+    def measure(self, runner, verify_s: dict[int, float]) -> None:
+        """Seed the costs on this machine: `runner` is the draft's ModelRunner, `verify_s`
+        the target's measured verify costs by tokens."""
         costs = runner.measure_verify_costs((1, 2, 4, 8, 16, 64))
         self.catch_up_s = costs.pop(64) / 64
         self.step.verify_s.update(costs)
+        self.policy.costs.verify_s.update(verify_s)
+        self.policy.costs.draft_step_s = costs[1]
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
         slot, cache = self.pool.take()
@@ -75,14 +81,16 @@ class DraftModelDrafter:
                 s.draft.tokens.extend(c)
                 s.draft.verified = len(s.draft.tokens)
 
-    def propose(self, seqs: list[Sequence], k: int) -> dict[str, Draft]:
-        depth = {s.id: min(k, s.remaining - 1) for s in seqs}
+    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+        alone = k is None  # one sequence: its drafts stop where the policy says
+        depth = {s.id: min(self.policy.max_len if alone else k, s.remaining - 1) for s in seqs}
         seqs = [s for s in seqs if depth[s.id] > 0]
         self._catch_up(seqs)
         drafts: dict[str, list[int]] = {s.id: [] for s in seqs}
         q_rows: dict[str, list[torch.Tensor]] = {s.id: [] for s in seqs}
+        confidence: dict[str, list[float]] = {s.id: [] for s in seqs}  # P(first j drafts all accepted)
         feed = {s.id: s.tokens[-1] for s in seqs}
-        active = list(seqs)
+        active, began = list(seqs), time.perf_counter()
         while active:
             start = time.perf_counter()
             hidden = self.model.forward_batch([BatchItem(long_tensor([feed[s.id]]), s.draft.cache) for s in active])
@@ -94,12 +102,17 @@ class DraftModelDrafter:
                 params = s.cfg.sampling
                 if params.greedy:
                     token = int(lg.argmax())
+                    p = torch.softmax(lg.float(), -1)[token].item() if alone else 1.0
                 else:
                     q = logits_to_probs(lg, params)
                     token = int(sample(q, s.generator))
                     q_rows[s.id].append(q)
+                    p = q.max().item() if alone else 1.0
                 drafts[s.id].append(token)
-                if len(drafts[s.id]) < depth[s.id]:
+                conf = confidence[s.id]
+                conf.append(p * (conf[-1] if conf else 1.0))
+                n = len(drafts[s.id])
+                if n < depth[s.id] and (not alone or self.policy.keep_drafting(n, conf)):
                     feed[s.id] = token
                     still.append(s)
             active = still
@@ -108,11 +121,16 @@ class DraftModelDrafter:
             q = None
             if q_rows[s.id]:  # row i: what node i's child was drawn from; the leaf's row is never read
                 q = torch.cat([torch.stack(q_rows[s.id]), torch.zeros_like(q_rows[s.id][0])[None]])
-            out[s.id] = Draft(TokenTree.chain(s.tokens[-1], drafts[s.id]), q)
+            out[s.id] = Draft(TokenTree.chain(s.tokens[-1], drafts[s.id]), q, sum(confidence[s.id]) if alone else 0.0)
+            s.stats.draft_s += time.perf_counter() - began
+        if alone and seqs:
+            self.policy.costs.observe_draft(time.perf_counter() - began, len(drafts[seqs[0].id]))
         return out
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
         """Keep the draft's entries that match what was committed (a rejected draft's go)."""
+        if draft is not None and draft.predicted > 0:  # drafted alone, by the policy: calibrate it
+            self.policy.observe_acceptance(len(verdict.accepted), draft.predicted)
         st, tokens = seq.draft, seq.tokens
         m = st.verified
         while m < min(len(st.tokens), len(tokens)) and st.tokens[m] == tokens[m]:

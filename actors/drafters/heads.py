@@ -39,10 +39,10 @@ class HeadsDrafter:
     def release(self, seq: Sequence) -> None:
         seq.draft = None
 
-    def propose(self, seqs: list[Sequence], k: int) -> dict[str, Draft]:
+    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
         out = {}
-        for s in seqs:
-            depth = min(k, s.remaining - 1)
+        for s in seqs:  # k None: as deep as the heads reach; the tree policy sizes the tree
+            depth = s.remaining - 1 if k is None else min(k, s.remaining - 1)
             if depth < 1:
                 continue
             start = time.perf_counter()

@@ -84,7 +84,7 @@ def compiler() -> str | None:
 @functools.cache
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled variant `name` (built on first use, cached on disk), or None."""
-    from actors.loading import cache_root, file_lock
+    from actors.paths import cache_root, file_lock
 
     cc = compiler()
     if cc is None:

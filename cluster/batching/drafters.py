@@ -11,11 +11,9 @@ from decoding.round import Drafter
 def make_drafter(engine, slots: int, max_len: int, max_draft: int) -> Drafter:
     """`engine`: a `LocalEngine`. A draft model wins over heads when both are loaded (as
     `LocalEngine.generate` chooses); neither: no drafter."""
-    if engine.self_draft is not None:
-        raise ValueError("the batched engine does not self-draft yet; self-drafting decodes one request at a time")
     if engine.draft_runner is not None:
         drafter = DraftModelDrafter(engine.draft_runner.model, slots, max_len, max_draft)
-        drafter.measure(engine.draft_runner)
+        drafter.measure(engine.draft_runner, engine.verify_costs)
         return drafter
     if engine.heads is not None:
         return HeadsDrafter(engine.head_drafter(engine.cfg.tree))

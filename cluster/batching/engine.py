@@ -24,6 +24,18 @@ from decoding.sequence import Sequence, Status
 log = logging.getLogger(__name__)
 
 
+def batch_refusal(engine) -> str | None:
+    """Why a loaded `LocalEngine` cannot decode batched (None: it can)."""
+    if engine.target_runner.attention is not None or engine.target_runner.model.config.linear is not None:
+        return "the batched engine needs a target with full softmax attention"
+    draft = engine.draft_runner
+    if draft is not None and (draft.attention is not None or draft.model.config.linear is not None):
+        return "the batched engine needs a draft with full softmax attention"
+    if engine.self_draft is not None:
+        return "the batched engine does not self-draft yet; self-drafting decodes one request at a time"
+    return None
+
+
 class BatchEngine(Decoder):
     """Continuous batching over a `LocalEngine`'s loaded target, with its draft model or
     heads: each round is `decoding.round.speculative_round` over every running sequence."""
@@ -31,12 +43,9 @@ class BatchEngine(Decoder):
     def __init__(self, engine, cfg: BatchConfig | None = None, drafter: Drafter | None = None):
         """`drafter`: how to draft (default: what the engine loaded: its draft model, else
         its heads, else none)."""
+        if (why := batch_refusal(engine)) is not None:
+            raise ValueError(why)
         target = engine.target_runner
-        if target.attention is not None or target.model.config.linear is not None:
-            raise ValueError("the batched engine needs a target with full softmax attention")
-        draft = engine.draft_runner
-        if draft is not None and (draft.attention is not None or draft.model.config.linear is not None):
-            raise ValueError("the batched engine needs a draft with full softmax attention")
         self.engine, self.cfg = engine, cfg or BatchConfig()
         self.tokenizer, self.context_length = engine.tokenizer, engine.context_length
         self.eos_token_ids = tuple(engine.eos_token_ids)
@@ -50,7 +59,7 @@ class BatchEngine(Decoder):
             self.verifier.costs.seed({**engine.verify_costs, **(target.measure_verify_costs(sizes) if sizes else {})})
         self.scheduler = Scheduler(self.cfg, self.drafter, self.verifier.costs)
         self.rounds = 0
-        self.draft_lengths: dict[int, int] = {}  # chosen k -> rounds, since start
+        self.draft_lengths: dict[str, int] = {}  # chosen k ("auto": the drafter's policy) -> rounds, since start
         self._sinks: dict[str, EventSink] = {}
         self._seqs: dict[str, Sequence] = {}
         self._inbox: deque[Sequence] = deque()
@@ -101,7 +110,7 @@ class BatchEngine(Decoder):
         s = self.scheduler.state()
         s["waiting"] += inbox
         return {**s, "batching": True, "rounds": self.rounds,
-                "draft_lengths": {str(k): v for k, v in sorted(self.draft_lengths.items())}}
+                "draft_lengths": dict(sorted(self.draft_lengths.items()))}
 
     def close(self) -> None:
         with self._wake:
@@ -149,7 +158,8 @@ class BatchEngine(Decoder):
         if running:
             k = self.scheduler.draft_length()
             self.rounds += 1
-            self.draft_lengths[k] = self.draft_lengths.get(k, 0) + 1
+            key = "auto" if k is None else str(k)
+            self.draft_lengths[key] = self.draft_lengths.get(key, 0) + 1
             for done in speculative_round(running, self.drafter, self.verifier, k):
                 self._emit(done)
 

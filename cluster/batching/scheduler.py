@@ -87,8 +87,10 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
 
-    def draft_length(self) -> int:
-        """k for this round (0: every sequence steps with the target alone)."""
+    def draft_length(self) -> int | None:
+        """k for this round (0: every sequence steps with the target alone; None: one
+        sequence decodes alone, and its drafter drafts as far as its own per-token policy
+        finds worth it, as a single-request loop would)."""
         spec = [s for s in self.running if s.drafting]
         if not spec or not self.drafter.depths(self.cfg.max_draft):
             k = 0
@@ -96,6 +98,8 @@ class Scheduler:
             k = self.cfg.draft_length
         elif self.prefilling or self.waiting:
             k = 0  # prompts are waiting to be read: drafting (and a draft's catch-up) would delay them
+        elif len(self.running) == 1:
+            k = None
         else:
             k = self._best_k(spec)
         self.last_draft_length = k

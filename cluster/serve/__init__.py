@@ -4,7 +4,7 @@
 
 - `config.py`: what the Serve config's `args` may say (validated before anything loads).
 - `openai_api.py`: the OpenAI request and response shapes, and OpenAI-style errors.
-- `backend.py`: the replica's decoder (`cluster.decoder.make_decoder`: batched in the
+- `backend.py`: the replica's decoder (`cluster.factory.make_decoder`: batched in the
   replica, or a Ray pipeline / ensemble one request at a time), tokenizing, limits.
 - `admission.py`: how many requests a replica holds; past `max_pending` -> 503 + Retry-After.
 - `text.py`: token ids to streamed text, with `stop` strings.

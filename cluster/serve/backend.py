@@ -1,10 +1,10 @@
-"""The decoder behind one replica (`cluster.decoder.make_decoder`), and the request
+"""The decoder behind one replica (`cluster.factory.make_decoder`), and the request
 checks that need its tokenizer and limits. Prompts are tokenized here, on a worker
 thread (the handler awaits it), so a huge prompt never stalls the event loop."""
 
 from __future__ import annotations
 
-from cluster.decoder import make_decoder
+from cluster.factory import make_decoder
 from cluster.engine import encode_prompt
 from cluster.serve.config import ServeArgs
 
@@ -15,7 +15,7 @@ class Backend:
         if args.pipeline == "local":
             import torch
 
-            from cluster.placement import assigned_cpus
+            from actors.resources import assigned_cpus
 
             torch.set_num_threads(assigned_cpus())  # the replica decodes on the CPUs Ray gave it
         self.decoder = make_decoder(args.decoder_spec())

@@ -99,7 +99,7 @@ class ServeArgs(BaseModel):
 
     def decoder_spec(self):
         from cluster.batching.scheduler import BatchConfig
-        from cluster.decoder import DecoderSpec
+        from cluster.factory import DecoderSpec
 
         return DecoderSpec(self.target, self.draft, self.heads, self.tree,
                            tuple(self.ensemble) if self.ensemble else None, self.combine, self.pipeline, self.dtype,

@@ -10,7 +10,8 @@ import decoding.acceptance as acceptance
 from actors import loading, tiny
 from actors.amphista import AmphistaHeads
 from actors.head_drafter import HeadDrafter
-from actors.heads import EmbeddingFromFiles, HeadsConfig, embedding_rows, load_heads
+from actors.heads import EmbeddingFromFiles, HeadsConfig, embedding_rows
+from actors.head_kinds import load_heads
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams

@@ -8,7 +8,8 @@ import torch
 import decoding.acceptance as acceptance
 from actors import loading, tiny
 from actors.head_drafter import HeadDrafter
-from actors.heads import HeadsConfig, check_heads, load_heads, resolve_heads
+from actors.heads import HeadsConfig, check_heads, resolve_heads
+from actors.head_kinds import load_heads
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams

@@ -218,9 +218,10 @@ def test_the_draft_length_follows_measured_costs_and_load():
     flat = {1: 0.25, 8: 0.26, 16: 0.27, 64: 0.30, 256: 0.40}
     linear = {1: 0.25, 16: 4.0, 64: 16.0, 256: 64.0}
     cheap = {1: 0.01, 16: 0.02}
-    assert _scheduler(flat, cheap, 0.8, 1).draft_length() >= 4
-    assert _scheduler(flat, cheap, 0.05, 1).draft_length() <= 1  # a draft that is never right is not worth it
+    assert _scheduler(flat, cheap, 0.8, 2).draft_length() >= 4
+    assert _scheduler(flat, cheap, 0.05, 2).draft_length() <= 1  # a draft that is never right is not worth it
     assert _scheduler(linear, cheap, 0.8, 16).draft_length() == 0
+    assert _scheduler(linear, cheap, 0.8, 1).draft_length() is None  # alone: the drafter's own policy decides
     busy = _scheduler(flat, cheap, 0.8, 1)
     busy.waiting.append(busy.running[0])
     assert busy.draft_length() == 0 and busy.state()["draft_length"] == 0

@@ -70,7 +70,7 @@ def vocab4_heads(tiny_dir, tmp_path_factory):
     path = tiny_dir("qwen2", **MODEL)
     local = LocalEngine(EngineConfig(path, max_len=64), False)
     heads_dir = tiny.make_tiny_heads(tmp_path_factory.mktemp("h4") / "heads", path, scale=0.5)
-    from actors.heads import load_heads
+    from actors.head_kinds import load_heads
 
     return local, load_heads(heads_dir, local.target_runner.model)
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import training.medusa as medusa
-from actors.heads import HeadsConfig, load_heads
+from actors.heads import HeadsConfig
+from actors.head_kinds import load_heads
 from cluster import cli
 
 
@@ -85,7 +86,7 @@ def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions, kind):
     against the target's own distributions is below that of the zero start (where every
     head repeats the target's next-token guess)."""
     from actors import loading
-    from actors.heads import make_heads
+    from actors.head_kinds import make_heads
 
     target = tiny_dir("qwen2")
     assert train(target, tmp_path / "h", tmp_path / "w", questions, "--epochs", "4", "--kind", kind) == 0
