@@ -21,7 +21,7 @@ import time
 
 from actors.drafters.heads import HeadsDrafter
 from actors.drafters.none import NoDrafter
-from benchmarks.reporting import save_report
+from cluster.reporting import save_report
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
 from cluster.bench import load_prompts

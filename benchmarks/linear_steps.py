@@ -36,7 +36,7 @@ from torch import nn
 
 from actors import linear_attention as lin
 from actors.model import ModelConfig, RMSNorm, Transformer
-from benchmarks.reporting import save_report
+from cluster.reporting import save_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SLACK = 64  # cache slots past L + steps

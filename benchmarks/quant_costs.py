@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.reporting import save_report
+from cluster.reporting import save_report
 
 SIZES = (1, 2, 4, 8, 16)
 

@@ -50,7 +50,7 @@ def ours(w, qtype):
         import torch
 
         from actors import native
-        from actors.tiny import random_blocks
+        from tests.tiny import random_blocks  # a test fixture; run from the repository root
 
         blocks = random_blocks(np.random.default_rng(0), native.Q4_K, *w.shape)
         qw = QuantWeight(torch.from_numpy(blocks), native.Q4_K, *w.shape)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": {"threads": torch.get_num_threads(), "native": native.variant(), "reps": args.reps,
                          "command": "python -m benchmarks.quant_kernels " + " ".join(sys.argv[1:])},
               "results": results}
-    from benchmarks.reporting import save_report
+    from cluster.reporting import save_report
 
     save_report(args.out, report, render, plot)
     return 0

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.reporting import save_report
+from cluster.reporting import save_report
 
 POLICIES = {  # name -> environment of the decoding process
     "default": {"SPECRAY_OMP_WAIT": "default"},  # OpenMP's own defaults: the "before"

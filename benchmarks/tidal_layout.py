@@ -3,7 +3,7 @@
     python -m benchmarks.tidal_layout --model qwen2.5-coder-1.5b --context 4096 --budget 256 \
         --out benchmarks/results/tidal/layout-1.5b.json
 
-On a long needle prompt (`benchmarks.long_prompts`), prefill all but the last `--queries`
+On a long needle prompt (`cluster.long_prompts`), prefill all but the last `--queries`
 tokens, then run those tokens with every layer recording its full attention weights. For
 each layer l and each layer s, `captured[l][s]` is the share of l's attention mass that
 falls on the `budget` positions s would select (plus the new tokens, which sparse layers
@@ -27,7 +27,7 @@ import torch
 import actors.tidal as tidal
 from actors import loading
 from actors.runner import ModelRunner
-from benchmarks.long_prompts import needle_found, needle_prompts
+from cluster.long_prompts import needle_found, needle_prompts
 from cluster.engine import encode_prompt
 from cluster.local import DecodeConfig, autoregressive_generate
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from actors import hardware, loading
 from actors.tidal import TidalConfig, check_spec
-from benchmarks.long_prompts import MIN_WINDOW, RESERVE, long_prompts, needle_found
+from cluster.long_prompts import MIN_WINDOW, RESERVE, long_prompts, needle_found
 from cluster.bench import parse_methods
 from cluster.engine import EngineConfig, LocalEngine, check_models, check_prompt, encode_prompt
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
@@ -176,7 +176,7 @@ def bench_long_from_args(args: argparse.Namespace) -> dict:
                          "machine": platform.machine(), "cpu": hardware.probe("cpu").to_dict(),
                          "runtime": engine.runtime_info()},
               "prefill": prefill, "contexts": results}
-    from benchmarks.reporting import save_report
+    from cluster.reporting import save_report
 
     save_report(args.out, report, render_markdown, plot)
     return report

@@ -231,7 +231,7 @@ def run_linearize(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench-protocol"]:
-        from benchmarks.protocol_bench import main as bench_protocol
+        from cluster.bench_protocol import main as bench_protocol
 
         return bench_protocol(argv[1:])
     args = parser().parse_args(argv)

@@ -10,7 +10,7 @@ import actors  # noqa: F401  (first: sets the OpenMP wait policy before torch lo
 import torch  # noqa: E402
 
 import actors.loading  # noqa: E402
-from actors import tiny  # noqa: E402
+import tiny  # noqa: E402
 
 # Tiny models are all overhead: one thread avoids OpenMP spin-waits on a busy 2-core box.
 torch.set_num_threads(1)

@@ -3,5 +3,6 @@
 Each file is one way to draft, behind the `decoding.round.Drafter` interface:
 - `draft_model.py`: a small model of the same vocabulary, batched over sequences.
 - `heads.py`: Medusa / Amphista heads reading the target's own hidden states.
+- `self_draft.py`: the target itself, with sparse attention over its own cache.
 - `none.py`: no drafting (`ar`): the round is one plain target step.
 """

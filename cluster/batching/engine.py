@@ -31,8 +31,6 @@ def batch_refusal(engine) -> str | None:
     draft = engine.draft_runner
     if draft is not None and (draft.attention is not None or draft.model.config.linear is not None):
         return "the batched engine needs a draft with full softmax attention"
-    if engine.self_draft is not None:
-        return "the batched engine does not self-draft yet; self-drafting decodes one request at a time"
     return None
 
 

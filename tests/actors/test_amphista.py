@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import decoding.acceptance as acceptance
-from actors import loading, tiny
+from actors import loading
+import tiny
 from actors.amphista import AmphistaHeads
 from actors.head_drafter import HeadDrafter
 from actors.heads import EmbeddingFromFiles, HeadsConfig, embedding_rows

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import decoding.acceptance as acceptance
-from actors import loading, tiny
+from actors import loading
+import tiny
 from actors.head_drafter import HeadDrafter
 from actors.heads import HeadsConfig, check_heads, resolve_heads
 from actors.head_kinds import load_heads

@@ -11,7 +11,8 @@ import transformers
 from transformers.modeling_gguf_pytorch_utils import Gemma2TensorProcessor, LlamaTensorProcessor
 
 import decoding.acceptance as acceptance
-from actors import loading, native, tiny
+from actors import loading, native
+import tiny
 from actors.model import Transformer
 from actors.quantized import QuantEmbedding, QuantLinear
 from cluster.engine import EngineConfig, LocalEngine

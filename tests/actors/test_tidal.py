@@ -194,7 +194,7 @@ def test_a_chunked_prefill_on_a_row_exact_quantized_target_keeps_speculation_ide
     """Quantized targets verify row by row (so a verify equals decoding steps); a prompt's
     chunks attend as one batch instead (nothing is verified against them), and every method
     decodes from that same prefill: greedy output stays the target's."""
-    from actors import tiny
+    import tiny
 
     path = tiny.make_tiny_gguf(tmp_path / "q8", "qwen2", "Q8_0", "Q8_0")
     target = ModelRunner(loading.load(str(path), "gguf", progress=False).build(), 256)

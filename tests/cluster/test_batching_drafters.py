@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import decoding.acceptance as acceptance
-from actors import tiny
+import tiny
 from actors.drafters.heads import HeadsDrafter
 from actors.head_drafter import HeadDrafter
 from cluster.batching.engine import BatchEngine
@@ -107,3 +107,51 @@ def test_heads_batched_sampling_check_catches_a_broken_residual(vocab4_heads, mo
     samples, _, _ = heads_samples(local, heads, "dynamic", 4000)
     probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
     assert chi2_pvalue(samples, probs) < 1e-6
+
+
+# ---- the target drafting for itself (sparse attention over its own cache) -------------------
+
+
+@pytest.fixture(scope="module")
+def self_engine(tmp_path_factory):
+    """3 layers (select, sparse, sparse) and prompts past the budget: the drafts really are sparse."""
+    path = tiny.make_tiny(tmp_path_factory.mktemp("self") / "t", max_position_embeddings=1024, num_hidden_layers=3)
+    return LocalEngine(EngineConfig(str(path), "self", draft_attention="tidal:16", max_len=512), False)
+
+
+def test_self_draft_batched_greedy_equals_the_target_alone(self_engine):
+    local = self_engine
+    batch = BatchEngine(local, BatchConfig(max_seqs=3, prefill_tokens=512))
+    try:
+        assert type(batch.drafter).__name__ == "SelfDrafter"
+        gen = torch.Generator().manual_seed(4)
+        reqs = [Request(torch.randint(2, 64, (int(n),), generator=gen).tolist(),
+                        DecodeConfig(max_new_tokens=int(m), eos_token_ids=NO_EOS))
+                for n, m in zip(torch.randint(40, 300, (6,), generator=gen), torch.randint(2, 30, (6,), generator=gen))]
+        got, last = collect(batch, reqs)
+        for r in reqs:
+            assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert sum(last[r.id].result.stats.verify_rounds for r in reqs) > 0  # it really drafted
+        wait_idle(batch)
+        assert batch.pool.available == 3
+    finally:
+        batch.close()
+
+
+def test_self_draft_batched_sampling_follows_the_target(tiny_dir):
+    """Two layers (layer 0 selects, layer 1 reads sparsely), a prompt past the budget of 3."""
+    from sampling_check import LONG_PROMPT
+
+    path = tiny_dir("qwen2", **(MODEL | {"num_hidden_layers": 2}))
+    local = LocalEngine(EngineConfig(path, "self", draft_attention="tidal:3:0", max_len=64), False)
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1))
+    params = SamplingParams(temperature=1.0)
+    seeds = torch.randint(0, 2**62, (10_000,), generator=torch.Generator().manual_seed(8)).tolist()
+    try:
+        reqs = [Request(LONG_PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+                for s in seeds]
+        got, _ = collect(batch, reqs, timeout=600)
+    finally:
+        batch.close()
+    probs = exact_sequence_probs(local.target_runner, params, LONG_PROMPT)
+    assert chi2_pvalue([tuple(got[r.id]) for r in reqs], probs) > 1e-3

@@ -104,7 +104,7 @@ def test_builtin_needle_is_found_and_sparse_drafting_keeps_the_targets_text(buil
     retrieves a needle from a haystack of prose and code; drafting sparsely (TidalDecode,
     budget 64 of ~1.5k positions) by the draft model or by the target itself gives exactly
     the target's tokens, from one prefill per model."""
-    from benchmarks.long_prompts import needle_found, needle_prompts
+    from cluster.long_prompts import needle_found, needle_prompts
     from cluster.bench_long import LongMethods
 
     prompt = needle_prompts(builtin_engine.tokenizer, 1664, depths=(0.4,))[0]

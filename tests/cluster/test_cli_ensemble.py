@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from actors import tiny
+import tiny
 from cluster import cli
 
 

@@ -19,7 +19,7 @@ from cluster.local import DecodeConfig
 @pytest.fixture(scope="module")
 def long_tiny(tmp_path_factory):
     """A tiny pair with 3 layers (select, sparse, sparse under a 1-layer-full layout) and room for 2k tokens."""
-    from actors.tiny import make_tiny
+    from tiny import make_tiny
 
     root = tmp_path_factory.mktemp("long")
     kw = dict(max_position_embeddings=2048, num_hidden_layers=3)

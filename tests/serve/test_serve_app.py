@@ -31,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from actors import tiny
+import tiny
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from decoding.sampling import SamplingParams

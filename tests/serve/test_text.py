@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.tiny import char_tokenizer
+from tiny import char_tokenizer
 from cluster.serve.text import TextStream
 
 TOK = char_tokenizer(64)
