@@ -26,4 +26,10 @@ WORKERS ?= 2
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
-.PHONY: install demo test
+# Style (ruff) and architecture (import-linter: layers top to bottom, no import cycles),
+# both configured in pyproject.toml. CI runs it before the tests.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+.PHONY: install demo test lint

@@ -235,7 +235,8 @@ def _convert_dense(b: Builtin, out: Path, progress: bool) -> None:
     for f in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
         f.replace(out / f.name)
     work.rmdir()
-    (out / "specray.json").write_text(json.dumps({"alias": b.alias, "source": "gguf", "convert_s": time.time() - start}))
+    (out / "specray.json").write_text(json.dumps({"alias": b.alias, "source": "gguf",
+                                                  "convert_s": time.time() - start}))
     steps.update()
     steps.close()
 

@@ -359,7 +359,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.attn_norm = RMSNorm(cfg.hidden_size, eps, gemma)  # input_layernorm
-        self.mlp_norm = RMSNorm(cfg.hidden_size, eps, gemma)  # llama/qwen post_attention_layernorm, gemma pre_feedforward
+        # llama/qwen post_attention_layernorm, gemma pre_feedforward
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps, gemma)
         # gemma3 "sandwich" norms on the branch outputs
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, True) if gemma else None
@@ -449,7 +450,8 @@ class Transformer(nn.Module):
             if mine is None:
                 return
             if tuple(mine.shape) != tuple(hf_param.shape):
-                raise ValueError(f"shape mismatch for {name!r}: expected {tuple(mine.shape)}, HF has {tuple(hf_param.shape)}")
+                raise ValueError(f"shape mismatch for {name!r}: expected {tuple(mine.shape)}, "
+                                 f"HF has {tuple(hf_param.shape)}")
             setattr(module, name, hf_param if isinstance(hf_param, nn.Parameter) else nn.Parameter(hf_param, False))
 
         def take_linear(mine: Linear, hf_lin: nn.Module) -> None:
@@ -592,9 +594,9 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, batch: list[BatchItem]) -> list[Tensor]:
-        """Several sequences in one forward: each item as ``forward_hidden`` takes it. The linears run once over all rows;
-        each sequence attends over its own cache. Returns each sequence's final normed
-        hidden states [T_i, hidden]. On a row-exact model every row equals the same
+        """Several sequences in one forward: each item as ``forward_hidden`` takes it. The
+        linears run once over all rows; each sequence attends over its own cache. Returns
+        each sequence's final normed hidden states [T_i, hidden]. On a row-exact model every row equals the same
         sequence run alone, bitwise."""
         if not batch:
             raise ValueError("forward_batch needs at least one sequence")
@@ -746,7 +748,8 @@ class Transformer(nn.Module):
             cos, sin = rope(self.inv_freq)
             plans["linear_attention"] = _AttnPlan(0, None, False, cos, sin,
                                                   linear=lin.plan_step(cfg.linear, start, pos, tree_mask))
-        if self.row_exact and not prefill and not (tree_mask is None and start == 0 and T > 1):  # a fresh prefill is the same call either way
+        # a fresh prefill is the same call either way
+        if self.row_exact and not prefill and not (tree_mask is None and start == 0 and T > 1):
             visible = new_part().tolist()
             for kind, plan in plans.items():
                 window = cfg.sliding_window if kind == "sliding_attention" else None

@@ -236,7 +236,8 @@ def verify_request(
                 if opts.mode == "sync":
                     tree, q = _next_tree(link, committed, step, opts)
                 else:
-                    tree, q = _ready_chain(link, stream, committed, min(opts.lookahead, max(1, out.remaining - 1)), opts)
+                    tree, q = _ready_chain(link, stream, committed,
+                                           min(opts.lookahead, max(1, out.remaining - 1)), opts)
             except (DrafterLost, ProtocolError) as exc:
                 log.warning("session %s: %s; finishing with the target alone", session, exc)
                 link.lost = stats.drafter_lost = True

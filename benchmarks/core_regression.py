@@ -21,12 +21,12 @@ import time
 
 from actors.drafters.heads import HeadsDrafter
 from actors.drafters.none import NoDrafter
-from cluster.reporting import save_report
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
 from cluster.bench import load_prompts
 from cluster.decoder import Request
 from cluster.engine import EngineConfig, LocalEngine
+from cluster.reporting import save_report
 from decoding.request import DecodeConfig
 
 METHODS = ("ar", "spec-local", "medusa-dynamic", "amphista-dynamic")

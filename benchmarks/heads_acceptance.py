@@ -64,8 +64,8 @@ def answers(target, prompts: list[list[int]], new_tokens: int, batch: int = 10) 
 
 def main(argv: list[str] | None = None) -> dict:
     from actors import hardware, loading
-    from actors.heads import resolve_heads
     from actors.head_kinds import load_heads
+    from actors.heads import resolve_heads
     from cluster.bench import load_prompts
     from cluster.engine import encode_prompt
     from decoding.head_tree import dynamic_tree, static_shape

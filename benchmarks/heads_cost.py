@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from actors.heads import output_rows_from_files, resolve_heads
 from actors.head_kinds import load_heads, make_heads
+from actors.heads import output_rows_from_files, resolve_heads
 from decoding.head_tree import TreeShape, dynamic_tree
 
 

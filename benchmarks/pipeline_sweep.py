@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import load_prompts
-from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from actors import loading
 from actors.verifying import PipelineOptions
+from cluster.bench import load_prompts
+from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from decoding.request import DecodeConfig, GenerationStats
 from protocol import new_session_id
 
@@ -112,7 +112,8 @@ class Sweep:
         ray.get(self.pipeline.drafter.use_oracle.remote(reference, acceptance, step_cost_s, seed))
 
     def run(self, mode: str, ids: list[int], cfg: DecodeConfig | None = None) -> tuple[list[int], GenerationStats]:
-        result = self.pipeline.generate(ids, cfg or self.decode(), PipelineOptions(mode=mode, lookahead=self.args.lookahead))
+        result = self.pipeline.generate(ids, cfg or self.decode(),
+                                        PipelineOptions(mode=mode, lookahead=self.args.lookahead))
         return result.token_ids, result.stats
 
     def close(self) -> None:
@@ -201,7 +202,8 @@ def sweep(args: argparse.Namespace) -> dict:
                 "identical_to_target": identical, **summary, "runs": runs,
             })
             if not identical:
-                tqdm.write(f"WARNING: a={acceptance} cost={cost}: output differs from the target alone", file=sys.stderr)
+                tqdm.write(f"WARNING: a={acceptance} cost={cost}: output differs from the target alone",
+                           file=sys.stderr)
         info = bench.pipeline.verifier_info
     finally:
         bar.close()

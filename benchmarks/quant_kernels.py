@@ -102,7 +102,8 @@ def render(report: dict) -> str:
     for r in report["results"]:
         rows.setdefault((r["shape"], r["rows"]), {})[r["kernel"]] = r
     for (shape, n), cells in rows.items():
-        lines.append(f"| {shape} | {n} | " + " | ".join(f"{cells[k]['us']} ({cells[k]['gbs']})" for k in kernels) + " |")
+        lines.append(f"| {shape} | {n} | "
+                     + " | ".join(f"{cells[k]['us']} ({cells[k]['gbs']})" for k in kernels) + " |")
     return "\n".join(lines) + "\n"
 
 

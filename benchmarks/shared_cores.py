@@ -121,7 +121,8 @@ def make_report(args, runs: dict[str, list[dict]]) -> dict:
                       "slowdown_vs_quiet": {c: round(mean["quiet"] / mean[c], 3) for c in COMPETITORS},
                       "threading": rs[0]["threading"], "runs": rs}
     return {"config": {"model": args.model, "tokens": args.tokens, "reps": args.reps, "prompt": PROMPT,
-                       "cpu": probe().to_dict(), "command": "python -m benchmarks.shared_cores " + " ".join(sys.argv[1:])},
+                       "cpu": probe().to_dict(),
+                       "command": "python -m benchmarks.shared_cores " + " ".join(sys.argv[1:])},
             "policies": rows}
 
 
@@ -133,7 +134,8 @@ def render(report: dict) -> str:
              "|---|---|" + "---|" * len(COMPETITORS)]
     for name, r in report["policies"].items():
         t, s = r["tokens_per_s"], r["slowdown_vs_quiet"]
-        lines.append(f"| {name} | {t['quiet']:.2f} | " + " | ".join(f"{t[k]:.2f} ({s[k]:.1f}x)" for k in COMPETITORS) + " |")
+        lines.append(f"| {name} | {t['quiet']:.2f} | "
+                     + " | ".join(f"{t[k]:.2f} ({s[k]:.1f}x)" for k in COMPETITORS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,9 +27,9 @@ import torch
 import actors.tidal as tidal
 from actors import loading
 from actors.runner import ModelRunner
-from cluster.long_prompts import needle_found, needle_prompts
 from cluster.engine import encode_prompt
 from cluster.local import DecodeConfig, autoregressive_generate
+from cluster.long_prompts import needle_found, needle_prompts
 
 
 def record_weights(model, runner: ModelRunner, queries: list[int], budget: int) -> list[torch.Tensor]:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from actors import hardware, loading
 from actors.tidal import TidalConfig, check_spec
-from cluster.long_prompts import MIN_WINDOW, RESERVE, long_prompts, needle_found
 from cluster.bench import parse_methods
 from cluster.engine import EngineConfig, LocalEngine, check_models, check_prompt, encode_prompt
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
+from cluster.long_prompts import MIN_WINDOW, RESERVE, long_prompts, needle_found
 from decoding.draft_length import DraftLengthPolicy
 
 METHODS = ("ar", "spec-local", "spec-tidal-draft", "self-tidal", "tidal")
@@ -165,7 +165,8 @@ def bench_long_from_args(args: argparse.Namespace) -> dict:
                     t.needles.append(needle_found(prompt.answer, engine.decode(result.token_ids)))
             snaps.clear()
         results[str(c)] = {m: summarize(t, m) for m, t in totals.items()}
-        prefill[str(c)] = {"prompts": len(encoded[c]), "mean_tokens": round(sum(map(len, encoded[c])) / len(encoded[c])),
+        prefill[str(c)] = {"prompts": len(encoded[c]),
+                           "mean_tokens": round(sum(map(len, encoded[c])) / len(encoded[c])),
                            "seconds_per_prompt": round(seconds / len(encoded[c]), 2), "peak_rss_gib": peak}
     bar.close()
     report = {"config": {"target": args.target, "draft": args.draft, "dtype": args.dtype,

@@ -106,7 +106,8 @@ def _verifier_main(bind: str, conn) -> None:
                         "frame_buffer": [hex(start), hex(end)],
                         "array_data": hex(probs.__array_interface__["data"][0]),
                         "array_owns_data": bool(probs.flags.owndata),
-                        "shares_memory_with_frame": bool(np.shares_memory(probs, np.frombuffer(frame.buffer, np.uint8))),
+                        "shares_memory_with_frame": bool(np.shares_memory(probs,
+                                                                          np.frombuffer(frame.buffer, np.uint8))),
                     }
             return verdict_for(message)
         if isinstance(message, Shutdown):
@@ -371,7 +372,8 @@ def run(rounds: int, tree_iterations: int, ray_iterations: int, skip_ray: bool) 
     }
     targets = {
         "tree_p50_le_100us": result["tree_roundtrip_p50_us"] <= 100,
-        "zero_copy_16MiB": checked > 0 and zero_copied == checked and decode_check["decoded_array_inside_received_frame"],
+        "zero_copy_16MiB": (checked > 0 and zero_copied == checked
+                            and decode_check["decoded_array_inside_received_frame"]),
     }
     if "ray" in result:
         result["ray_call_p50_us"] = result["ray"]["tree_roundtrip_p50_us"]

@@ -29,7 +29,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", help="draft model (same tokenizer as the target), or `self`: the target drafts for "
                                    "itself with sparse attention over its own cache (--pipeline local)")
     add_attention_args(p)
-    p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa, amphista) or directory")
+    p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa, amphista) "
+                                   "or directory")
     p.add_argument("--tree", choices=("static", "dynamic"), default="dynamic",
                    help="with --heads: a fixed tree from the heads' measured accuracies, or one built per step")
     p.add_argument("--combine", help="ensemble rule: we:LAMBDA (2 models), we:W1,W2,... (one weight per model) "
@@ -81,7 +82,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="required unless --ensemble")
     p.add_argument("--draft", help="the draft model of spec-* and hf-assisted (required unless --ensemble)")
-    p.add_argument("--heads", default=None, help="heads of the medusa-* methods (default: the target's built-in medusa)")
+    p.add_argument("--heads", default=None,
+                   help="heads of the medusa-* methods (default: the target's built-in medusa)")
     p.add_argument("--amphista-heads", default=None,
                    help="heads of the amphista-* methods (default: the target's built-in amphista)")
     p.add_argument("--ensemble", help="comma-separated models: bench methods ensemble,cos on this ensemble")
@@ -92,7 +94,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="ensembles only")
     p.add_argument("--seed", type=int, default=0, help="ensembles: prompt i samples with seed + i")
     p.add_argument("--draft-length", type=_positive_int, default=None, help="ensembles: fixed CoS draft length")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="target (or every ensemble member's) dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                   help="target (or every ensemble member's) dtype")
     p.add_argument("--prompts", required=True, help="JSONL with a `prompt` string or a `turns` list")
     p.add_argument("--limit", type=_positive_int, default=20)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)

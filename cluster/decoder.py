@@ -127,8 +127,8 @@ class SerialDecoder(Decoder):
 
     def submit(self, request: Request, on_event: EventSink) -> None:
         if request.logprobs is not None:
-            raise ValueError("logprobs are returned by the batched local engine (pipeline local, a draft model or "
-                             "the target alone); this server decodes another way")
+            raise ValueError("logprobs are returned by the batched local engine (pipeline local: a draft model, "
+                             "heads, self-drafting or the target alone); this server decodes another way")
         with self._wake:
             self._queue.append((request, on_event))
             self._wake.notify()

@@ -24,9 +24,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from actors import loading
+from actors import loading, threads
 from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate, local_members
-from actors import threads
 from actors.hardware import check_dtype_name, probe
 from actors.runner import ModelRunner
 from cluster.engine import check_prompt

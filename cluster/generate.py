@@ -6,8 +6,8 @@ import argparse
 
 from actors import loading
 from actors.verifying import PipelineOptions
-from cluster.factory import DecoderSpec, make_decoder
 from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
+from cluster.factory import DecoderSpec, make_decoder
 from cluster.local import DecodeConfig
 from cluster.placement import PlacementConfig
 from decoding.sampling import SamplingParams
@@ -93,7 +93,8 @@ def generate_from_args(args: argparse.Namespace) -> dict:
     ray_pipeline = args.pipeline in ("sync", "async")
     attention, draft_attention = getattr(args, "attention", None), getattr(args, "draft_attention", None)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                              heads=heads, tree=getattr(args, "tree", "dynamic"), max_len=getattr(args, "max_len", None),
+                              heads=heads, tree=getattr(args, "tree", "dynamic"),
+                              max_len=getattr(args, "max_len", None),
                               attention=attention, draft_attention=draft_attention)
     if ray_pipeline:
         if args.draft is None and heads is None:

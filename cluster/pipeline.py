@@ -155,7 +155,8 @@ class RayPipeline:
         from cluster.engine import EngineConfig, heads_dir
 
         path = heads_dir(EngineConfig(self.cfg.target, heads=self.cfg.heads, tree=self.cfg.tree))
-        verify_ms = ray.get(self.verifier.verify_costs.remote([1, 2, 4, 8, 16, 32, 64]), timeout=self.cfg.load_timeout_s)
+        verify_ms = ray.get(self.verifier.verify_costs.remote([1, 2, 4, 8, 16, 32, 64]),
+                            timeout=self.cfg.load_timeout_s)
         return ray.remote(HeadsActor).options(**self.placement.actor_options(1), max_restarts=self.cfg.max_restarts,
                                               max_concurrency=4).remote(
             {"target": self.cfg.target, "heads_dir": str(path), "tree": self.cfg.tree, "verify_ms": verify_ms,
@@ -166,7 +167,8 @@ class RayPipeline:
         """Decode `prompt`. `on_tokens` gets each batch of committed tokens as the verifier
         commits it (streaming); if it raises, the request is cancelled on both actors and
         the exception propagates; if it returns True, the request ends after the current
-        round (the answer may hold a few tokens past that point). `speculative=False`: the target alone, drafter idle."""
+        round (the answer may hold a few tokens past that point). `speculative=False`: the target alone,
+        drafter idle."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 

@@ -41,7 +41,8 @@ def best_first(probs: Sequence[Sequence[float]], n: int) -> tuple[list[RankPath]
     scores: list[float] = []
     if depth == 0 or n <= 0 or not len(probs[0]):
         return paths, scores
-    frontier: list[tuple[float, int, RankPath, float]] = [(-probs[0][0], 0, (0,), 1.0)]  # (-score, tie, path, parent score)
+    # (-score, tie, path, parent score)
+    frontier: list[tuple[float, int, RankPath, float]] = [(-probs[0][0], 0, (0,), 1.0)]
     tie = 1
     while frontier and len(paths) < n:
         neg, _, path, parent_score = heapq.heappop(frontier)

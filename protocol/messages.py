@@ -257,7 +257,8 @@ def _same_array(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
     mine, theirs = np.asarray(a), np.asarray(b)
-    return mine.dtype == theirs.dtype and mine.shape == theirs.shape and bool(np.array_equal(mine, theirs, equal_nan=True))
+    return (mine.dtype == theirs.dtype and mine.shape == theirs.shape
+            and bool(np.array_equal(mine, theirs, equal_nan=True)))
 
 
 @dataclass(kw_only=True, eq=False)

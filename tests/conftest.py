@@ -6,11 +6,13 @@ import os
 
 import pytest
 
+# isort: off
 import actors  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
 import actors.loading  # noqa: E402
 import tiny  # noqa: E402
+# isort: on
 
 # Tiny models are all overhead: one thread avoids OpenMP spin-waits on a busy 2-core box.
 torch.set_num_threads(1)
@@ -43,6 +45,7 @@ SLOW_FIRST = (
     "tests/actors/test_heads.py",
     "tests/actors/test_quantized.py",
     "tests/actors/test_amphista.py",
+    "tests/cluster/test_batching_drafters.py",
     "tests/cluster/test_batching.py",
 )
 
@@ -125,7 +128,8 @@ def builtin_threads():
 
 @pytest.fixture(scope="module")
 def builtin_engine(builtin_threads):
-    """The real built-in pair (about 5 GB) and the target's built-in heads, loaded once by the one module that uses it and
+    """The real built-in pair (about 5 GB) and the target's built-in heads, loaded once by the one module
+    that uses it and
     freed after it, so later modules can load the pair in actors instead."""
     from cluster.engine import EngineConfig, LocalEngine
 

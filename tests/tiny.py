@@ -124,7 +124,8 @@ def make_tiny_gguf(path: str | Path, family: str = "qwen2", linear_type: str = "
                 shapes[b + f"attn_{n}.bias"] = (shapes[b + f"attn_{n}.weight"][0],)
         if family == "gemma3":
             shapes |= {b + "attn_q_norm.weight": (hd,), b + "attn_k_norm.weight": (hd,),
-                       b + "post_attention_norm.weight": (cfg.hidden_size,), b + "post_ffw_norm.weight": (cfg.hidden_size,)}
+                       b + "post_attention_norm.weight": (cfg.hidden_size,),
+                       b + "post_ffw_norm.weight": (cfg.hidden_size,)}
     for name, shape in shapes.items():
         if len(shape) == 1:
             values = rng.normal(0.0, 0.1, shape).astype(np.float32)
@@ -173,8 +174,8 @@ def make_tiny_heads(path: str | Path, model_dir: str | Path, n_heads: int = 3, h
     trees vary, wrong often enough that rejections happen. Hot vocab: the lowest ids."""
     from transformers import AutoConfig
 
-    from actors.heads import HeadsConfig
     from actors.head_kinds import make_heads
+    from actors.heads import HeadsConfig
 
     cfg = AutoConfig.from_pretrained(model_dir)
     vocab = cfg.vocab_size

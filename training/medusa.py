@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, output_rows
 from actors.head_kinds import make_heads
+from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, output_rows
 from training.checkpoint import load_state, save_state
 
 CHECKPOINT_EVERY = 50  # steps between saved training states
@@ -186,7 +186,8 @@ def build_chunks(cfg: TrainConfig, tokenizer) -> dict:
             break
         kept.append(c[:budget])
         budget -= len(kept[-1])
-    data = {"train": [c for i, c in enumerate(kept) if i % 20], "heldout": [c for i, c in enumerate(kept) if i % 20 == 0],
+    data = {"train": [c for i, c in enumerate(kept) if i % 20],
+            "heldout": [c for i, c in enumerate(kept) if i % 20 == 0],
             "stdlib_files": len(sources), "answer_docs": answers.is_file() and len(docs) - len(sources)}
     _atomic_json(path, data)
     return data
@@ -431,7 +432,8 @@ def run(cfg: TrainConfig) -> dict:
                               if k not in ("out", "work")}}
     heads.save(cfg.out)
     for k in range(cfg.heads):
-        print(f"head {k}: top-1 {acc['top1'][k]:.3f}  top-5 {acc['top5'][k]:.3f}  ({acc['positions'][k]} held-out positions)")
+        print(f"head {k}: top-1 {acc['top1'][k]:.3f}  top-5 {acc['top5'][k]:.3f}  "
+              f"({acc['positions'][k]} held-out positions)")
     print(f"hot vocabulary {heads_cfg.hot_vocab} covers {coverage:.3f} of the target's held-out argmaxes; "
           f"wrote {cfg.out}")
     return heads.cfg.accuracy

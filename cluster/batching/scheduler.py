@@ -52,7 +52,8 @@ class Scheduler:
     def admit(self, free_slots: int) -> list[Sequence]:
         """First come, first served, while a slot and the KV budget allow."""
         joined = []
-        while self.waiting and len(joined) < free_slots and self.reserved + self.waiting[0].kv_tokens <= self.cfg.kv_tokens:
+        while (self.waiting and len(joined) < free_slots
+               and self.reserved + self.waiting[0].kv_tokens <= self.cfg.kv_tokens):
             seq = self.waiting.popleft()
             self.reserved += seq.kv_tokens
             seq.status = Status.PREFILLING

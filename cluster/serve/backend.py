@@ -4,8 +4,8 @@ thread (the handler awaits it), so a huge prompt never stalls the event loop."""
 
 from __future__ import annotations
 
-from cluster.factory import make_decoder
 from cluster.engine import encode_prompt
+from cluster.factory import make_decoder
 from cluster.serve.config import ServeArgs
 
 

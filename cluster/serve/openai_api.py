@@ -60,7 +60,8 @@ class _Sampling(BaseModel):
         """The first field set to something we would have to ignore, if any."""
         if self.n != 1:
             return "n"
-        neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": 1, "echo": False, "suffix": None, "tools": None,
+        neutral = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": 1, "echo": False,
+                   "suffix": None, "tools": None,
                    "tool_choice": None, "response_format": None}
         for name, value in (self.model_extra or {}).items():
             if name not in neutral:

@@ -8,16 +8,17 @@ import torch
 
 import decoding.acceptance as acceptance
 from actors import loading
-import tiny
 from actors.amphista import AmphistaHeads
 from actors.head_drafter import HeadDrafter
-from actors.heads import EmbeddingFromFiles, HeadsConfig, embedding_rows
 from actors.head_kinds import load_heads
+from actors.heads import EmbeddingFromFiles, HeadsConfig, embedding_rows
 from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams
 from tests import sampling_check as sc
 from tests.actors.test_heads import sample_with_heads, wire_generate
+
+import tiny
 
 
 def runner_and_heads(tiny_dir, tmp_path, family="qwen2", vocab=64, **kw):
@@ -56,7 +57,8 @@ def test_heads_read_the_newest_token_and_each_other(tiny_dir, tmp_path):
     emb = heads.embed(torch.tensor([5]))
     before = heads(hidden[None], emb)[0]
     with torch.no_grad():
-        heads.block.position[-1] += torch.randn(heads.block.position.shape[-1])  # (a constant shift would be normed away)
+        # (a constant shift would be normed away)
+        heads.block.position[-1] += torch.randn(heads.block.position.shape[-1])
     after = heads(hidden[None], emb)
     assert not torch.allclose(after[0], before)
 

@@ -18,6 +18,7 @@ from actors.runner import ModelRunner
 from decoding.ensemble import combine_logits, parse_combine
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams, logits_to_probs
+
 from sampling_check import MODEL, NEW, PROMPT, SAMPLES, VOCAB, chi2_pvalue
 
 

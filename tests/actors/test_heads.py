@@ -7,16 +7,17 @@ import torch
 
 import decoding.acceptance as acceptance
 from actors import loading
-import tiny
 from actors.head_drafter import HeadDrafter
-from actors.heads import HeadsConfig, check_heads, resolve_heads
 from actors.head_kinds import load_heads
+from actors.heads import HeadsConfig, check_heads, resolve_heads
+from actors.proposing import propose_with_heads
 from actors.runner import ModelRunner
+from actors.verifying import PipelineOptions
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams
-from actors.proposing import propose_with_heads
-from actors.verifying import PipelineOptions
 from tests import sampling_check as sc
+
+import tiny
 from wire_pair import FINGERPRINT, WirePair
 
 FAMILIES = ("qwen2", "llama", "gemma3")

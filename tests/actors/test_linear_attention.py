@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sampling_check import LONG_PROMPT, MODEL, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 from actors import linear_attention as lin
 from actors import loading
@@ -22,6 +21,8 @@ from actors.runner import ModelRunner
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
 from decoding.sampling import SamplingParams
 from decoding.tree import TokenTree
+
+from sampling_check import LONG_PROMPT, MODEL, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 

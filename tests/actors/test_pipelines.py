@@ -13,9 +13,10 @@ from actors.model import Transformer
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
 from actors.verifying import PipelineOptions
+from cluster.local import autoregressive_generate
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
-from cluster.local import autoregressive_generate
+
 from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
 from wire_pair import FINGERPRINT, WirePair
 

@@ -12,12 +12,13 @@ from transformers.modeling_gguf_pytorch_utils import Gemma2TensorProcessor, Llam
 
 import decoding.acceptance as acceptance
 from actors import loading, native
-import tiny
 from actors.model import Transformer
 from actors.quantized import QuantEmbedding, QuantLinear
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from decoding.sampling import SamplingParams
+
+import tiny
 from sampling_check import chi2_pvalue, exact_sequence_probs, runners, sample_sequences
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernels")

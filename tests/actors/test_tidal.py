@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sampling_check import LONG_PROMPT, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 from actors import loading
 from actors.runner import ModelRunner
@@ -20,6 +19,8 @@ from actors.tidal import SparseStep, TidalConfig, attend_select, attend_sparse, 
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
 from decoding.draft_length import DraftLengthPolicy
 from decoding.sampling import SamplingParams
+
+from sampling_check import LONG_PROMPT, chi2_pvalue, exact_sequence_probs, sample_sequences
 
 
 def runner(path: str, attention: TidalConfig | None = None, max_len: int = 256) -> ModelRunner:

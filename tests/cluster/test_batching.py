@@ -18,6 +18,7 @@ from decoding.acceptance import Verdict
 from decoding.draft_length import CostModel
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
+
 from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
 
 NO_EOS = (-1,)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import decoding.acceptance as acceptance
-import tiny
 from actors.drafters.heads import HeadsDrafter
 from actors.head_drafter import HeadDrafter
 from cluster.batching.engine import BatchEngine
@@ -17,6 +16,8 @@ from cluster.decoder import Request, wait_idle
 from cluster.engine import EngineConfig, LocalEngine
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
+
+import tiny
 from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
 from test_batching import NO_EOS, collect, mixed_requests
 

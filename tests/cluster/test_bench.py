@@ -30,7 +30,8 @@ def test_bench_with_ray_pipelines_reports_every_method(tiny_dir, tmp_path, capsy
     for name, row in report["methods"].items():
         assert row["identical_to_target"] is True, name
         assert row["new_tokens"] == 3 * 24
-        assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"], rel=0.02), name  # seconds: 3 decimals
+        # seconds: 3 decimals
+        assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"], rel=0.02), name
     hf_rate = report["methods"]["hf"]["tokens_per_s"]
     for name in ("ar", "spec-local", "spec-sync", "spec-async"):
         row = report["methods"][name]  # each against hf's measured rate, not its own

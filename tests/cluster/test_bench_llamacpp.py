@@ -11,8 +11,10 @@ from cluster import bench_llamacpp, cli
 SPEC_ERR = """0.12.340.918 I encoded   38 tokens in    0.524 seconds, speed:   72.529 t/s
 0.12.340.931 I decoded  137 tokens in   10.209 seconds, speed:   13.420 t/s
 0.12.340.956 I n_accept  = 118"""
-AR_ERR = """common_perf_print: prompt eval time =     390.81 ms /    38 tokens (   10.28 ms per token,    97.23 tokens per second)
-common_perf_print:        eval time =    8656.13 ms /   127 runs   (   68.16 ms per token,    14.67 tokens per second)"""
+AR_ERR = ("common_perf_print: prompt eval time =     390.81 ms /    38 tokens "
+          "(   10.28 ms per token,    97.23 tokens per second)\n"
+          "common_perf_print:        eval time =    8656.13 ms /   127 runs   "
+          "(   68.16 ms per token,    14.67 tokens per second)")
 
 
 def test_timings_and_text_are_read_from_its_output():

@@ -24,7 +24,8 @@ def expected(builtin_engine):
     for text, chat in PROMPTS:
         ids = builtin_engine.encode(text, chat)
         t = torch.tensor([ids])
-        ref = builtin_engine.target.hf_model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=24, do_sample=False)
+        ref = builtin_engine.target.hf_model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=24,
+                                                      do_sample=False)
         out.append((ids, ref[0, len(ids):].tolist()))
     return out
 
@@ -32,7 +33,8 @@ def expected(builtin_engine):
 @pytest.mark.parametrize("draft_length,width", [(None, 1), (3, 2)], ids=["chain-adaptive", "tree"])
 def test_builtin_pair_greedy_identical(builtin_engine, expected, draft_length, width):
     for ids, ref in expected:
-        result = builtin_engine.generate(ids, DecodeConfig(max_new_tokens=24, draft_length=draft_length, tree_width=width))
+        result = builtin_engine.generate(ids, DecodeConfig(max_new_tokens=24, draft_length=draft_length,
+                                                           tree_width=width))
         assert result.token_ids == ref
         assert result.stats.mean_accepted > 1.0  # the pair agrees often: speculation is really happening
 
@@ -104,8 +106,8 @@ def test_builtin_needle_is_found_and_sparse_drafting_keeps_the_targets_text(buil
     retrieves a needle from a haystack of prose and code; drafting sparsely (TidalDecode,
     budget 64 of ~1.5k positions) by the draft model or by the target itself gives exactly
     the target's tokens, from one prefill per model."""
-    from cluster.long_prompts import needle_found, needle_prompts
     from cluster.bench_long import LongMethods
+    from cluster.long_prompts import needle_found, needle_prompts
 
     prompt = needle_prompts(builtin_engine.tokenizer, 1664, depths=(0.4,))[0]
     ids = builtin_engine.encode(prompt.text, chat=True)

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-import tiny
 from cluster import cli
+
+import tiny
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,8 @@ def test_bench_ensemble_methods(pair, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("hello there", "def f(x):", "a b c")))
     # greedy with the adaptive plan (it may fall back to baseline steps), sampled with a fixed draft length
-    for temperature, out, extra in (("0", tmp_path / "greedy", []), ("1", tmp_path / "sampled", ["--draft-length", "2"])):
+    for temperature, out, extra in (("0", tmp_path / "greedy", []),
+                                    ("1", tmp_path / "sampled", ["--draft-length", "2"])):
         code, stdout, err = run(["bench", "--ensemble", f"{a},{b}", "--combine", "cd:0.2", "--methods",
                                  "ensemble,cos", "--prompts", str(prompts), "--max-new-tokens", "16",
                                  "--temperature", temperature, "--ensemble-local", "--out", str(out), *extra], capsys)

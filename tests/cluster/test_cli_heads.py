@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-import tiny
 from cluster import cli
+
+import tiny
 
 
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pytest
 import ray
+from ray_head import RAY, Head, ray_head
 
 from cluster import cli
-from ray_head import RAY, Head, ray_head
 
 REPO = Path(__file__).parents[2]
 # Pipelines whose job output must equal the local CLI's; "sync" and "async" go here when they land.
@@ -95,7 +95,8 @@ def test_bench_job_writes_the_report(head, tiny_dir, tmp_path):
 def test_job_computes_on_as_many_threads_as_the_cli(head):
     """Ray hands the entrypoint OMP_NUM_THREADS=1; cluster.job must not decode on one core."""
     probe = (
-        "import os; from cluster.job import drop_ray_thread_cap as drop; inherited = os.environ.get('OMP_NUM_THREADS'); "
+        "import os; from cluster.job import drop_ray_thread_cap as drop; "
+        "inherited = os.environ.get('OMP_NUM_THREADS'); "
         "drop(); import torch; print('THREADS', inherited, torch.get_num_threads())"
     )
     out = submit(head, [], entrypoint=["python", "-c", probe]).stdout

@@ -10,6 +10,7 @@ import decoding.acceptance as acceptance
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig, autoregressive_generate
 from decoding.sampling import SamplingParams
+
 from sampling_check import NEW, PROMPT, chi2_pvalue, exact_sequence_probs, runners, sample_sequences
 
 

@@ -6,8 +6,9 @@ import time
 import pytest
 
 from actors.loading import builtin_dir
-from tiny import char_tokenizer
 from cluster.long_prompts import CODE_ASK, code_prompts, long_prompts, needle_found, needle_prompts
+
+from tiny import char_tokenizer
 
 # One token per character: cheap at 16k, and every cut shows in the token count exactly.
 TOK = char_tokenizer(128)

@@ -55,7 +55,8 @@ def test_verdict_helpers():
 
 @pytest.mark.parametrize(
     "accepted,next_token,field",
-    [([0], 1, "accepted"), ((1,), 1, "accepted"), ([1.0], 1, "accepted"), ([1], -1, "next_token"), ([1], 2.0, "next_token")],
+    [([0], 1, "accepted"), ((1,), 1, "accepted"), ([1.0], 1, "accepted"), ([1], -1, "next_token"),
+     ([1], 2.0, "next_token")],
 )
 def test_verdict_validation(accepted, next_token, field):
     with pytest.raises(ValueError, match=field):

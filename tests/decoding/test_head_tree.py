@@ -19,7 +19,8 @@ def sorted_probs(draw_lists):
     return [sorted(row, reverse=True) for row in draw_lists]
 
 
-heads_probs = st.lists(st.lists(st.floats(0.001, 1.0), min_size=1, max_size=5), min_size=1, max_size=4).map(sorted_probs)
+heads_probs = st.lists(st.lists(st.floats(0.001, 1.0), min_size=1, max_size=5),
+                       min_size=1, max_size=4).map(sorted_probs)
 
 
 def brute_force(probs, n):

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from protocol import (
+    PROTOCOL_VERSION,
     AuthenticationError,
     Backpressure,
     CandidateTree,
@@ -27,7 +28,6 @@ from protocol import (
     InvalidTree,
     MalformedMessage,
     ModelFingerprint,
-    PROTOCOL_VERSION,
     PeerUnreachable,
     ReceiveTimeout,
     Role,

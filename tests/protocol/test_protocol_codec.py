@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
-    PROTOCOL_VERSION,
     INLINE_TENSOR_LIMIT,
     MESSAGE_TYPES,
     NO_SESSION,
+    PROTOCOL_VERSION,
     AuthenticationError,
     CandidateTree,
     ContextUpdate,

@@ -30,12 +30,13 @@ import openai
 import pytest
 import requests
 import yaml
+from ray_head import VENV_BIN, Head, free_port, ray_head, stop
 
-import tiny
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from decoding.sampling import SamplingParams
-from ray_head import VENV_BIN, Head, free_port, ray_head, stop
+
+import tiny
 
 REPO = Path(__file__).parents[2]
 MODEL = "tiny"

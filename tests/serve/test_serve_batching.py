@@ -16,7 +16,6 @@ import openai
 import pytest
 import requests
 import yaml
-
 from ray_head import VENV_BIN, free_port, ray_head, stop
 from test_serve_app import MODEL, wait_healthy
 
@@ -111,7 +110,8 @@ def test_limits_answer_with_the_limit_named_and_the_next_request_works(endpoint,
     r = endpoint.post(path, body)
     assert r.status_code == status, r.text
     assert mentions.lower() in r.json()["error"]["message"].lower()
-    assert endpoint.client.completions.create(model=MODEL, prompt="ok", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+    assert endpoint.client.completions.create(model=MODEL, prompt="ok", max_tokens=2,
+                                              extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: bool, stop: list[str] | None,
@@ -196,7 +196,8 @@ def test_past_capacity_requests_wait_then_get_503_while_health_answers(endpoint)
     assert refused and all(r.status_code == 503 for r in refused)
     assert all(int(r.response.headers["Retry-After"]) >= 1 for r in refused)
     assert health["status"] == "ok" and [m.id for m in models.data] == [MODEL]
-    assert endpoint.client.completions.create(model=MODEL, prompt="ok", max_tokens=2, extra_body={"ignore_eos": True}).usage.completion_tokens == 2
+    assert endpoint.client.completions.create(model=MODEL, prompt="ok", max_tokens=2,
+                                              extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 def test_logprobs_are_the_targets_with_and_without_speculation(endpoint):

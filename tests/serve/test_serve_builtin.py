@@ -11,7 +11,6 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-
 from ray_head import VENV_BIN, free_port, ray_head, stop
 from test_serve_app import wait_healthy
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny import char_tokenizer
 from cluster.serve.text import TextStream
+
+from tiny import char_tokenizer
 
 TOK = char_tokenizer(64)
 

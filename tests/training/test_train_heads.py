@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import training.medusa as medusa
-from actors.heads import HeadsConfig
 from actors.head_kinds import load_heads
+from actors.heads import HeadsConfig
 from cluster import cli
 
 
@@ -54,7 +54,8 @@ def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, ques
     assert cfg.n_heads == 3 and cfg.hot_vocab == 40 and len(cfg.accuracy["rank_accuracy"]) == 3
     assert all(0 <= t1 <= t5 <= 1 for t1, t5 in zip(cfg.accuracy["top1"], cfg.accuracy["top5"]))
     assert set(cfg.accuracy["stage_seconds"]) == {"load", "answers", "features", f"train-{kind}", f"evaluate-{kind}"}
-    answered = [json.loads(line)["question_id"] for line in (tmp_path / "wa" / "answers.jsonl").read_text().splitlines()]
+    answered = [json.loads(line)["question_id"]
+                for line in (tmp_path / "wa" / "answers.jsonl").read_text().splitlines()]
     assert sorted(answered) == [1, 3]  # the benchmarks' categories are never generated, let alone trained on
 
 
