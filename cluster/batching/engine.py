@@ -17,6 +17,7 @@ from actors.verifier import SlotPool, TargetVerifier
 from cluster.batching.drafters import make_drafter
 from cluster.batching.scheduler import BatchConfig, Scheduler
 from cluster.decoder import Decoder, EventSink, Request, TokenEvent
+from cluster.engine import attention_label
 from decoding.request import GenerationResult
 from decoding.round import Committed, Drafter, first_tokens, speculative_round
 from decoding.sequence import Sequence, Status
@@ -179,6 +180,8 @@ class BatchEngine(Decoder):
         st = seq.stats
         st.new_tokens = len(seq.output)
         st.wall_s = time.perf_counter() - seq.started_at if seq.started_at else 0.0
+        c = self.engine.cfg  # say how the models attended, as the serial loops do
+        st.labels.update(attention_label(c.attention, c.draft, c.draft_attention if seq.speculative else None))
         result = None if error else GenerationResult(list(seq.output), st)
         self._send(seq.id, TokenEvent(seq.id, [], finish_reason="error" if error else seq.finish_reason,
                                       result=result, error=error), last=True)

@@ -94,7 +94,8 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
                       "served_model_name": MODEL, "max_pending": 4}},
             {"name": "self", "route_prefix": "/self", "import_path": "cluster.serve.app:build",
              "args": {"target": target, "draft": "self", "draft_attention": "tidal:8", "pipeline": "local",
-                      "served_model_name": MODEL, "max_pending": 4}},
+                      # a fixed k: the test asserts it drafted, whatever this machine's costs say
+                      "draft_length": 4, "served_model_name": MODEL, "max_pending": 4}},
             {"name": "tidal", "route_prefix": "/tidal", "import_path": "cluster.serve.app:build",
              "args": {"target": target, "draft": None, "attention": "tidal:8", "pipeline": "local",
                       "served_model_name": MODEL, "max_pending": 4, "max_len": 160}},
