@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from actors import native
-from actors.model import Linear, ModelConfig, Transformer
+from actors.layers import Linear
+from actors.model import Transformer
+from actors.model_config import ModelConfig
 from actors.quantized import QuantEmbedding, QuantLinear, QuantWeight
 
 log = logging.getLogger(__name__)

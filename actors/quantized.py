@@ -108,7 +108,7 @@ class QuantEmbedding(nn.Module):
 def quantize_linears(model: nn.Module, fmt: str) -> nn.Module:
     """Replace every dense linear of our Transformer with its `fmt` (int8/int4) blocks.
     Weights whose input size is not a multiple of 32 stay dense."""
-    from actors.model import Linear
+    from actors.layers import Linear
 
     qtype = FORMATS[fmt]
     if not native.available():  # resolve_dtype said so: the model stays dense

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.model import BatchItem, Transformer
+from actors.attention_plan import BatchItem
+from actors.model import Transformer
 from decoding.draft_length import CostModel
 from decoding.kv_cache import KVCache
 from decoding.sequence import Sequence

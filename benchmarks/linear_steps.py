@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from actors import linear_attention as lin
-from actors.model import ModelConfig, RMSNorm, Transformer
+from actors.layers import RMSNorm
+from actors.model import Transformer
+from actors.model_config import ModelConfig
 from cluster.reporting import save_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

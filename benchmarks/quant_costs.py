@@ -40,7 +40,7 @@ def _timed(fn) -> float:
 
 def weight_bytes(model) -> int:
     """Bytes one token's forward reads from weights: every linear (dense or blocks)."""
-    from actors.model import Linear
+    from actors.layers import Linear
     from actors.quantized import QuantLinear
 
     total = 0

@@ -46,7 +46,7 @@ def record_weights(model, runner: ModelRunner, queries: list[int], budget: int) 
         return real(q, kc, vc, end, step, scale)
 
     everywhere = tidal.TidalConfig(budget, (), tuple(range(n_layers)))  # every layer attends fully and selects
-    import actors.model as model_module
+    import actors.layers as model_module
 
     model_module.attend_select = spy
     try:

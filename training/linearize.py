@@ -158,7 +158,7 @@ def capture(model, chunks: dict, work: Path) -> dict[str, list[Path]]:
     one safetensors file per chunk."""
     from safetensors.torch import save_file
 
-    from actors.model import rotate_half
+    from actors.layers import rotate_half
 
     plan = [(split, j) for split in ("train", "heldout") for j in range(len(chunks[split]))]
     out: dict[str, list[Path]] = {"train": [], "heldout": []}
@@ -314,7 +314,7 @@ def run(cfg: LinearizeConfig) -> dict:
     from safetensors.torch import save_file
 
     from actors import hardware, loading
-    from actors.model import ModelConfig
+    from actors.model_config import ModelConfig
 
     if loading.linear_dir(cfg.model) is not None:
         raise ValueError(f"linearize --model {cfg.model!r} is linearized already; give its base model")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.model import BatchItem, Transformer
+from actors.attention_plan import BatchItem
+from actors.model import Transformer
 from actors.runner import PREFILL_CHUNK
 from actors.verifier import SlotPool, long_tensor
 from decoding.acceptance import Verdict

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from actors import kernels
-from actors.model import ModelConfig, Transformer
+from actors.model import Transformer
+from actors.model_config import ModelConfig
 
 V = 97
 ATOL = 1e-4
