@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from actors import hardware, loading, threads
 from actors.runner import ModelRunner
-from actors.tidal import TidalConfig, check_spec
+from actors.tidal import TidalConfig
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
+from cluster.spec import SELF, check_drafting, check_long_context
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import TokenSink
 
@@ -39,7 +40,9 @@ class EngineConfig:
             hardware.check_dtype_name(getattr(self, name), name)
         if self.tree not in TREES:
             raise ValueError(f"tree must be one of {', '.join(TREES)}, got {self.tree!r}")
-        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention, self.target)
+        if self.draft == SELF:  # heads beside a draft model may load (a bench compares them), not beside self
+            check_drafting(self.draft, self.heads, "local")
+        check_long_context(self.draft, self.heads, self.attention, self.draft_attention, self.target)
         if self.draft == SELF and self.draft_attention is None:
             object.__setattr__(self, "draft_attention", "tidal")
         if self.max_len is not None and self.max_len < 2:
@@ -48,31 +51,6 @@ class EngineConfig:
     @property
     def self_drafting(self) -> bool:
         return self.draft == SELF
-
-
-SELF = "self"  # `--draft self`: the target drafts for itself with sparse attention
-
-
-def check_draft_options(draft: str | None, heads: str | None, attention: str | None,
-                        draft_attention: str | None, target: str | None = None) -> None:
-    """The long-context flags, refused in combinations that mean nothing (shared by every front end)."""
-    check_spec(attention)
-    check_spec(draft_attention)
-    self_spec = draft_attention or "tidal"  # --draft self drafts sparsely
-    for flag, spec, model in (("--attention", attention, target),
-                              ("--draft-attention", self_spec if draft == SELF else draft_attention,
-                               target if draft == SELF else draft)):
-        if spec is not None and model is not None and loading.linear_dir(model) is not None:
-            raise ValueError(f"{flag} {spec}: {model!r} is a linearized model; its linear layers already read a "
-                             "state of fixed size, so sparse attention does not apply")
-    if draft_attention is not None and draft is None:
-        raise ValueError("--draft-attention sets how a draft attends: give --draft D (a draft model) "
-                         "or --draft self (the target drafts for itself)")
-    if draft == SELF and attention is not None:
-        raise ValueError("--draft self drafts with sparse attention and verifies with full attention; "
-                         "--attention tidal would make the verify approximate: give one of them")
-    if draft == SELF and heads is not None:
-        raise ValueError("--heads and --draft self are two ways to draft; give one")
 
 
 def attention_label(attention: str | None, draft: str | None, draft_attention: str | None) -> dict:

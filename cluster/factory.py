@@ -1,49 +1,16 @@
 """The one factory: the decoder a `DecoderSpec` describes.
 
-Each way of decoding is one entry of `BUILDERS`, chosen by `kind(spec)`; the batched
+Each way of decoding is one entry of `BUILDERS`, chosen by `spec.kind`; the batched
 engine is taken wherever `batch_refusal` finds nothing against it, else the same engine
 serves one request at a time behind a `SerialDecoder`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from cluster.decoder import Decoder, SerialDecoder
-
-
-@dataclass
-class DecoderSpec:
-    """A way of decoding, as the Serve args or the CLI flags name it (checked there)."""
-    target: str | None = None
-    draft: str | None = None
-    heads: str | None = None
-    tree: str = "dynamic"
-    ensemble: tuple[str, ...] | None = None
-    combine: str | None = None
-    pipeline: str = "local"
-    dtype: str = "float32"
-    draft_dtype: str = "auto"
-    max_len: int | None = None
-    attention: str | None = None
-    draft_attention: str | None = None
-    lookahead: int = 8
-    accelerator: str = "auto"
-    cpus_per_actor: int = 1
-    spread: bool = False
-    request_timeout_s: float = 1800.0
-    batch: object | None = None  # a BatchConfig: batch requests where the way of decoding allows
-
-    def __post_init__(self) -> None:
-        if self.pipeline not in ("local", "sync", "async"):
-            raise ValueError(f"pipeline must be local, sync or async, got {self.pipeline!r}")
-
-
-def kind(spec: DecoderSpec) -> str:
-    if spec.ensemble is not None:
-        return "ensemble"
-    return "local" if spec.pipeline == "local" else "ray-pipeline"
+from cluster.spec import DecoderSpec
 
 
 def _ensemble(spec: DecoderSpec, progress: bool) -> Decoder:
@@ -103,4 +70,4 @@ BUILDERS: dict[str, Callable[[DecoderSpec, bool], Decoder]] = {
 
 
 def make_decoder(spec: DecoderSpec, progress: bool = False) -> Decoder:
-    return BUILDERS[kind(spec)](spec, progress)
+    return BUILDERS[spec.kind](spec, progress)

@@ -7,9 +7,10 @@ import argparse
 from actors import loading
 from actors.verifying import PipelineOptions
 from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
-from cluster.factory import DecoderSpec, make_decoder
+from cluster.factory import make_decoder
 from cluster.local import DecodeConfig
 from cluster.placement import PlacementConfig
+from cluster.spec import DecoderSpec
 from decoding.sampling import SamplingParams
 
 
@@ -34,40 +35,16 @@ def placement_config(args: argparse.Namespace) -> PlacementConfig:
                            spread=args.spread)
 
 
-def ensemble_from_args(args: argparse.Namespace) -> dict:
-    """`--ensemble A,B[,C] --combine RULE`: the ensemble is the target; no --target, no --draft.
-    `--pipeline local` runs every member in this process; `sync` puts each in its own Ray
-    actor (CoS rounds are synchronous, so `async` is refused)."""
-    from cluster.ensemble import EnsembleConfig, check_members
-
-    if args.ensemble is None:
-        raise ValueError("--combine applies to ensembles; give the members with --ensemble A,B[,C]")
-    if args.combine is None:
-        raise ValueError("--ensemble needs --combine: we:LAMBDA, we:W1,W2,... (one weight per model) or cd:MU")
-    if args.draft is not None:
-        raise ValueError("--draft does not apply to --ensemble: the members draft for each other (CoS); "
-                         "for a draft/target pair use --target T --draft D")
-    if args.tree_width != 1:
-        raise ValueError("--tree-width applies to draft/target pairs; ensembles draft chains")
-    if getattr(args, "attention", None) or getattr(args, "draft_attention", None):
-        raise ValueError("--attention and --draft-attention apply to a target and its draft, not to --ensemble")
-    if args.pipeline == "async":
-        raise ValueError("ensembles run --pipeline local (one process) or sync (one Ray actor per member); "
-                         "CoS rounds are synchronous, there is no async variant")
-    cfg = decode_config(args)
-    models = tuple(m.strip() for m in args.ensemble.split(","))
-    placement = None
-    if args.pipeline == "sync":
-        placement = PlacementConfig(n_actors=len(models), accelerator=args.accelerator,
-                                    cpus_per_actor=args.cpus_per_actor, spread=args.spread)
-    ens_cfg = EnsembleConfig(models, args.combine, dtype=args.dtype, placement=placement)  # validates the rule
-    members = check_members(ens_cfg)  # unknown models, vocabulary mismatch: before loading
-    prompt_ids = encode_prompt(members.tokenizer, args.prompt, args.chat)
-    check_prompt(len(prompt_ids), cfg.max_new_tokens, members.context_length)
-    speculative = getattr(args, "ensemble_method", "cos") == "cos"  # "ensemble": every model, every token
-    spec = DecoderSpec(ensemble=models, combine=args.combine, pipeline=args.pipeline, dtype=args.dtype,
+def spec_from_args(args: argparse.Namespace) -> DecoderSpec:
+    """The flags as a `DecoderSpec`: every rule about which go together is checked here
+    (`cluster.spec`), before anything loads."""
+    ensemble = tuple(m.strip() for m in args.ensemble.split(",")) if args.ensemble is not None else None
+    return DecoderSpec(target=None if ensemble else args.target, draft=args.draft, heads=getattr(args, "heads", None),
+                       tree=getattr(args, "tree", "dynamic"), ensemble=ensemble, combine=args.combine,
+                       pipeline=args.pipeline, dtype=args.dtype, draft_dtype=args.draft_dtype,
+                       max_len=getattr(args, "max_len", None), attention=getattr(args, "attention", None),
+                       draft_attention=getattr(args, "draft_attention", None), lookahead=args.lookahead,
                        accelerator=args.accelerator, cpus_per_actor=args.cpus_per_actor, spread=args.spread)
-    return run(spec, prompt_ids, cfg, speculative)
 
 
 def run(spec: DecoderSpec, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True) -> dict:
@@ -80,33 +57,31 @@ def run(spec: DecoderSpec, prompt_ids: list[int], cfg: DecodeConfig, speculative
 
 
 def generate_from_args(args: argparse.Namespace) -> dict:
-    if args.ensemble is not None or args.combine is not None:
-        return ensemble_from_args(args)
+    spec = spec_from_args(args)
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
-    heads = getattr(args, "heads", None)
-    if heads is not None:
-        if args.draft is not None:
-            raise ValueError("--heads and --draft are two ways to draft; give one")
-        if args.pipeline == "async":
-            raise ValueError("--heads runs with --pipeline local (heads in the target's process) or sync (heads in "
-                             "their own actor): each tree needs the hidden state of the previous verify")
-    ray_pipeline = args.pipeline in ("sync", "async")
-    attention, draft_attention = getattr(args, "attention", None), getattr(args, "draft_attention", None)
-    engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype,
-                              heads=heads, tree=getattr(args, "tree", "dynamic"),
-                              max_len=getattr(args, "max_len", None),
-                              attention=attention, draft_attention=draft_attention)
-    if ray_pipeline:
-        if args.draft is None and heads is None:
-            raise ValueError(f"--pipeline {args.pipeline} needs --draft (the drafter actor's model)")
-        pipeline_options(args, args.pipeline)  # refuses what the Ray pipelines cannot run, before loading
-    tokenizer = check_models(engine_cfg)
+    if spec.ensemble is not None:
+        return _generate_ensemble(args, spec, cfg)
+    if spec.pipeline == "async":
+        pipeline_options(args, spec.pipeline)  # the async pipeline drafts chains
+    engine_cfg = EngineConfig(target=spec.target, draft=spec.draft, dtype=spec.dtype, draft_dtype=spec.draft_dtype,
+                              heads=spec.heads, tree=spec.tree, max_len=spec.max_len, attention=spec.attention,
+                              draft_attention=spec.draft_attention)
+    tokenizer = check_models(engine_cfg)  # unknown models, foreign heads, vocabularies: before loading
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
-    check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(args.target)),
+    check_prompt(len(prompt_ids), cfg.max_new_tokens, loading.context_length(loading.read_config(spec.target)),
                  engine_cfg.max_len)
-
-    spec = DecoderSpec(target=args.target, draft=args.draft, heads=heads, tree=engine_cfg.tree, pipeline=args.pipeline,
-                       dtype=args.dtype, draft_dtype=args.draft_dtype, max_len=engine_cfg.max_len, attention=attention,
-                       draft_attention=draft_attention, lookahead=args.lookahead, accelerator=args.accelerator,
-                       cpus_per_actor=args.cpus_per_actor, spread=args.spread)
     return run(spec, prompt_ids, cfg)
+
+
+def _generate_ensemble(args: argparse.Namespace, spec: DecoderSpec, cfg: DecodeConfig) -> dict:
+    """`--ensemble A,B[,C] --combine RULE`: the ensemble is the target. `--pipeline local`
+    runs every member in this process; `sync` puts each in its own Ray actor."""
+    from cluster.ensemble import EnsembleConfig, check_members
+
+    if args.tree_width != 1:
+        raise ValueError("--tree-width applies to draft/target pairs; ensembles draft chains")
+    members = check_members(EnsembleConfig(spec.ensemble, spec.combine, dtype=spec.dtype))  # before loading
+    prompt_ids = encode_prompt(members.tokenizer, args.prompt, args.chat)
+    check_prompt(len(prompt_ids), cfg.max_new_tokens, members.context_length)
+    speculative = getattr(args, "ensemble_method", "cos") == "cos"  # "ensemble": every model, every token
+    return run(spec, prompt_ids, cfg, speculative)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from actors.verifying import PipelineOptions
 from cluster.engine import attention_label
 from cluster.placement import Placement, PlacementConfig, place, release
+from cluster.spec import check_drafting, check_long_context
 from decoding.request import DecodeConfig, GenerationResult, GenerationStats, TokenSink
 from protocol import new_session_id
 
@@ -51,14 +52,8 @@ class PipelineConfig:
     draft_attention: str | None = None  # the drafter's: tidal[:BUDGET] (exact output)
 
     def __post_init__(self) -> None:
-        from cluster.engine import SELF, check_draft_options
-
-        if (self.draft is None) == (self.heads is None):
-            raise ValueError("a pipeline drafts with a draft model or with heads: give exactly one")
-        if self.draft == SELF:
-            raise ValueError("--draft self runs with --pipeline local: the target drafts over its own KV cache, "
-                             "and a drafter actor would need a second copy of the target and its cache")
-        check_draft_options(self.draft, self.heads, self.attention, self.draft_attention, self.target)
+        check_drafting(self.draft, self.heads, "sync")
+        check_long_context(self.draft, self.heads, self.attention, self.draft_attention, self.target)
         if self.placement.n_actors != 2:
             raise ValueError(f"a draft/verify pipeline places 2 actors, not {self.placement.n_actors}")
         for name in ("load_timeout_s", "request_timeout_s", "drafter_ready_s"):

@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from actors.hardware import check_dtype_name
 from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -56,57 +55,28 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
-        for name in ("dtype", "draft_dtype"):
-            check_dtype_name(getattr(self, name), name)
-        from cluster.engine import SELF, check_draft_options
-
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
-        if self.ensemble is not None and (self.attention or self.draft_attention):
-            raise ValueError("attention and draft_attention apply to a target and its draft, not to an ensemble")
-        if self.ensemble is None:
-            check_draft_options(self.draft, self.heads, self.attention, self.draft_attention, self.target)
-        if self.draft == SELF and self.pipeline != "local":
-            raise ValueError("draft: self runs with pipeline: local (the target drafts over its own KV cache)")
+        explicit_draft = "draft" in self.model_fields_set  # the default draft gives way to heads or an ensemble
         if self.ensemble is not None:
-            if len(self.ensemble) < 2:
-                raise ValueError(f"ensemble needs at least 2 models, got {self.ensemble}")
-            if self.combine is None:
-                raise ValueError("ensemble needs combine (we:LAMBDA or cd:MU)")
-            from decoding.ensemble import parse_combine
-
-            parse_combine(self.combine, len(self.ensemble))  # names what is wrong
-            self.target = self.draft = None  # the ensemble is the target
-        elif self.combine is not None:
-            raise ValueError("combine applies to an ensemble; set ensemble too")
-        elif self.target is None:
-            raise ValueError("name a target (or an ensemble)")
-        if self.heads is not None:
-            if self.ensemble is not None:
-                raise ValueError("heads draft for a target; an ensemble's members draft for each other")
-            if "draft" in self.model_fields_set and self.draft is not None:
-                raise ValueError("heads and draft are two ways to draft; give one")
+            self.target = None  # the ensemble is the target
+        if (self.ensemble is not None or self.heads is not None) and not explicit_draft:
             self.draft = None
-            if self.pipeline == "async":
-                raise ValueError("heads run with pipeline local (in the replica) or sync (their own actor)")
         if self.pipeline is None:
             self.pipeline = "sync" if self.ensemble is not None or self.heads is not None else "local"
-        if self.ensemble is not None and self.pipeline == "async":
-            raise ValueError("ensembles run with pipeline local (in the replica) or sync (one actor per member)")
-        if self.pipeline in ("sync", "async") and self.ensemble is None and self.draft is None and self.heads is None:
-            raise ValueError(f"pipeline {self.pipeline} needs a draft; use pipeline local for the target alone")
+        self.decoder_spec()  # every rule about which options go together (cluster.spec)
         return self
 
     def decoder_spec(self):
         from cluster.batching.scheduler import BatchConfig
-        from cluster.factory import DecoderSpec
+        from cluster.spec import CONFIG_KEYS, DecoderSpec
 
         return DecoderSpec(self.target, self.draft, self.heads, self.tree,
                            tuple(self.ensemble) if self.ensemble else None, self.combine, self.pipeline, self.dtype,
                            self.draft_dtype, self.max_len, self.attention, self.draft_attention, self.lookahead,
                            self.accelerator, self.cpus_per_actor, self.spread, self.request_timeout_s,
                            BatchConfig(max_seqs=self.max_batch, kv_tokens=self.kv_tokens,
-                                       draft_length=self.draft_length))
+                                       draft_length=self.draft_length), names=CONFIG_KEYS)
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_env is None:
