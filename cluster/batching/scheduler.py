@@ -28,11 +28,17 @@ class BatchConfig:
     prefill_tokens: int = PREFILL_CHUNK  # prompt tokens per step (whole chunks; at least one)
     max_draft: int = 8
     draft_length: int | None = None  # fixed draft length; None: chosen per round from costs
+    # Drafting must beat k = 0 by this fraction of tokens/s to be chosen: the cost model's
+    # error (acceptance estimates, the trees' cost prior) would otherwise make rounds that
+    # are called slightly positive but lose (0.95x at 4 requests in BENCHMARKS.md).
+    margin: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("max_seqs", "kv_tokens", "prefill_tokens", "max_draft"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must lie in [0, 1), got {self.margin}")
         if self.draft_length is not None and not 0 <= self.draft_length <= self.max_draft:
             raise ValueError(f"draft_length must lie in [0, max_draft={self.max_draft}], got {self.draft_length}")
 
@@ -45,6 +51,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.reserved = 0  # KV entries promised to admitted sequences
         self.last_draft_length = 0
+        # What this engine's drafts are worth on the requests it serves: finished sequences'
+        # acceptance, averaged. A joining sequence starts from it instead of a fixed guess.
+        self.acceptance = Sequence.acceptance
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,6 +71,8 @@ class Scheduler:
         return joined
 
     def remove(self, seq: Sequence) -> None:
+        if seq.stats.verify_rounds >= 3:  # enough drafting rounds to say something
+            self.acceptance = 0.7 * self.acceptance + 0.3 * seq.acceptance
         for queue in (self.prefilling, self.running):
             if seq in queue:
                 queue.remove(seq)
@@ -84,6 +95,8 @@ class Scheduler:
         return chunks
 
     def started(self, seq: Sequence) -> None:
+        seq.acceptance = self.acceptance  # a prior worth 3 tries, as `Sequence` starts with
+        seq.acc_hits, seq.acc_tries = 3 * self.acceptance, 3.0
         self.prefilling.remove(seq)
         seq.status = Status.RUNNING
         self.running.append(seq)
@@ -112,11 +125,11 @@ class Scheduler:
         for k in self.drafter.depths(self.cfg.max_draft):
             tokens, draft_s, rows = self.drafter.estimate(spec, k)
             rate = (plain + tokens) / (draft_s + self.costs.trees.verify(plain + rows))
-            if rate > best_rate:
+            if rate > best_rate * (1 + (self.cfg.margin if best_k == 0 else 0.0)):
                 best_k, best_rate = k, rate
         return best_k
 
     def state(self) -> dict:
         return {"running": len(self.running), "prefilling": len(self.prefilling), "waiting": len(self.waiting),
                 "kv_reserved": self.reserved, "kv_budget": self.cfg.kv_tokens, "max_seqs": self.cfg.max_seqs,
-                "draft_length": self.last_draft_length}
+                "draft_length": self.last_draft_length, "acceptance": round(self.acceptance, 3)}

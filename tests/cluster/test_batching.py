@@ -192,7 +192,8 @@ def test_batched_sampling_check_catches_a_broken_acceptance(tiny_pair, monkeypat
     assert Counter(samples)  # sanity: it produced samples
 
 
-def _scheduler(target_s: dict[int, float], draft_s: dict[int, float], acceptance: float, batch: int):
+def _scheduler(target_s: dict[int, float], draft_s: dict[int, float], acceptance: float, batch: int,
+               margin: float = 0.05):
     from actors.drafters.draft_model import DraftModelDrafter, DraftState
     from actors.verifier import VerifyCosts
     from cluster.batching.scheduler import Scheduler
@@ -204,7 +205,7 @@ def _scheduler(target_s: dict[int, float], draft_s: dict[int, float], acceptance
     drafter = DraftModelDrafter.__new__(DraftModelDrafter)  # its cost model only: no model, no caches
     drafter.step, drafter.catch_up_s = CostModel(), 0.01
     drafter.step.verify_s.update(draft_s)
-    sched = Scheduler(BatchConfig(max_seqs=batch), drafter, costs)
+    sched = Scheduler(BatchConfig(max_seqs=batch, margin=margin), drafter, costs)
     for i in range(batch):
         seq = Sequence(str(i), [1, 2, 3], DecodeConfig(max_new_tokens=64), True, None)
         seq.output, seq.acceptance = [4], acceptance
@@ -226,3 +227,40 @@ def test_the_draft_length_follows_measured_costs_and_load():
     busy = _scheduler(flat, cheap, 0.8, 1)
     busy.waiting.append(busy.running[0])
     assert busy.draft_length() == 0 and busy.state()["draft_length"] == 0
+
+
+def test_drafting_must_beat_plain_steps_by_the_margin():
+    """Where the estimate calls drafting barely better than k = 0 (within the cost model's
+    error), the batch steps plainly; clearly better, it drafts as without a margin."""
+    sublinear = {2: 0.2, 4: 0.25, 6: 0.3, 8: 0.35, 10: 0.4, 18: 0.6}
+    cheap = {1: 0.001, 2: 0.001}
+    marginal = clear = 0
+    for a in [i / 100 for i in range(5, 95)]:
+        bare, careful = _scheduler(sublinear, cheap, a, 2, 0.0), _scheduler(sublinear, cheap, a, 2, 0.05)
+        k_bare, k_careful = bare.draft_length(), careful.draft_length()
+        if k_bare == 0:
+            assert k_careful == 0
+            continue
+        tokens, draft_s, rows = bare.drafter.estimate(bare.running, k_bare)
+        gain = tokens / (draft_s + bare.costs.trees.verify(rows)) / (2 / bare.costs.plain.verify(2))
+        if gain < 1.05:
+            assert k_careful == 0, (a, gain)
+            marginal += 1
+        else:
+            assert k_careful == k_bare, (a, gain)
+            clear += 1
+    assert marginal and clear  # the sweep crossed both zones
+
+
+def test_a_joining_sequence_starts_from_what_finished_ones_accepted():
+    from decoding.sequence import Sequence
+
+    sched = _scheduler({1: 0.25}, {1: 0.01}, 0.2, 1)
+    done = sched.running[0]
+    done.stats.verify_rounds = 5
+    sched.remove(done)
+    assert abs(sched.acceptance - (0.7 * 0.7 + 0.3 * 0.2)) < 1e-9
+    new = Sequence("new", [1, 2], DecodeConfig(max_new_tokens=8), True, None)
+    sched.prefilling.append(new)
+    sched.started(new)
+    assert new.acceptance == sched.acceptance and abs(new.acc_hits / new.acc_tries - sched.acceptance) < 1e-9
