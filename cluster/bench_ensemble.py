@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import ENSEMBLE_METHODS, MethodTotals, load_prompts, parse_methods, write_report
+from cluster.bench import ENSEMBLE_METHODS, load_prompts, parse_methods
+from cluster.bench_methods import MethodTotals
+from cluster.bench_report import write_report
 from cluster.engine import encode_prompt
 from cluster.local import DecodeConfig
 

@@ -6,8 +6,6 @@ model code. See docs/protocol.md.
 
 from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret
 from protocol.channel import (
-    AsyncDealerChannel,
-    AsyncRouterChannel,
     ChannelConfig,
     ChannelStats,
     DealerChannel,
@@ -43,11 +41,9 @@ from protocol.messages import (
     EnsembleRows,
     Error,
     Handshake,
-    Heartbeat,
     Message,
     ModelFingerprint,
     Role,
-    Rollback,
     Shutdown,
     Verdict,
     model_fingerprint,
@@ -56,8 +52,6 @@ from protocol.messages import (
 from protocol.sessions import DropReason, SessionTable
 
 __all__ = [
-    "AsyncDealerChannel",
-    "AsyncRouterChannel",
     "AuthenticationError",
     "Backpressure",
     "CandidateTree",
@@ -76,7 +70,6 @@ __all__ = [
     "ErrorCode",
     "Handshake",
     "HandshakeRefused",
-    "Heartbeat",
     "INLINE_TENSOR_LIMIT",
     "InvalidMessage",
     "InvalidTree",
@@ -92,7 +85,6 @@ __all__ = [
     "ReceiveTimeout",
     "RemoteError",
     "Role",
-    "Rollback",
     "RouterChannel",
     "SessionTable",
     "SharedSecret",

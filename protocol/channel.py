@@ -1,4 +1,4 @@
-"""ZeroMQ DEALER/ROUTER channels, blocking and asyncio.
+"""ZeroMQ DEALER/ROUTER channels (blocking; each runs on its own thread).
 
 The verifier binds a ROUTER (one socket serves many drafters, each reply is addressed by the
 peer's identity); each drafter connects a DEALER. DEALER/ROUTER rather than REQ/REP because
@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.asyncio
 
 from protocol.auth import Auth, CurveClient, CurveServer, SharedSecret, apply_curve_client, apply_curve_server
 from protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, INLINE_TENSOR_LIMIT, TensorLib, decode, encode
@@ -79,7 +78,7 @@ class ChannelStats:
 
 
 class _ChannelCore:
-    """What blocking and asyncio channels share: socket setup, codec, session admission."""
+    """What both ends share: socket setup, codec, session admission."""
 
     def __init__(self, socket: zmq.Socket, config: ChannelConfig, sessions: SessionTable | None) -> None:
         self.config = config
@@ -393,146 +392,3 @@ def _as_replies(replies: "Message | Sequence[Message] | None") -> Sequence[Messa
     if isinstance(replies, Message):
         return (replies,)
     return replies
-
-
-# =============================================================================================
-# asyncio (zmq.asyncio sockets; same behaviour, awaitable)
-
-
-class AsyncDealerChannel(_ChannelCore):
-    """Connecting side (drafter). asyncio API."""
-
-    def __init__(self, endpoint: str, *, config: ChannelConfig | None = None,
-                 context: zmq.asyncio.Context | None = None, sessions: SessionTable | None = None) -> None:
-        config = config or ChannelConfig()
-        socket = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        super().__init__(socket, config, sessions)
-        try:
-            _configure_dealer(socket, endpoint, config)
-        except BaseException:
-            socket.close(linger=0)
-            raise
-        self.endpoint = endpoint
-
-    async def send(self, message: Message, *, track: bool = False) -> zmq.MessageTracker | None:
-        frames = self._encode(message)
-        try:
-            tracker = await self._socket.send_multipart(frames, copy=False, track=track)
-        except zmq.ZMQError as exc:
-            raise _send_error(exc) from None
-        self._count_sent(frames)
-        return tracker
-
-    async def recv(self, timeout_s: float | None = None) -> Message:
-        deadline = self._deadline(timeout_s)
-        first_try = True
-        while True:
-            self._arm_receive(deadline, first_try)
-            first_try = False
-            try:
-                frames = await self._socket.recv_multipart(copy=False)
-            except zmq.Again:
-                raise ReceiveTimeout("no message before the receive timeout") from None
-            except zmq.ZMQError as exc:
-                raise ChannelClosed(str(exc)) from None
-            message = self._decode(frames, None)
-            if self._admit(message, None):
-                return message
-
-    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        await self.send(message)
-        return await self.recv(timeout_s)
-
-    async def handshake(self, hello: Handshake, timeout_s: float | None = None) -> Handshake:
-        self.sessions.open(hello.session_id, step=hello.step)
-        try:
-            reply = await self.request(hello, timeout_s)
-        except BaseException:
-            self.sessions.close(hello.session_id)
-            raise
-        return self._check_handshake_reply(hello, reply)
-
-
-AsyncHandler = Callable[[bytes, Message], Awaitable["Message | Sequence[Message] | None"]]
-
-
-class AsyncRouterChannel(_ChannelCore):
-    """Binding side (verifier). asyncio API."""
-
-    def __init__(self, endpoint: str, *, config: ChannelConfig | None = None,
-                 context: zmq.asyncio.Context | None = None, sessions: SessionTable | None = None) -> None:
-        config = config or ChannelConfig()
-        socket = (context or zmq.asyncio.Context.instance()).socket(zmq.ROUTER)
-        super().__init__(socket, config, sessions)
-        try:
-            self.endpoint = _configure_router(socket, endpoint, config)
-        except BaseException:
-            socket.close(linger=0)
-            raise
-
-    async def send(self, peer: bytes, message: Message, *, track: bool = False) -> zmq.MessageTracker | None:
-        frames = self._encode(message)
-        try:
-            tracker = await self._socket.send_multipart([peer, *frames], copy=False, track=track)
-        except zmq.ZMQError as exc:
-            raise _send_error(exc) from None
-        self._count_sent(frames)
-        return tracker
-
-    async def recv(self, timeout_s: float | None = None) -> tuple[bytes, Message]:
-        deadline = self._deadline(timeout_s)
-        first_try = True
-        while True:
-            self._arm_receive(deadline, first_try)
-            first_try = False
-            try:
-                peer, *frames = await self._socket.recv_multipart(copy=False)
-            except zmq.Again:
-                raise ReceiveTimeout("no message before the receive timeout") from None
-            except zmq.ZMQError as exc:
-                raise ChannelClosed(str(exc)) from None
-            peer = peer.bytes
-            message = self._decode(frames, peer)
-            if self._admit(message, peer):
-                return peer, message
-
-    async def answer_handshake(self, peer: bytes, hello: Handshake, *, role: Role,
-                               fingerprint: ModelFingerprint) -> bool:
-        answer, accepted = self._handshake_answer(peer, hello, role, fingerprint)
-        await self.send(peer, answer)
-        return accepted
-
-    async def reply_error(self, peer: bytes | None, exc: ProtocolError, message: Message | None = None) -> None:
-        if peer is None:
-            return
-        where = {} if message is None else {"session_id": message.session_id, "step": message.step}
-        try:
-            await self.send(peer, Error.from_exception(exc, **where))
-        except ProtocolError as send_exc:
-            log.debug("could not report %r to peer: %r", exc, send_exc)
-
-    async def serve(self, handler: AsyncHandler, *, role: Role, fingerprint: ModelFingerprint,
-                    should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> None:
-        """asyncio twin of RouterChannel.serve; `handler` is a coroutine function."""
-        while not should_stop():
-            try:
-                peer, message = await self.recv(timeout_s=poll_s)
-            except ReceiveTimeout:
-                continue
-            except ChannelClosed:
-                return
-            except ProtocolError as exc:
-                await self.reply_error(exc.peer, exc)
-                continue
-            try:
-                if isinstance(message, Handshake):
-                    await self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
-                else:
-                    for reply in _as_replies(await handler(peer, message)):
-                        await self.send(peer, reply)
-            except ChannelClosed:
-                return
-            except ProtocolError as exc:
-                self.stats.handler_errors += 1
-                log.warning("%s step %d from peer failed: %r", type(message).__name__, message.step, exc)
-                await self.reply_error(peer, exc, message)

@@ -7,6 +7,10 @@ they are small, msgpack packs them natively, and tuples compare and hash. The on
 `CandidateTree.draft_probs`, stays a numpy array or torch tensor and travels as a tensor frame
 (see codec.py).
 
+A message's wire body is its own fields in declaration order, derived once per class
+(`Message.to_wire` / `from_wire`); only `Handshake` flattens its fingerprint by hand. A new
+field is one line and, if it breaks old peers, a new `PROTOCOL_VERSION`.
+
 Every message carries `version`, `session_id` and `step`. Steps only move forward within a
 session; the channel drops a message whose step is older than one it already admitted.
 """
@@ -14,11 +18,12 @@ session; the channel drops a message whose step is older than one it already adm
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import operator
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -200,13 +205,35 @@ class Message:
         if type(self.version) is not int or self.version != PROTOCOL_VERSION:
             self.version = _as_int("version", self.version, 0, 2**16)
 
-    # Wire body: a tuple of msgpack-native values (tensors at TENSOR_FIELDS positions).
+    # Wire body: the subclass's own fields in declaration order, msgpack-native values
+    # (tensors at TENSOR_FIELDS positions). Checking happens in __post_init__, on both sides.
     def to_wire(self) -> tuple:
-        raise NotImplementedError
+        return tuple(getattr(self, name) for name in _wire_fields(type(self)))
 
     @classmethod
     def from_wire(cls, session_id: str, step: int, version: int, body: tuple) -> "Message":
-        raise NotImplementedError
+        names = _wire_fields(cls)
+        return cls(session_id=session_id, step=step, version=version, **dict(zip(names, _body(body, cls, len(names)))))
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field; tensors (numpy or torch) by dtype, shape and values."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same_value(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+
+
+@functools.cache
+def _wire_fields(cls: type[Message]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name not in _COMMON_FIELDS)
+
+
+_COMMON_FIELDS = ("session_id", "step", "version")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or _is_torch_tensor(a) or _is_torch_tensor(b):
+        return _same_array(a, b)
+    return a == b
 
 
 def _body(body: tuple, cls: type[Message], n_fields: int) -> tuple:
@@ -294,22 +321,6 @@ class ContextUpdate(Message):
     def committed_length(self) -> int:
         return self.position + len(self.token_ids)
 
-    def to_wire(self) -> tuple:
-        return (self.token_ids, self.position, self.is_prompt, self.hidden)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        token_ids, position, is_prompt, hidden = _body(body, cls, 4)
-        return cls(session_id=session_id, step=step, version=version,
-                   token_ids=token_ids, position=position, is_prompt=is_prompt, hidden=hidden)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not ContextUpdate:
-            return NotImplemented
-        return (self.session_id, self.step, self.version, self.token_ids, self.position, self.is_prompt) == (
-            other.session_id, other.step, other.version, other.token_ids, other.position, other.is_prompt
-        ) and _same_array(self.hidden, other.hidden)
-
 
 @dataclass(kw_only=True, eq=False)
 class CandidateTree(Message):
@@ -374,28 +385,6 @@ class CandidateTree(Message):
             parent = node
         return tuple(self.token_ids[node] for node in path)
 
-    def to_wire(self) -> tuple:
-        return (self.token_ids, self.parents, self.draft_probs, self.position)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        token_ids, parents, draft_probs, position = _body(body, cls, 4)
-        return cls(session_id=session_id, step=step, version=version,
-                   token_ids=token_ids, parents=parents, draft_probs=draft_probs, position=position)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not CandidateTree:
-            return NotImplemented
-        same = (self.session_id, self.step, self.version, self.token_ids, self.parents, self.position) == (
-            other.session_id, other.step, other.version, other.token_ids, other.parents, other.position)
-        if not same or (self.draft_probs is None) != (other.draft_probs is None):
-            return False
-        if self.draft_probs is None:
-            return True
-        mine, theirs = np.asarray(self.draft_probs), np.asarray(other.draft_probs)
-        return mine.dtype == theirs.dtype and mine.shape == theirs.shape and bool(
-            np.array_equal(mine, theirs, equal_nan=True))
-
 
 @dataclass(kw_only=True, eq=False)
 class Verdict(Message):
@@ -428,65 +417,6 @@ class Verdict(Message):
         if self.hidden is not None:
             _check_hidden(self.hidden)
 
-    def to_wire(self) -> tuple:
-        return (self.accepted_path, self.bonus_token_id, self.committed_length, self.hidden)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        path, bonus, length, hidden = _body(body, cls, 4)
-        return cls(session_id=session_id, step=step, version=version,
-                   accepted_path=path, bonus_token_id=bonus, committed_length=length, hidden=hidden)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not Verdict:
-            return NotImplemented
-        return (self.session_id, self.step, self.version, self.accepted_path, self.bonus_token_id,
-                self.committed_length) == (other.session_id, other.step, other.version, other.accepted_path,
-                                           other.bonus_token_id, other.committed_length) and _same_array(
-            self.hidden, other.hidden)
-
-
-@dataclass(kw_only=True)
-class Rollback(Message):
-    """Discard everything after `committed_length` tokens (KV cache and drafts)."""
-
-    committed_length: int
-
-    TYPE_ID: ClassVar[int] = 5
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        self.committed_length = _as_int("committed_length", self.committed_length, 0, MAX_STEP)
-
-    def to_wire(self) -> tuple:
-        return (self.committed_length,)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        (length,) = _body(body, cls, 1)
-        return cls(session_id=session_id, step=step, version=version, committed_length=length)
-
-
-@dataclass(kw_only=True)
-class Heartbeat(Message):
-    """Liveness; `sent_at_ns` (sender's monotonic clock) lets an echo measure round trips."""
-
-    sent_at_ns: int = 0
-
-    TYPE_ID: ClassVar[int] = 6
-
-    def __post_init__(self) -> None:
-        self._check_common()
-        self.sent_at_ns = _as_int("sent_at_ns", self.sent_at_ns, 0, 2**64 - 1)
-
-    def to_wire(self) -> tuple:
-        return (self.sent_at_ns,)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        (sent_at_ns,) = _body(body, cls, 1)
-        return cls(session_id=session_id, step=step, version=version, sent_at_ns=sent_at_ns)
-
 
 @dataclass(kw_only=True)
 class Error(Message):
@@ -511,14 +441,6 @@ class Error(Message):
     def to_exception(self) -> ProtocolError:
         return error_class_for(self.code)(f"peer reported: {self.detail}")
 
-    def to_wire(self) -> tuple:
-        return (self.code, self.detail)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        code, detail = _body(body, cls, 2)
-        return cls(session_id=session_id, step=step, version=version, code=code, detail=detail)
-
 
 @dataclass(kw_only=True)
 class Shutdown(Message):
@@ -531,14 +453,6 @@ class Shutdown(Message):
     def __post_init__(self) -> None:
         self._check_common()
         _as_text("reason", self.reason, 0, MAX_TEXT_CHARS)
-
-    def to_wire(self) -> tuple:
-        return (self.reason,)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        (reason,) = _body(body, cls, 1)
-        return cls(session_id=session_id, step=step, version=version, reason=reason)
 
 
 @dataclass(kw_only=True)
@@ -567,15 +481,6 @@ class EnsembleCall(Message):
         if self.kind == "score" and self.count > self.position + len(self.token_ids):
             raise InvalidMessage(f"cannot score {self.count} rows of a "
                                  f"{self.position + len(self.token_ids)}-token context")
-
-    def to_wire(self) -> tuple:
-        return (self.kind, self.token_ids, self.position, self.count)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        kind, token_ids, position, count = _body(body, cls, 4)
-        return cls(session_id=session_id, step=step, version=version, kind=kind, token_ids=token_ids,
-                   position=position, count=count)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -613,27 +518,8 @@ class EnsembleRows(Message):
             raise InvalidMessage(f"seconds must be a finite number >= 0, got {self.seconds!r}")
         self.seconds = float(self.seconds)
 
-    def to_wire(self) -> tuple:
-        return (self.token_ids, self.logits, self.seconds)
-
-    @classmethod
-    def from_wire(cls, session_id, step, version, body):
-        token_ids, logits, seconds = _body(body, cls, 3)
-        return cls(session_id=session_id, step=step, version=version, token_ids=token_ids, logits=logits,
-                   seconds=seconds)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not EnsembleRows:
-            return NotImplemented
-        if (self.session_id, self.step, self.version, self.token_ids, self.seconds) != (
-                other.session_id, other.step, other.version, other.token_ids, other.seconds):
-            return False
-        mine, theirs = np.asarray(self.logits), np.asarray(other.logits)
-        return mine.shape == theirs.shape and bool(np.array_equal(mine, theirs, equal_nan=True))
-
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_ID: cls
-    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Rollback, Heartbeat, Error, Shutdown,
-                EnsembleCall, EnsembleRows)
+    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Error, Shutdown, EnsembleCall, EnsembleRows)
 }

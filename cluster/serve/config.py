@@ -21,7 +21,7 @@ class ServeArgs(BaseModel):
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
     # local: models in the replica, requests batched continuously (cluster/batching);
     # sync/async: one actor per model, one request at a time. Default: local for a target
-    # (+ draft), sync for an ensemble or heads.
+    # (+ draft or heads: batched), sync for an ensemble.
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"
@@ -63,7 +63,7 @@ class ServeArgs(BaseModel):
         if (self.ensemble is not None or self.heads is not None) and not explicit_draft:
             self.draft = None
         if self.pipeline is None:
-            self.pipeline = "sync" if self.ensemble is not None or self.heads is not None else "local"
+            self.pipeline = "sync" if self.ensemble is not None else "local"
         self.decoder_spec()  # every rule about which options go together (cluster.spec)
         return self
 

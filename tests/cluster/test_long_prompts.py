@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from actors.loading import builtin_dir
+from actors.builtins import builtin_dir
 from cluster.long_prompts import CODE_ASK, code_prompts, long_prompts, needle_found, needle_prompts
 
 from tiny import char_tokenizer

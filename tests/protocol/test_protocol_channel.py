@@ -1,6 +1,5 @@
-"""Channels in one process: handshake, admission, bad input, back-pressure, auth, asyncio."""
+"""Channels in one process: handshake, admission, bad input, back-pressure, auth."""
 
-import asyncio
 import gc
 import threading
 import time
@@ -15,7 +14,6 @@ from protocol import (
     Backpressure,
     CandidateTree,
     ChannelConfig,
-    ContextUpdate,
     CurveClient,
     CurveKeypair,
     CurveServer,
@@ -24,7 +22,6 @@ from protocol import (
     ErrorCode,
     Handshake,
     HandshakeRefused,
-    Heartbeat,
     InvalidTree,
     MalformedMessage,
     ModelFingerprint,
@@ -41,7 +38,6 @@ from protocol import (
     is_zero_copy,
     owning_frame,
 )
-from protocol.channel import AsyncDealerChannel, AsyncRouterChannel
 
 FP = ModelFingerprint(vocab_size=1000, tokenizer_hash="ab" * 32)
 FAST = ChannelConfig(recv_timeout_s=2.0, send_timeout_s=2.0, linger_s=0)
@@ -95,8 +91,6 @@ def served(endpoint):
             raise InvalidTree("the application found this tree inconsistent")
         if isinstance(message, CandidateTree):
             return verdict_for(message)
-        if isinstance(message, Heartbeat):
-            return message
         return None
 
     thread = threading.Thread(target=router.serve, args=(handler,),
@@ -232,7 +226,7 @@ def test_router_raises_typed_error_with_peer_and_keeps_receiving(pair):
 def test_replying_to_a_vanished_peer_raises(pair):
     router, _ = pair
     with pytest.raises(PeerUnreachable):
-        router.send(b"nobody", Heartbeat(session_id="s1", step=0))
+        router.send(b"nobody", Shutdown(session_id="s1", step=0))
 
 
 def test_high_water_marks_apply_back_pressure(endpoint):
@@ -334,74 +328,34 @@ def test_curve_admits_allowed_clients_only():
         DealerChannel("tcp://127.0.0.1:1", config=server_config)
 
 
-def test_asyncio_channels(endpoint):
-    async def main():
-        router = AsyncRouterChannel(endpoint, config=FAST)
-        stop = asyncio.Event()
-
-        async def handler(peer, message):
-            if isinstance(message, ContextUpdate):
-                return None
-            return verdict_for(message)
-
-        server = asyncio.create_task(router.serve(handler, role=Role.VERIFIER, fingerprint=FP,
-                                                  should_stop=stop.is_set, poll_s=0.02))
-        dealer = AsyncDealerChannel(router.endpoint, config=FAST)
-        try:
-            await dealer.handshake(hello())
-            await dealer.send(ContextUpdate(session_id="s1", step=1, token_ids=[1, 2, 3], position=0, is_prompt=True))
-            steps = []
-            for step in range(1, 6):
-                steps.append((await dealer.request(tree(step=step))).step)
-            with pytest.raises(ReceiveTimeout):
-                await dealer.recv(timeout_s=0.05)
-            with pytest.raises(InvalidTree):
-                await dealer.send(CandidateTree(session_id="s1", step=9, token_ids=[1, 2], parents=[-1, 5]))
-            return steps
-        finally:
-            stop.set()
-            await server
-            dealer.close()
-            router.close()
-
-    assert asyncio.run(main()) == [1, 2, 3, 4, 5]
-
-
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
-def test_curve_allow_any_server_next_to_an_allow_list_server_and_asyncio():
-    """Two CURVE servers on one context (one ZAP handler): each keeps its own policy; also
-    through the asyncio classes."""
+def test_curve_allow_any_server_next_to_an_allow_list_server():
+    """Two CURVE servers on one context (one ZAP handler): each keeps its own policy."""
     listed_keys, open_keys, client_keys = CurveKeypair.generate(), CurveKeypair.generate(), CurveKeypair.generate()
-
-    async def main():
-        listed = AsyncRouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
-            recv_timeout_s=2, linger_s=0, auth=CurveServer(listed_keys, allowed_clients=[b"x" * 40])))
-        open_to_all = AsyncRouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
-            recv_timeout_s=2, linger_s=0, auth=CurveServer(open_keys)))
-        stop = asyncio.Event()
-
-        async def handler(peer, message):
-            return verdict_for(message)
-
-        servers = [asyncio.create_task(router.serve(handler, role=Role.VERIFIER, fingerprint=FP,
-                                                    should_stop=stop.is_set, poll_s=0.02))
-                   for router in (listed, open_to_all)]
-        try:
-            ok = AsyncDealerChannel(open_to_all.endpoint, config=ChannelConfig(
-                recv_timeout_s=2, linger_s=0, auth=CurveClient(client_keys, open_keys.public)))
-            await ok.handshake(hello())
-            step = (await ok.request(tree(step=1))).step
-            ok.close()
-            refused = AsyncDealerChannel(listed.endpoint, config=ChannelConfig(
-                recv_timeout_s=0.3, linger_s=0, auth=CurveClient(client_keys, listed_keys.public)))
-            with pytest.raises(ReceiveTimeout):
-                await refused.handshake(hello())
-            refused.close()
-            return step
-        finally:
-            stop.set()
-            await asyncio.gather(*servers)
-            listed.close()
-            open_to_all.close()
-
-    assert asyncio.run(main()) == 1
+    listed = RouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
+        recv_timeout_s=2, linger_s=0, auth=CurveServer(listed_keys, allowed_clients=[b"x" * 40])))
+    open_to_all = RouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(
+        recv_timeout_s=2, linger_s=0, auth=CurveServer(open_keys)))
+    stop = threading.Event()
+    servers = [threading.Thread(target=router.serve, args=(lambda peer, message: verdict_for(message),),
+                                kwargs=dict(role=Role.VERIFIER, fingerprint=FP, should_stop=stop.is_set, poll_s=0.02))
+               for router in (listed, open_to_all)]
+    for server in servers:
+        server.start()
+    try:
+        ok = DealerChannel(open_to_all.endpoint, config=ChannelConfig(
+            recv_timeout_s=2, linger_s=0, auth=CurveClient(client_keys, open_keys.public)))
+        ok.handshake(hello())
+        assert ok.request(tree(step=1)).step == 1
+        ok.close()
+        refused = DealerChannel(listed.endpoint, config=ChannelConfig(
+            recv_timeout_s=0.3, linger_s=0, auth=CurveClient(client_keys, listed_keys.public)))
+        with pytest.raises(ReceiveTimeout):
+            refused.handshake(hello())
+        refused.close()
+    finally:
+        stop.set()
+        for server in servers:
+            server.join(5)
+        listed.close()
+        open_to_all.close()

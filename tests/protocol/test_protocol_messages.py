@@ -16,14 +16,12 @@ from protocol import (
     ErrorCode,
     Handshake,
     HandshakeRefused,
-    Heartbeat,
     InvalidMessage,
     InvalidTree,
     ModelFingerprint,
     ProtocolError,
     RemoteError,
     Role,
-    Rollback,
     Shutdown,
     Verdict,
     model_fingerprint,
@@ -115,7 +113,7 @@ def test_path_tokens_follows_the_tree_and_rejects_non_chains():
 ])
 def test_common_fields_are_checked(fields):
     with pytest.raises(InvalidMessage):
-        Heartbeat(**fields)
+        Shutdown(**fields)
 
 
 def test_verdict_checks_path_and_lengths():
@@ -139,8 +137,6 @@ def test_context_update_prompt_starts_at_zero_and_reports_committed_length():
 
 
 def test_other_messages_check_their_fields():
-    with pytest.raises(InvalidMessage):
-        Rollback(session_id="s", step=0, committed_length=-1)
     with pytest.raises(InvalidMessage):
         Shutdown(session_id="s", step=0, reason="x" * 5000)
     with pytest.raises(InvalidMessage):

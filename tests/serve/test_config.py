@@ -68,7 +68,7 @@ def test_target_alone_runs_local_and_an_ensemble_replaces_the_target():
     assert ServeArgs().pipeline == "local"  # batched in the replica
 
 
-def test_heads_replace_the_draft_and_default_to_their_own_actor():
+def test_heads_replace_the_draft_and_are_batched_in_the_replica_by_default():
     args = ServeArgs(heads="medusa")
-    assert args.draft is None and args.pipeline == "sync" and args.tree == "dynamic"
-    assert ServeArgs(heads="medusa", pipeline="local", tree="static").pipeline == "local"
+    assert args.draft is None and args.pipeline == "local" and args.tree == "dynamic"
+    assert ServeArgs(heads="medusa", pipeline="sync", tree="static").pipeline == "sync"
