@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vs_one_row": {m: round(forward[m] / forward[1], 2) for m in ROWS},
     }
     print(f"{report['cpu']}, forced: {report['forced'] or 'nothing'}, {args.threads} threads")
-    print("| rows | " + " | ".join(f"{s} (best kernel) ms" for s in SHAPES) + " | linears of one forward ms | vs 1 row |")
+    head = " | ".join(f"{s} (best kernel) ms" for s in SHAPES)
+    print(f"| rows | {head} | linears of one forward ms | vs 1 row |")
     print("|---" * (len(SHAPES) + 3) + "|")
     for m in ROWS:
         cells = " | ".join(f"{1e3 * fastest[s][m]:.2f}" for s in SHAPES)

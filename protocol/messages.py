@@ -519,7 +519,52 @@ class EnsembleRows(Message):
         self.seconds = float(self.seconds)
 
 
+@dataclass(kw_only=True)
+class DraftCall(Message):
+    """Batched verifier -> draft server: this session's committed tokens from `position` on
+    are `token_ids` (the last is the root of the next tree), then draft a chain of at most
+    `depth` tokens (`alone`: stop earlier where the draft's own per-token policy says) with
+    these sampling settings, `remaining` tokens being still due. `batch` calls share this
+    step: the server drafts them all in one batched forward and answers each session with a
+    `CandidateTree` (its `draft_probs` the [N, V] rows the tokens were drawn from, when
+    sampling)."""
+
+    token_ids: tuple[int, ...]
+    position: int
+    depth: int
+    remaining: int
+    batch: int
+    alone: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    TYPE_ID: ClassVar[int] = 11
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
+        if not self.token_ids:
+            raise InvalidMessage("token_ids must hold at least the root token")
+        self.position = _as_int("position", self.position, 0, MAX_STEP)
+        self.depth = _as_int("depth", self.depth, 1, 64)
+        self.remaining = _as_int("remaining", self.remaining, 2, MAX_STEP)
+        self.batch = _as_int("batch", self.batch, 1, 4096)
+        if type(self.alone) is not bool:
+            raise InvalidMessage("alone must be a bool")
+        for name, low, high in (("temperature", 0.0, 1e4), ("top_p", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InvalidMessage(f"{name} must be a number in [{low}, {high}], got {value!r}")
+            setattr(self, name, float(value))
+        self.top_k = _as_int("top_k", self.top_k, 0, MAX_TOKEN_ID)
+        if self.seed is not None:
+            self.seed = _as_int("seed", self.seed, 0, 2**63 - 1)
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_ID: cls
-    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Error, Shutdown, EnsembleCall, EnsembleRows)
+    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Error, Shutdown, EnsembleCall, EnsembleRows,
+                DraftCall)
 }

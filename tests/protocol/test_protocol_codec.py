@@ -17,6 +17,7 @@ from protocol import (
     AuthenticationError,
     CandidateTree,
     ContextUpdate,
+    DraftCall,
     EnsembleCall,
     EnsembleRows,
     Error,
@@ -127,6 +128,13 @@ messages_by_type = {
     Shutdown: st.builds(lambda c, r: Shutdown(**c, reason=r), common(), texts),
     EnsembleCall: ensemble_calls(),
     EnsembleRows: ensemble_rows(),
+    DraftCall: st.builds(
+        lambda c, ids, pos, depth, rem, batch, alone, t, p, k, seed: DraftCall(
+            **c, token_ids=ids, position=pos, depth=depth, remaining=rem, batch=batch, alone=alone, temperature=t,
+            top_p=p, top_k=k, seed=seed),
+        common(), st.lists(st.integers(0, MAX_TOKEN_ID), min_size=1, max_size=20), st.integers(0, MAX_STEP),
+        st.integers(1, 64), st.integers(2, 10**6), st.integers(1, 64), st.booleans(),
+        st.floats(0, 5), st.floats(0, 1), st.integers(0, 100), st.none() | st.integers(0, 2**63 - 1)),
 }
 
 

@@ -1,0 +1,131 @@
+"""A draft model serving a batched verifier over the protocol: many sequences per process.
+
+The verifier (`actors/drafters/remote.py`) sends one `DraftCall` per drafting sequence each
+round, all with the round's step; once the server holds the round's `batch` calls it
+drafts every chain in one batched draft forward per depth (`DraftModelDrafter`) and answers
+each session with a `CandidateTree`. Between rounds it keeps each sequence's draft cache:
+a call carries only the committed tokens the server has not seen, and the part of the
+cache past what was committed (a rejected draft) is cropped away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from actors.drafters.draft_model import DraftModelDrafter
+from decoding.acceptance import Verdict
+from decoding.request import DecodeConfig
+from decoding.round import Draft
+from decoding.sampling import SamplingParams
+from decoding.sequence import Sequence
+from protocol import CandidateTree, DraftCall, Message, ProtocolError, Shutdown
+
+
+def draft_seed(seed: int | None) -> int | None:
+    """The draft's own random stream for a seeded request. Not the request's seed itself: the
+    verifier draws its acceptance tests from a stream seeded with that, and a draft sampled
+    from an identical stream would be correlated with the tests that judge it (the output
+    would no longer follow the target). Derived, so a seeded request still reproduces."""
+    if seed is None:
+        return None
+    return (seed * 0x9E3779B97F4A7C15 + 0xD1B54A32D192ED03) % (2**63 - 1)
+
+
+class DraftRefused(ProtocolError):
+    """A call that does not fit what the server holds for its session."""
+
+
+@dataclass
+class _Mirror:
+    seq: Sequence  # the committed tokens as the verifier said (all in `prompt`), the draft state
+    last: Draft | None = None  # what was proposed last round, to learn how much of it was kept
+    root: int = 0  # the position of that draft's root
+
+
+class DraftServer:
+    def __init__(self, runner, slots: int, max_len: int, max_draft: int, verify_s: dict[int, float]):
+        """`runner`: the draft's `ModelRunner`; `verify_s`: the target's verify seconds by
+        tokens (what the per-token policy of a sequence alone weighs drafting against)."""
+        self.drafter = DraftModelDrafter(runner.model, slots, max_len, max_draft)
+        self.drafter.measure(runner, verify_s)
+        self.max_len = max_len
+        self.mirrors: dict[str, _Mirror] = {}
+        self.pending: dict[tuple[bytes, int], list[DraftCall]] = {}  # (peer, step) -> the round's calls so far
+
+    def handle(self, peer: bytes, message: Message) -> list[Message] | None:
+        """`RouterChannel.serve`'s handler: answers a round once all its calls are in."""
+        if isinstance(message, Shutdown):
+            self.release(message.session_id)
+            return None
+        if not isinstance(message, DraftCall):
+            raise DraftRefused(f"a draft server answers DraftCall and Shutdown, not {type(message).__name__}")
+        key = (peer, message.step)
+        calls = self.pending.setdefault(key, [])
+        calls.append(message)
+        if len(calls) < message.batch:
+            return None
+        del self.pending[key]
+        return self.draft(calls)
+
+    def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
+        seqs = [self._sync(call) for call in calls]
+        by_kind: dict[tuple[int, bool], list[Sequence]] = {}
+        for call, seq in zip(calls, seqs):
+            by_kind.setdefault((call.depth, call.alone), []).append(seq)
+        drafts: dict[str, Draft] = {}
+        for (depth, alone), group in by_kind.items():  # alone: the draft's per-token policy stops it
+            drafts.update(self.drafter.propose(group, None if alone else depth))
+        out = []
+        for call in calls:
+            mirror, draft = self.mirrors[call.session_id], drafts.get(call.session_id)
+            mirror.last, mirror.root = draft, call.position + len(call.token_ids) - 1
+            tokens = draft.tree.tokens.tolist() if draft is not None else [call.token_ids[-1]]
+            probs = draft.q if draft is not None and draft.q is not None else None
+            out.append(CandidateTree(session_id=call.session_id, step=call.step, token_ids=tokens,
+                                     parents=[-1, *range(len(tokens) - 1)], draft_probs=probs,
+                                     position=mirror.root))
+        return out
+
+    def _sync(self, call: DraftCall) -> Sequence:
+        """Bring the session's mirror to the committed tokens the call reports; crop the draft
+        cache to what was kept of the last draft (and tell the draft's policy how much)."""
+        params = SamplingParams(temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
+        mirror = self.mirrors.get(call.session_id)
+        if mirror is None:
+            if call.position != 0:
+                raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
+                                   f"not {call.position}")
+            cfg = DecodeConfig(max_new_tokens=call.remaining, sampling=params, seed=draft_seed(call.seed))
+            seq = Sequence(call.session_id, list(call.token_ids), cfg, True, None)
+            if len(seq.prompt) + call.depth + 1 > self.max_len:
+                raise DraftRefused(f"session {call.session_id}: {len(seq.prompt)} tokens + depth {call.depth} "
+                                   f"exceed this draft server's max_len {self.max_len}")
+            self.drafter.start(seq, None)
+            self.mirrors[call.session_id] = _Mirror(seq)
+            return seq
+        seq = mirror.seq
+        if call.position > len(seq.prompt):
+            raise DraftRefused(f"session {call.session_id}: tokens from position {call.position}, but only "
+                               f"{len(seq.prompt)} are known")
+        seq.prompt[call.position:] = call.token_ids
+        seq.cfg = dataclasses.replace(seq.cfg, max_new_tokens=call.remaining)
+        if len(seq.prompt) + call.depth + 1 > self.max_len:
+            raise DraftRefused(f"session {call.session_id}: {len(seq.prompt)} tokens + depth {call.depth} exceed "
+                               f"this draft server's max_len {self.max_len}")
+        last = mirror.last
+        kept = 0
+        if last is not None:
+            drafted = last.tree.tokens.tolist()[1:]
+            committed = seq.prompt[mirror.root + 1:]
+            while kept < min(len(drafted), len(committed)) and drafted[kept] == committed[kept]:
+                kept += 1
+        self.drafter.observe(seq, last, Verdict(list(range(1, kept + 1)), 0), None)
+        return seq
+
+    def release(self, session: str) -> None:
+        mirror = self.mirrors.pop(session, None)
+        if mirror is not None:
+            self.drafter.release(mirror.seq)
+        for key in [k for k, calls in self.pending.items() if any(c.session_id == session for c in calls)]:
+            self.pending[key] = [c for c in self.pending[key] if c.session_id != session]

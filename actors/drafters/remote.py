@@ -1,0 +1,99 @@
+"""A draft model in another process (a Ray actor, `actors/draft_server.py`), over the protocol.
+
+Each round sends one `DraftCall` per drafting sequence (only the committed tokens the
+server has not seen, so the link carries a few ints per sequence) and reads one
+`CandidateTree` back for each: chains drafted in one batched forward on the server's device.
+Sampling drafts come with the rows they were drawn from (zero-copy tensor frames), so the
+verifier's rejection sampling stays exact. The server's cost is measured here, round trip
+included, and weighed by the scheduler like an in-process draft's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from actors.drafters.draft_model import expected_tokens
+from decoding.acceptance import Verdict
+from decoding.draft_length import CostModel
+from decoding.round import Draft
+from decoding.sequence import Sequence
+from decoding.tree import TokenTree
+from protocol import CandidateTree, DealerChannel, DraftCall, Handshake, ModelFingerprint, Role, Shutdown
+
+
+@dataclass
+class RemoteState:
+    synced: int = 0  # committed tokens the server holds for this sequence
+
+
+class RemoteDrafter:
+    def __init__(self, channel: DealerChannel, fingerprint: ModelFingerprint, max_draft: int,
+                 step_s: dict[int, float] | None = None, timeout_s: float = 60.0):
+        """`channel`: connected to a draft server; `step_s`: its draft step seconds by
+        sequences, as measured there (then learned from each round here)."""
+        self.channel, self.fingerprint, self.timeout_s = channel, fingerprint, timeout_s
+        self.max_draft = max_draft
+        self.tree_room = max_draft + 1
+        self.step = CostModel()  # one draft step for B sequences, round trip included
+        self.step.verify_s.update(step_s or {1: 0.01})
+        self.rounds = 0
+
+    def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        self.channel.handshake(Handshake(session_id=seq.id, step=0, role=Role.VERIFIER,
+                                         fingerprint=self.fingerprint), timeout_s=self.timeout_s)
+        seq.draft = RemoteState()
+
+    def release(self, seq: Sequence) -> None:
+        if seq.draft is not None:
+            self.channel.send(Shutdown(session_id=seq.id, step=self.rounds + 1, reason="finished"))
+            seq.draft = None
+
+    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+        alone = k is None
+        calls = [s for s in seqs if s.remaining > 1]
+        if not calls:
+            return {}
+        self.rounds += 1
+        began = time.perf_counter()
+        for s in calls:
+            p = s.cfg.sampling
+            self.channel.send(DraftCall(
+                session_id=s.id, step=self.rounds, token_ids=s.tokens[s.draft.synced:], position=s.draft.synced,
+                depth=self.max_draft if alone else k, remaining=s.remaining, batch=len(calls), alone=alone,
+                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=s.cfg.seed))
+            s.draft.synced = len(s.tokens)
+        by_id = {s.id: s for s in calls}
+        out: dict[str, Draft] = {}
+        while len(out) < len(calls):
+            tree = self.channel.recv(timeout_s=self.timeout_s)
+            if not isinstance(tree, CandidateTree) or tree.session_id not in by_id or tree.step != self.rounds:
+                raise RuntimeError(f"the draft server answered {type(tree).__name__} "
+                                   f"({tree.session_id}, step {tree.step}) to round {self.rounds}")
+            s = by_id[tree.session_id]
+            if tree.token_ids[0] != s.tokens[-1] or list(tree.parents) != [-1, *range(len(tree.token_ids) - 1)]:
+                raise RuntimeError(f"the draft server's tree for {s.id} is not a chain from the newest token")
+            q = None
+            if tree.draft_probs is not None:
+                q = torch.as_tensor(tree.draft_probs, dtype=torch.float32)
+            out[s.id] = Draft(TokenTree.chain(tree.token_ids[0], list(tree.token_ids[1:])), q)
+        elapsed = time.perf_counter() - began
+        depth = max(d.drafted for d in out.values())
+        if depth and not alone:
+            self.step.observe_verify(elapsed / depth, len(calls))
+        for s in calls:
+            s.stats.draft_s += elapsed
+        return out
+
+    def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
+        """Nothing to do here: the next call tells the server what was committed."""
+
+    def estimate(self, seqs: list[Sequence], k: int) -> tuple[float, float, int]:
+        ks = [min(k, s.remaining - 1) for s in seqs]
+        gains = [expected_tokens(s.acceptance, kk) for s, kk in zip(seqs, ks)]
+        return sum(gains), k * self.step.verify(len(seqs)), sum(kk + 1 for kk in ks)
+
+    def depths(self, max_draft: int) -> list[int]:
+        return list(range(1, min(max_draft, self.max_draft) + 1))

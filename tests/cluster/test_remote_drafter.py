@@ -1,0 +1,124 @@
+"""A draft model in its own server, over real ZeroMQ sockets and the protocol, drafting for
+the batched engine: each request's greedy output is the target's alone, sampling keeps the
+target's distribution (and the check fails when the acceptance rule is broken)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+import torch
+
+import decoding.round as spec_round
+from actors.draft_server import DraftServer
+from actors.drafters.remote import RemoteDrafter
+from cluster.batching.engine import BatchEngine
+from cluster.batching.scheduler import BatchConfig
+from cluster.decoder import Request, wait_idle
+from cluster.engine import EngineConfig, LocalEngine
+from decoding.acceptance import Verdict
+from decoding.request import DecodeConfig
+from decoding.sampling import SamplingParams
+from protocol import ChannelConfig, DealerChannel, Role, RouterChannel, ipc_endpoint, model_fingerprint
+
+from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
+from test_batching import NO_EOS, collect, mixed_requests
+
+FAST = ChannelConfig(recv_timeout_s=30, linger_s=0, tensor_lib="torch")
+
+
+class Served:
+    """A draft server on its own thread behind a ROUTER socket, as its actor runs it."""
+
+    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4):
+        runner = draft.target_runner
+        self.fingerprint = model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab())
+        self.server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s)
+        self.router = RouterChannel(ipc_endpoint(), config=FAST)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.router.serve, args=(self.server.handle,), daemon=True,
+                                       kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint,
+                                                   should_stop=self.stop.is_set, poll_s=0.02))
+        self.thread.start()
+        self.max_draft = max_draft
+
+    def drafter(self) -> RemoteDrafter:
+        return RemoteDrafter(DealerChannel(self.router.endpoint, config=FAST), self.fingerprint, self.max_draft)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.router.close()
+
+
+def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256):
+    local = LocalEngine(EngineConfig(target, max_len=max_len), False)
+    served = Served(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs)
+    return local, served, BatchEngine(local, cfg, drafter=served.drafter())
+
+
+@pytest.mark.parametrize("draft_length", [None, 3])
+def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length):
+    cfg = BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length)
+    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg)
+    try:
+        reqs = mixed_requests(7, 8)
+        cancel = {reqs[4].id: 3}
+        got, last = collect(batch, reqs, cancel)
+        drafted = accepted = 0
+        for r in reqs:
+            alone = local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids
+            if r.id in cancel:
+                assert got[r.id] == alone[:len(got[r.id])]
+                continue
+            assert got[r.id] == alone, r
+            drafted += last[r.id].result.stats.drafted_tokens
+            accepted += last[r.id].result.stats.accepted_tokens
+        if draft_length:
+            assert 0 < accepted < drafted  # drafts were kept and drafts were refused, over the wire
+        wait_idle(batch)
+        assert batch.pool.available == 3 and not served.server.mirrors  # every session released there too
+    finally:
+        batch.close()
+        served.close()
+
+
+@pytest.fixture(scope="module")
+def vocab4_remote(tiny_dir):
+    target, draft = tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3)
+    local = LocalEngine(EngineConfig(target, max_len=64), False)
+    served = Served(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs, max_draft=NEW - 1)
+    yield local, served
+    served.close()
+
+
+def remote_samples(local, served, n: int) -> list[tuple[int, ...]]:
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1), drafter=served.drafter())
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(17)).tolist()
+    params = SamplingParams(temperature=1.0)
+    try:
+        reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+                for s in seeds]
+        got, _ = collect(batch, reqs, timeout=900)
+        return [tuple(got[r.id]) for r in reqs]
+    finally:
+        batch.close()
+
+
+def test_remote_draft_batched_sampling_follows_the_target(vocab4_remote):
+    local, served = vocab4_remote
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
+    assert chi2_pvalue(remote_samples(local, served, 10_000), probs) > 1e-3
+
+
+def test_remote_draft_sampling_check_catches_a_broken_acceptance(vocab4_remote, monkeypatch):
+    """Accepting every draft makes the output the draft's: the same check must fail."""
+    def accept_all(tree, p, q, gen):
+        return Verdict(list(range(1, tree.size)), int(torch.multinomial(p[-1], 1, generator=gen)))
+
+    local, served = vocab4_remote
+    monkeypatch.setattr(spec_round, "verify_sampling", accept_all)
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
+    samples = remote_samples(local, served, 4000)
+    assert chi2_pvalue(samples, probs) < 1e-6 and Counter(samples)
