@@ -28,7 +28,15 @@ from actors.tidal import TidalConfig, check_spec
 from actors.verifying import Cancelled, PipelineOptions, verify_request
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, TokenSink
-from protocol import ChannelConfig, DealerChannel, RouterChannel, SharedSecret, bind_endpoint, model_fingerprint
+from protocol import (
+    ChannelConfig,
+    DealerChannel,
+    Role,
+    RouterChannel,
+    SharedSecret,
+    bind_endpoint,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,7 @@ class ModelActor:
         self._stopped: set[str] = set()
         self._routers: dict[str, RouterChannel] = {}  # transport ("ipc"/"tcp") -> bound socket
         self._policies: dict[tuple, DraftLengthPolicy] = {}  # learned draft costs carry over
+        self._served: list[tuple[RouterChannel, threading.Thread]] = []  # draft servers (serve_drafts)
 
     # ---- control plane (Ray calls) --------------------------------------------------
     def ping(self) -> bool:
@@ -116,6 +125,22 @@ class ModelActor:
             endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"verifier-{os.getpid()}")
             self._routers[transport] = RouterChannel(endpoint, config=self._channel_config(endpoint))
         return self._routers[transport].endpoint
+
+    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict) -> str:
+        """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
+        batched draft forward per depth (`actors/draft_server.py`), on a thread of its own.
+        `verify_s`: the target's verify seconds by tokens. Returns where to connect."""
+        from actors.draft_server import DraftServer
+
+        server = DraftServer(self.runner, slots, self.spec.max_len, max_draft,
+                             {int(k): float(v) for k, v in verify_s.items()})
+        endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"drafts-{os.getpid()}-{len(self._served)}")
+        router = RouterChannel(endpoint, config=self._channel_config(endpoint))
+        thread = threading.Thread(target=router.serve, args=(server.handle,), name="draft-server", daemon=True,
+                                  kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint))
+        thread.start()
+        self._served.append((router, thread))
+        return router.endpoint
 
     # ---- requests --------------------------------------------------------------------
     def verify(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,

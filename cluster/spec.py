@@ -147,4 +147,10 @@ class DecoderSpec:
         """Which builder makes its decoder (`cluster.factory.BUILDERS`)."""
         if self.ensemble is not None:
             return "ensemble"
-        return "local" if self.pipeline == "local" else "ray-pipeline"
+        if self.pipeline == "local":
+            return "local"
+        # batched, the draft model in its own actor (sparse attention runs one request at a time)
+        if (self.pipeline == "sync" and self.batch is not None and self.draft is not None
+                and not (self.attention or self.draft_attention)):
+            return "remote-draft"
+        return "ray-pipeline"

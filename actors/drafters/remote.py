@@ -11,6 +11,7 @@ included, and weighed by the scheduler like an in-process draft's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,14 @@ class RemoteState:
 
 class RemoteDrafter:
     def __init__(self, channel: DealerChannel, fingerprint: ModelFingerprint, max_draft: int,
-                 step_s: dict[int, float] | None = None, timeout_s: float = 60.0):
+                 step_s: dict[int, float] | None = None, timeout_s: float = 60.0,
+                 on_close: Callable[[], None] | None = None, info: dict | None = None):
         """`channel`: connected to a draft server; `step_s`: its draft step seconds by
-        sequences, as measured there (then learned from each round here)."""
+        sequences, as measured there (then learned from each round here); `on_close`: what
+        stops the server's side (its actor) when the engine closes."""
         self.channel, self.fingerprint, self.timeout_s = channel, fingerprint, timeout_s
+        self.on_close = on_close
+        self.info = info or {}  # the server's runtime (model, dtype, device, node), for /health
         self.max_draft = max_draft
         self.tree_room = max_draft + 1
         self.step = CostModel()  # one draft step for B sequences, round trip included
@@ -86,6 +91,15 @@ class RemoteDrafter:
         for s in calls:
             s.stats.draft_s += elapsed
         return out
+
+    def runtime_info(self) -> dict:
+        return {"draft": {**self.info, "where": "own actor, over the protocol"}}
+
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
+        else:
+            self.channel.close()
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
         """Nothing to do here: the next call tells the server what was committed."""

@@ -99,7 +99,8 @@ class BatchEngine(Decoder):
             self._wake.notify()
 
     def runtime_info(self) -> dict:
-        return {**self.engine.runtime_info(), "batching": {"max_seqs": self.cfg.max_seqs,
+        drafter = getattr(self.drafter, "runtime_info", dict)()  # a draft in its own actor says where
+        return {**self.engine.runtime_info(), **drafter, "batching": {"max_seqs": self.cfg.max_seqs,
                                                            "kv_tokens": self.cfg.kv_tokens,
                                                            "max_draft": self.cfg.max_draft}}
 
@@ -116,6 +117,9 @@ class BatchEngine(Decoder):
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        close = getattr(self.drafter, "close", None)  # a drafter in another process: stop it too
+        if close is not None:
+            close()
 
     # ---- the loop thread ------------------------------------------------------------
     def _loop(self) -> None:

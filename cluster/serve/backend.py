@@ -12,13 +12,14 @@ from cluster.serve.config import ServeArgs
 class Backend:
     def __init__(self, args: ServeArgs):
         self.args = args
-        if args.pipeline == "local":
+        spec = args.decoder_spec()
+        if spec.kind in ("local", "remote-draft"):  # the target decodes in this replica
             import torch
 
             from actors.resources import assigned_cpus
 
             torch.set_num_threads(assigned_cpus())  # the replica decodes on the CPUs Ray gave it
-        self.decoder = make_decoder(args.decoder_spec())
+        self.decoder = make_decoder(spec)
         self.tokenizer, self.context = self.decoder.tokenizer, self.decoder.context_length
         self.vocab_size = len(self.tokenizer)
         # what the models resolved to where they run (dtypes, kernels, devices): for /health

@@ -20,8 +20,10 @@ class ServeArgs(BaseModel):
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
     # local: models in the replica, requests batched continuously (cluster/batching);
-    # sync/async: one actor per model, one request at a time. Default: local for a target
-    # (+ draft or heads: batched), sync for an ensemble.
+    # sync with a draft model: batched too, the target in the replica and the draft in its
+    # own actor (cluster/batching/remote.py); async, heads in sync, ensembles: one actor per
+    # model, one request at a time. Default: local for a target (+ draft or heads), sync for
+    # an ensemble.
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"

@@ -1,0 +1,44 @@
+"""`pipeline: sync` batched: the target decodes many requests in this process while the
+draft model drafts for all of them from its own Ray actor (a local cluster: 2 CPUs, 2 fake
+GPUs). Each request's greedy output is the target's alone; the actor goes when the engine
+closes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from cluster.batching.engine import BatchEngine
+from cluster.batching.scheduler import BatchConfig
+from cluster.engine import EngineConfig, LocalEngine
+from cluster.factory import make_decoder
+from cluster.spec import DecoderSpec
+
+from test_batching import collect, mixed_requests
+
+
+@pytest.mark.parametrize("draft_length", [3, None])
+def test_a_draft_actor_drafts_for_the_batch_and_outputs_are_the_targets(local_ray, tiny_dir, draft_length):
+    target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.2)
+    spec = DecoderSpec(target=target, draft=draft, pipeline="sync", draft_dtype="float32", max_len=256,
+                       batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
+    assert spec.kind == "remote-draft"
+    alone = LocalEngine(EngineConfig(target, max_len=256), False)
+    decoder = make_decoder(spec)
+    try:
+        assert isinstance(decoder, BatchEngine) and type(decoder.drafter).__name__ == "RemoteDrafter"
+        assert decoder.runtime_info()["draft"]["model"] == draft  # /health says where the draft runs
+        reqs = mixed_requests(11, 7)
+        got, last = collect(decoder, reqs)
+        for r in reqs:
+            assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        if draft_length:
+            assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # drafts from the actor were kept
+    finally:
+        decoder.close()
+    deadline = time.monotonic() + 30  # the draft actor and its bundle went with the engine
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
