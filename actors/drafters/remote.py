@@ -10,6 +10,7 @@ included, and weighed by the scheduler like an in-process draft's.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,18 @@ from decoding.draft_length import CostModel
 from decoding.round import Draft
 from decoding.sequence import Sequence
 from decoding.tree import TokenTree
-from protocol import CandidateTree, DealerChannel, DraftCall, Handshake, ModelFingerprint, Role, Shutdown
+from protocol import (
+    CandidateTree,
+    DealerChannel,
+    DraftCall,
+    Handshake,
+    ModelFingerprint,
+    ProtocolError,
+    Role,
+    Shutdown,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,22 +57,48 @@ class RemoteDrafter:
         self.step = CostModel()  # one draft step for B sequences, round trip included
         self.step.verify_s.update(step_s or {1: 0.01})
         self.rounds = 0
+        self.lost: str | None = None  # why the server stopped answering; then the target decodes alone
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        self.channel.handshake(Handshake(session_id=seq.id, step=0, role=Role.VERIFIER,
-                                         fingerprint=self.fingerprint), timeout_s=self.timeout_s)
+        if self.lost:
+            return
+        try:
+            self.channel.handshake(Handshake(session_id=seq.id, step=0, role=Role.VERIFIER,
+                                             fingerprint=self.fingerprint), timeout_s=self.timeout_s)
+        except ProtocolError as exc:
+            self._lose(exc)
+            seq.stats.drafter_lost = True
+            return
         seq.draft = RemoteState()
 
     def release(self, seq: Sequence) -> None:
-        if seq.draft is not None:
-            self.channel.send(Shutdown(session_id=seq.id, step=self.rounds + 1, reason="finished"))
-            seq.draft = None
+        if seq.draft is not None and not self.lost:
+            try:
+                self.channel.send(Shutdown(session_id=seq.id, step=self.rounds + 1, reason="finished"))
+            except ProtocolError as exc:
+                self._lose(exc)
+        seq.draft = None
+
+    def _lose(self, exc: BaseException) -> None:
+        """The server is gone or wrong: stop drafting (every sequence goes on with the target
+        alone, which is exact) rather than fail the requests."""
+        self.lost = f"{type(exc).__name__}: {exc}"
+        log.warning("the draft server stopped answering (%s); decoding without drafts", self.lost)
 
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
-        alone = k is None
-        calls = [s for s in seqs if s.remaining > 1]
-        if not calls:
+        calls = [s for s in seqs if s.remaining > 1 and s.draft is not None]
+        if not calls or self.lost:
             return {}
+        try:
+            return self._propose(calls, k)
+        except (ProtocolError, RuntimeError) as exc:
+            self._lose(exc)
+            for s in seqs:
+                s.stats.drafter_lost = True
+            return {}
+
+    def _propose(self, calls: list[Sequence], k: int | None) -> dict[str, Draft]:
+        alone = k is None
         self.rounds += 1
         began = time.perf_counter()
         for s in calls:
@@ -110,4 +148,4 @@ class RemoteDrafter:
         return sum(gains), k * self.step.verify(len(seqs)), sum(kk + 1 for kk in ks)
 
     def depths(self, max_draft: int) -> list[int]:
-        return list(range(1, min(max_draft, self.max_draft) + 1))
+        return [] if self.lost else list(range(1, min(max_draft, self.max_draft) + 1))

@@ -4,6 +4,7 @@ target's distribution (and the check fails when the acceptance rule is broken)."
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import Counter
 
@@ -43,8 +44,9 @@ class Served:
         self.thread.start()
         self.max_draft = max_draft
 
-    def drafter(self) -> RemoteDrafter:
-        return RemoteDrafter(DealerChannel(self.router.endpoint, config=FAST), self.fingerprint, self.max_draft)
+    def drafter(self, timeout_s: float = 60.0) -> RemoteDrafter:
+        return RemoteDrafter(DealerChannel(self.router.endpoint, config=FAST), self.fingerprint, self.max_draft,
+                             timeout_s=timeout_s)
 
     def close(self) -> None:
         self.stop.set()
@@ -82,6 +84,33 @@ def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_len
     finally:
         batch.close()
         served.close()
+
+
+def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_dir):
+    """The server stops mid-run: the rounds after go on without drafts (exact), nothing fails."""
+    local = LocalEngine(EngineConfig(tiny_dir("qwen2"), max_len=256), False)
+    served = Served(LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False), local.verify_costs)
+    drafter = served.drafter(timeout_s=1.0)
+    batch = BatchEngine(local, BatchConfig(max_seqs=4, draft_length=3), drafter=drafter)
+    reqs = mixed_requests(3, 4, max_draft_length=3)
+    events: queue.Queue = queue.Queue()
+    try:
+        for r in reqs:
+            batch.submit(r, events.put)
+        got, last = {r.id: [] for r in reqs}, {}
+        while len(last) < len(reqs):
+            ev = events.get(timeout=120)
+            got[ev.request_id] += ev.token_ids
+            if ev.token_ids and not served.stop.is_set():
+                served.close()  # the server goes after the first tokens
+            if ev.done:
+                last[ev.request_id] = ev
+        for r in reqs:
+            assert last[r.id].error is None
+            assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert drafter.lost and any(last[r.id].result.stats.drafter_lost for r in reqs)
+    finally:
+        batch.close()
 
 
 @pytest.fixture(scope="module")
