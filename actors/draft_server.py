@@ -90,20 +90,15 @@ class DraftServer:
     def _sync(self, call: DraftCall) -> Sequence:
         """Bring the session's mirror to the committed tokens the call reports; crop the draft
         cache to what was kept of the last draft (and tell the draft's policy how much)."""
-        params = SamplingParams(temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
         mirror = self.mirrors.get(call.session_id)
         if mirror is None:
             if call.position != 0:
                 raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
                                    f"not {call.position}")
+            params = SamplingParams(temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
             cfg = DecodeConfig(max_new_tokens=call.remaining, sampling=params, seed=draft_seed(call.seed))
-            seq = Sequence(call.session_id, list(call.token_ids), cfg, True, None)
-            if len(seq.prompt) + call.depth + 1 > self.max_len:
-                raise DraftRefused(f"session {call.session_id}: {len(seq.prompt)} tokens + depth {call.depth} "
-                                   f"exceed this draft server's max_len {self.max_len}")
-            self.drafter.start(seq, None)
-            self.mirrors[call.session_id] = _Mirror(seq)
-            return seq
+            mirror = self.mirrors[call.session_id] = _Mirror(Sequence(call.session_id, [], cfg, True, None))
+            self.drafter.start(mirror.seq, None)  # its slot goes back on the session's Shutdown
         seq = mirror.seq
         if call.position > len(seq.prompt):
             raise DraftRefused(f"session {call.session_id}: tokens from position {call.position}, but only "
@@ -113,19 +108,16 @@ class DraftServer:
         if len(seq.prompt) + call.depth + 1 > self.max_len:
             raise DraftRefused(f"session {call.session_id}: {len(seq.prompt)} tokens + depth {call.depth} exceed "
                                f"this draft server's max_len {self.max_len}")
-        last = mirror.last
         kept = 0
-        if last is not None:
-            drafted = last.tree.tokens.tolist()[1:]
+        if mirror.last is not None:
+            drafted = mirror.last.tree.tokens.tolist()[1:]
             committed = seq.prompt[mirror.root + 1:]
             while kept < min(len(drafted), len(committed)) and drafted[kept] == committed[kept]:
                 kept += 1
-        self.drafter.observe(seq, last, Verdict(list(range(1, kept + 1)), 0), None)
+        self.drafter.observe(seq, mirror.last, Verdict(list(range(1, kept + 1)), 0), None)
         return seq
 
     def release(self, session: str) -> None:
         mirror = self.mirrors.pop(session, None)
         if mirror is not None:
             self.drafter.release(mirror.seq)
-        for key in [k for k, calls in self.pending.items() if any(c.session_id == session for c in calls)]:
-            self.pending[key] = [c for c in self.pending[key] if c.session_id != session]
