@@ -11,6 +11,7 @@ cache past what was committed (a rejected draft) is cropped away.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 from actors.drafters.draft_model import DraftModelDrafter
@@ -19,7 +20,19 @@ from decoding.request import DecodeConfig
 from decoding.round import Draft
 from decoding.sampling import SamplingParams
 from decoding.sequence import Sequence
-from protocol import CandidateTree, DraftCall, Message, ProtocolError, Shutdown
+from protocol import (
+    CandidateTree,
+    ChannelConfig,
+    DraftCall,
+    Message,
+    ModelFingerprint,
+    ProtocolError,
+    Role,
+    RouterChannel,
+    SharedSecret,
+    Shutdown,
+    bind_endpoint,
+)
 
 
 def draft_seed(seed: int | None) -> int | None:
@@ -43,18 +56,15 @@ class _Mirror:
     root: int = 0  # the position of that draft's root
 
 
-class DraftServer:
-    def __init__(self, runner, slots: int, max_len: int, max_draft: int, verify_s: dict[int, float]):
-        """`runner`: the draft's `ModelRunner`; `verify_s`: the target's verify seconds by
-        tokens (what the per-token policy of a sequence alone weighs drafting against)."""
-        self.drafter = DraftModelDrafter(runner.model, slots, max_len, max_draft)
-        self.drafter.measure(runner, verify_s)
-        self.max_len = max_len
-        self.mirrors: dict[str, _Mirror] = {}
+class RoundServer:
+    """Gathers a batched verifier's round: answers once all `batch` calls of a step are in.
+    A subclass drafts (`draft`) and forgets a session (`release`)."""
+
+    def __init__(self):
         self.pending: dict[tuple[bytes, int], list[DraftCall]] = {}  # (peer, step) -> the round's calls so far
 
     def handle(self, peer: bytes, message: Message) -> list[Message] | None:
-        """`RouterChannel.serve`'s handler: answers a round once all its calls are in."""
+        """`RouterChannel.serve`'s handler."""
         if isinstance(message, Shutdown):
             self.release(message.session_id)
             return None
@@ -67,6 +77,36 @@ class DraftServer:
             return None
         del self.pending[key]
         return self.draft(calls)
+
+    def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
+        raise NotImplementedError
+
+    def release(self, session: str) -> None:
+        raise NotImplementedError
+
+
+def serve_rounds(server: RoundServer, node_ip: str, peer_node_ip: str, name: str, secret: str | None,
+                 fingerprint: ModelFingerprint) -> tuple[RouterChannel, threading.Thread]:
+    """Bind a socket for a verifier on `peer_node_ip` (ipc on this node, else tcp signed with
+    `secret`) and answer its rounds with `server` on a thread of its own."""
+    endpoint = bind_endpoint(node_ip, peer_node_ip, name=name)
+    auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") and secret else None
+    router = RouterChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
+    thread = threading.Thread(target=router.serve, args=(server.handle,), name=name, daemon=True,
+                              kwargs=dict(role=Role.DRAFTER, fingerprint=fingerprint))
+    thread.start()
+    return router, thread
+
+
+class DraftServer(RoundServer):
+    def __init__(self, runner, slots: int, max_len: int, max_draft: int, verify_s: dict[int, float]):
+        """`runner`: the draft's `ModelRunner`; `verify_s`: the target's verify seconds by
+        tokens (what the per-token policy of a sequence alone weighs drafting against)."""
+        super().__init__()
+        self.drafter = DraftModelDrafter(runner.model, slots, max_len, max_draft)
+        self.drafter.measure(runner, verify_s)
+        self.max_len = max_len
+        self.mirrors: dict[str, _Mirror] = {}
 
     def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
         seqs = [self._sync(call) for call in calls]

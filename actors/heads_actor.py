@@ -51,6 +51,7 @@ class HeadsActor:
         self.node_ip = ray.util.get_node_ip_address()
         self._busy = threading.Lock()
         self._cancelled: set[str] = set()
+        self._served: list = []  # heads servers (serve_heads): (router, thread)
 
     def ping(self) -> bool:
         return True
@@ -61,6 +62,19 @@ class HeadsActor:
                 "model": f"{heads.cfg.kind} heads for {heads.cfg.target} ({self.spec.tree} tree)", "dtype": "float32",
                 "kernels": {}, "capabilities": hardware.probe("cpu").to_dict(), "threading": {},
                 "tree": self.spec.tree}
+
+    def serve_heads(self, peer_node_ip: str) -> dict:
+        """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
+        heads tree per call (`actors/heads_server.py`), on a thread of its own. Returns where
+        to connect and what sizes its trees (`n_heads`, `max_nodes`)."""
+        from actors.draft_server import serve_rounds
+        from actors.heads_server import HeadsServer
+
+        router, thread = serve_rounds(HeadsServer(self.drafter), self.node_ip, peer_node_ip,
+                                      f"heads-{os.getpid()}-{len(self._served)}", self.spec.secret, self.fingerprint)
+        self._served.append((router, thread))
+        return {"endpoint": router.endpoint, "n_heads": self.drafter.heads.n_heads,
+                "max_nodes": self.drafter.max_nodes}
 
     def cancel(self, session: str) -> None:
         self._cancelled.add(session)

@@ -31,7 +31,6 @@ from decoding.request import DecodeConfig, TokenSink
 from protocol import (
     ChannelConfig,
     DealerChannel,
-    Role,
     RouterChannel,
     SharedSecret,
     bind_endpoint,
@@ -130,15 +129,12 @@ class ModelActor:
         """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
         batched draft forward per depth (`actors/draft_server.py`), on a thread of its own.
         `verify_s`: the target's verify seconds by tokens. Returns where to connect."""
-        from actors.draft_server import DraftServer
+        from actors.draft_server import DraftServer, serve_rounds
 
         server = DraftServer(self.runner, slots, self.spec.max_len, max_draft,
                              {int(k): float(v) for k, v in verify_s.items()})
-        endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"drafts-{os.getpid()}-{len(self._served)}")
-        router = RouterChannel(endpoint, config=self._channel_config(endpoint))
-        thread = threading.Thread(target=router.serve, args=(server.handle,), name="draft-server", daemon=True,
-                                  kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint))
-        thread.start()
+        router, thread = serve_rounds(server, self.node_ip, peer_node_ip, f"drafts-{os.getpid()}-{len(self._served)}",
+                                      self.spec.secret, self.fingerprint)
         self._served.append((router, thread))
         return router.endpoint
 

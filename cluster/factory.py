@@ -65,14 +65,14 @@ def _ray_pipeline(spec: DecoderSpec, progress: bool) -> Decoder:
                          getattr(pipe, "eos_token_ids", ()) or ())
 
 
-def _remote_draft(spec: DecoderSpec, progress: bool) -> Decoder:
-    from cluster.batching.remote import remote_draft_engine
+def _remote_drafter(spec: DecoderSpec, progress: bool) -> Decoder:
+    from cluster.batching.remote import remote_drafter_engine
 
-    return remote_draft_engine(spec, progress)
+    return remote_drafter_engine(spec, progress)
 
 
 BUILDERS: dict[str, Callable[[DecoderSpec, bool], Decoder]] = {
-    "ensemble": _ensemble, "local": _local, "ray-pipeline": _ray_pipeline, "remote-draft": _remote_draft}
+    "ensemble": _ensemble, "local": _local, "ray-pipeline": _ray_pipeline, "remote-drafter": _remote_drafter}
 
 
 def make_decoder(spec: DecoderSpec, progress: bool = False) -> Decoder:

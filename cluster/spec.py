@@ -149,8 +149,9 @@ class DecoderSpec:
             return "ensemble"
         if self.pipeline == "local":
             return "local"
-        # batched, the draft model in its own actor (sparse attention runs one request at a time)
-        if (self.pipeline == "sync" and self.batch is not None and self.draft is not None
+        # batched, the draft model or heads in an actor of their own (sparse attention runs one
+        # request at a time)
+        if (self.pipeline == "sync" and self.batch is not None and (self.draft is not None or self.heads is not None)
                 and not (self.attention or self.draft_attention)):
-            return "remote-draft"
+            return "remote-drafter"
         return "ray-pipeline"

@@ -527,7 +527,8 @@ class DraftCall(Message):
     these sampling settings, `remaining` tokens being still due. `batch` calls share this
     step: the server drafts them all in one batched forward and answers each session with a
     `CandidateTree` (its `draft_probs` the [N, V] rows the tokens were drawn from, when
-    sampling)."""
+    sampling). `hidden`, for a server of draft heads, is the target's final hidden state at
+    the root (a tensor frame): the heads draft the tree from it."""
 
     token_ids: tuple[int, ...]
     position: int
@@ -539,8 +540,10 @@ class DraftCall(Message):
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    hidden: Any = None
 
     TYPE_ID: ClassVar[int] = 11
+    TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (10,)
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -561,6 +564,8 @@ class DraftCall(Message):
         self.top_k = _as_int("top_k", self.top_k, 0, MAX_TOKEN_ID)
         if self.seed is not None:
             self.seed = _as_int("seed", self.seed, 0, 2**63 - 1)
+        if self.hidden is not None:
+            _check_hidden(self.hidden)
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {

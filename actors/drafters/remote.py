@@ -106,7 +106,7 @@ class RemoteDrafter:
             self.channel.send(DraftCall(
                 session_id=s.id, step=self.rounds, token_ids=s.tokens[s.draft.synced:], position=s.draft.synced,
                 depth=self.max_draft if alone else k, remaining=s.remaining, batch=len(calls), alone=alone,
-                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=s.cfg.seed))
+                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=s.cfg.seed, hidden=self._hidden(s)))
             s.draft.synced = len(s.tokens)
         by_id = {s.id: s for s in calls}
         out: dict[str, Draft] = {}
@@ -116,19 +116,32 @@ class RemoteDrafter:
                 raise RuntimeError(f"the draft server answered {type(tree).__name__} "
                                    f"({tree.session_id}, step {tree.step}) to round {self.rounds}")
             s = by_id[tree.session_id]
-            if tree.token_ids[0] != s.tokens[-1] or list(tree.parents) != [-1, *range(len(tree.token_ids) - 1)]:
-                raise RuntimeError(f"the draft server's tree for {s.id} is not a chain from the newest token")
-            q = None
-            if tree.draft_probs is not None:
-                q = torch.as_tensor(tree.draft_probs, dtype=torch.float32)
-            out[s.id] = Draft(TokenTree.chain(tree.token_ids[0], list(tree.token_ids[1:])), q)
+            if tree.token_ids[0] != s.tokens[-1] or not 1 <= len(tree.token_ids) <= self.tree_room:
+                raise RuntimeError(f"the draft server's tree for {s.id} does not grow from the newest token "
+                                   f"within {self.tree_room} nodes")
+            out[s.id] = self._draft(tree)
         elapsed = time.perf_counter() - began
-        depth = max(d.drafted for d in out.values())
-        if depth and not alone:
-            self.step.observe_verify(elapsed / depth, len(calls))
+        self._observe_cost(elapsed, out, len(calls), alone)
         for s in calls:
             s.stats.draft_s += elapsed
         return out
+
+    def _hidden(self, seq: Sequence) -> torch.Tensor | None:
+        """What the server drafts from besides the tokens (heads: the target's state)."""
+        return None
+
+    def _draft(self, tree: CandidateTree) -> Draft:
+        if list(tree.parents) != [-1, *range(len(tree.token_ids) - 1)]:
+            raise RuntimeError(f"the draft server's tree for {tree.session_id} is not a chain")
+        q = None
+        if tree.draft_probs is not None:
+            q = torch.as_tensor(tree.draft_probs, dtype=torch.float32)
+        return Draft(TokenTree.chain(tree.token_ids[0], list(tree.token_ids[1:])), q)
+
+    def _observe_cost(self, elapsed: float, drafts: dict[str, Draft], n: int, alone: bool) -> None:
+        depth = max(d.drafted for d in drafts.values())
+        if depth and not alone:
+            self.step.observe_verify(elapsed / depth, n)
 
     def runtime_info(self) -> dict:
         return {"draft": {**self.info, "where": "own actor, over the protocol"}}

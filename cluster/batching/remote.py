@@ -1,9 +1,11 @@
-"""The batched engine with its draft model in a Ray actor of its own (`pipeline: sync`).
+"""The batched engine with its drafter in a Ray actor of its own (`pipeline: sync`).
 
 The target decodes here (the Serve replica, or the driver), batched as in `pipeline: local`;
-the draft model lives in a `ModelActor` on its own placement bundle (its own device, its own
-node with `spread`) and drafts for every running request at once over one ZeroMQ link
-(`actors/draft_server.py` there, `actors/drafters/remote.py` here).
+the drafter lives in an actor on its own placement bundle (its own device, its own node
+with `spread`) and drafts for every running request at once over one ZeroMQ link:
+a draft model in a `ModelActor` (`actors/draft_server.py` there, `actors/drafters/remote.py`
+here), or draft heads in a `HeadsActor` (`actors/heads_server.py` there,
+`actors/drafters/remote_heads.py` here: each call carries the target's hidden state).
 """
 
 from __future__ import annotations
@@ -11,39 +13,55 @@ from __future__ import annotations
 import secrets
 
 from actors.drafters.remote import RemoteDrafter
+from actors.drafters.remote_heads import RemoteHeadsDrafter
 from cluster.batching.engine import BatchEngine
-from cluster.engine import EngineConfig, LocalEngine
+from cluster.engine import EngineConfig, LocalEngine, heads_dir
 from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
 
+HEADS_TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the verify costs a heads tree is sized by
 
-def remote_draft_engine(spec, progress: bool = False) -> BatchEngine:
-    """`spec`: a `DecoderSpec` with a target, a draft model and `batch` (a BatchConfig)."""
+
+def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
+    """`spec`: a `DecoderSpec` with a target, `batch` (a BatchConfig) and a draft model or heads."""
     import ray
 
+    from actors.heads_actor import HeadsActor
     from actors.model_actor import ModelActor
     from cluster.pipeline import ensure_ray
     from cluster.placement import PlacementConfig, place, release
 
     local = LocalEngine(EngineConfig(spec.target, dtype=spec.dtype, max_len=spec.max_len), progress=progress)
-    if not local.verify_costs:  # a target loaded alone has not measured them: the draft's policy needs them
-        local.verify_costs = local.target_runner.measure_verify_costs((1, 2, 4, 8, 16))
+    sizes = HEADS_TREE_SIZES if spec.draft is None else (1, 2, 4, 8, 16)
+    if any(k not in local.verify_costs for k in sizes):  # a target loaded alone has not measured them all
+        local.verify_costs = {**local.verify_costs, **local.target_runner.measure_verify_costs(sizes)}
     max_len = min(local.cfg.max_len or local.context_length, local.context_length)
     ensure_ray()
     placement = place(PlacementConfig(n_actors=1, accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
                                       spread=spec.spread))
-    secret = secrets.token_hex(32)  # signs the tcp link when the draft sits on another node
+    secret = secrets.token_hex(32)  # signs the tcp link when the drafter sits on another node
     actor = None
     try:
-        actor = ray.remote(ModelActor).options(**placement.actor_options(0), max_concurrency=4).remote(
-            {"model": spec.draft, "dtype": spec.draft_dtype, "max_len": max_len + spec.batch.max_draft + 2,
-             "secret": secret})
-        cfg = spec.batch
-        endpoint = ray.get(actor.serve_drafts.remote(ray.util.get_node_ip_address(), cfg.max_seqs, cfg.max_draft,
-                                                     local.verify_costs), timeout=900)
+        cfg, here = spec.batch, ray.util.get_node_ip_address()
+        options = placement.actor_options(0)
+        if spec.draft is not None:
+            actor = ray.remote(ModelActor).options(**options, max_concurrency=4).remote(
+                {"model": spec.draft, "dtype": spec.draft_dtype, "max_len": max_len + cfg.max_draft + 2,
+                 "secret": secret})
+            endpoint = ray.get(actor.serve_drafts.remote(here, cfg.max_seqs, cfg.max_draft, local.verify_costs),
+                               timeout=900)
+            sizing = {"max_draft": cfg.max_draft}
+        else:
+            path = heads_dir(EngineConfig(spec.target, heads=spec.heads, tree=spec.tree))
+            verify_ms = {k: v * 1e3 for k, v in local.verify_costs.items()}
+            actor = ray.remote(HeadsActor).options(**options, max_concurrency=4).remote(
+                {"target": spec.target, "heads_dir": str(path), "tree": spec.tree, "verify_ms": verify_ms,
+                 "secret": secret})
+            served = ray.get(actor.serve_heads.remote(here), timeout=900)
+            endpoint = served["endpoint"]
+            sizing = {"max_draft": served["n_heads"], "n_heads": served["n_heads"], "max_nodes": served["max_nodes"]}
         auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") else None
         channel = DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
-        runner = local.target_runner
-        fingerprint = model_fingerprint(runner.vocab_size, local.tokenizer.get_vocab())
+        fingerprint = model_fingerprint(local.target_runner.vocab_size, local.tokenizer.get_vocab())
 
         def stop() -> None:
             channel.close()
@@ -51,7 +69,8 @@ def remote_draft_engine(spec, progress: bool = False) -> BatchEngine:
             release(placement)
 
         info = ray.get(actor.info.remote(), timeout=60)
-        drafter = RemoteDrafter(channel, fingerprint, cfg.max_draft, on_close=stop, info=info)
+        kind = RemoteDrafter if spec.draft is not None else RemoteHeadsDrafter
+        drafter = kind(channel, fingerprint, on_close=stop, info=info, **sizing)
         return BatchEngine(local, cfg, drafter=drafter)
     except BaseException:
         if actor is not None:

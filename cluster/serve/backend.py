@@ -13,7 +13,7 @@ class Backend:
     def __init__(self, args: ServeArgs):
         self.args = args
         spec = args.decoder_spec()
-        if spec.kind in ("local", "remote-draft"):  # the target decodes in this replica
+        if spec.kind in ("local", "remote-drafter"):  # the target decodes in this replica
             import torch
 
             from actors.resources import assigned_cpus

@@ -1,7 +1,7 @@
 """`pipeline: sync` batched: the target decodes many requests in this process while the
-draft model drafts for all of them from its own Ray actor (a local cluster: 2 CPUs, 2 fake
-GPUs). Each request's greedy output is the target's alone; the actor goes when the engine
-closes."""
+draft model (or draft heads) drafts for all of them from its own Ray actor (a local
+cluster: 2 CPUs, 2 fake GPUs). Each request's greedy output is the target's alone; the
+actor goes when the engine closes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cluster.engine import EngineConfig, LocalEngine
 from cluster.factory import make_decoder
 from cluster.spec import DecoderSpec
 
+import tiny
 from test_batching import collect, mixed_requests
 
 
@@ -24,7 +25,7 @@ def test_a_draft_actor_drafts_for_the_batch_and_outputs_are_the_targets(local_ra
     target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.2)
     spec = DecoderSpec(target=target, draft=draft, pipeline="sync", draft_dtype="float32", max_len=256,
                        batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
-    assert spec.kind == "remote-draft"
+    assert spec.kind == "remote-drafter"
     alone = LocalEngine(EngineConfig(target, max_len=256), False)
     decoder = make_decoder(spec)
     try:
@@ -42,3 +43,23 @@ def test_a_draft_actor_drafts_for_the_batch_and_outputs_are_the_targets(local_ra
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_a_heads_actor_drafts_trees_for_the_batch_and_outputs_are_the_targets(local_ray, tiny_dir, tmp_path):
+    target = tiny_dir("llama")
+    heads = tiny.make_tiny_heads(tmp_path / "heads", target, scale=0.3)
+    spec = DecoderSpec(target=target, heads=str(heads), tree="dynamic", pipeline="sync", max_len=256,
+                       batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=3))
+    assert spec.kind == "remote-drafter"
+    alone = LocalEngine(EngineConfig(target, max_len=256), False)
+    decoder = make_decoder(spec)
+    try:
+        assert isinstance(decoder, BatchEngine) and type(decoder.drafter).__name__ == "RemoteHeadsDrafter"
+        assert "heads" in decoder.runtime_info()["draft"]["model"]  # /health says the heads run there
+        reqs = mixed_requests(12, 6)
+        got, last = collect(decoder, reqs)
+        for r in reqs:
+            assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the actor's trees were kept
+    finally:
+        decoder.close()

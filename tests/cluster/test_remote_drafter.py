@@ -30,23 +30,20 @@ FAST = ChannelConfig(recv_timeout_s=30, linger_s=0, tensor_lib="torch")
 
 
 class Served:
-    """A draft server on its own thread behind a ROUTER socket, as its actor runs it."""
+    """A round server (draft model or heads) on its own thread behind a ROUTER socket, as
+    its actor runs it."""
 
-    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4):
-        runner = draft.target_runner
-        self.fingerprint = model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab())
-        self.server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s)
+    def __init__(self, server, fingerprint):
+        self.server, self.fingerprint = server, fingerprint
         self.router = RouterChannel(ipc_endpoint(), config=FAST)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.router.serve, args=(self.server.handle,), daemon=True,
                                        kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint,
                                                    should_stop=self.stop.is_set, poll_s=0.02))
         self.thread.start()
-        self.max_draft = max_draft
 
-    def drafter(self, timeout_s: float = 60.0) -> RemoteDrafter:
-        return RemoteDrafter(DealerChannel(self.router.endpoint, config=FAST), self.fingerprint, self.max_draft,
-                             timeout_s=timeout_s)
+    def channel(self) -> DealerChannel:
+        return DealerChannel(self.router.endpoint, config=FAST)
 
     def close(self) -> None:
         self.stop.set()
@@ -54,9 +51,20 @@ class Served:
         self.router.close()
 
 
+class ServedDraft(Served):
+    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4):
+        runner = draft.target_runner
+        server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s)
+        super().__init__(server, model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab()))
+        self.max_draft = max_draft
+
+    def drafter(self, timeout_s: float = 60.0) -> RemoteDrafter:
+        return RemoteDrafter(self.channel(), self.fingerprint, self.max_draft, timeout_s=timeout_s)
+
+
 def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256):
     local = LocalEngine(EngineConfig(target, max_len=max_len), False)
-    served = Served(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs)
     return local, served, BatchEngine(local, cfg, drafter=served.drafter())
 
 
@@ -89,7 +97,8 @@ def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_len
 def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_dir):
     """The server stops mid-run: the rounds after go on without drafts (exact), nothing fails."""
     local = LocalEngine(EngineConfig(tiny_dir("qwen2"), max_len=256), False)
-    served = Served(LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False), local.verify_costs)
+    draft = LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False)
+    served = ServedDraft(draft, local.verify_costs)
     drafter = served.drafter(timeout_s=1.0)
     batch = BatchEngine(local, BatchConfig(max_seqs=4, draft_length=3), drafter=drafter)
     reqs = mixed_requests(3, 4, max_draft_length=3)
@@ -117,7 +126,7 @@ def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_d
 def vocab4_remote(tiny_dir):
     target, draft = tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3)
     local = LocalEngine(EngineConfig(target, max_len=64), False)
-    served = Served(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs, max_draft=NEW - 1)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs, max_draft=NEW - 1)
     yield local, served
     served.close()
 
