@@ -125,14 +125,15 @@ class ModelActor:
             self._routers[transport] = RouterChannel(endpoint, config=self._channel_config(endpoint))
         return self._routers[transport].endpoint
 
-    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict) -> str:
+    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, ahead: bool = False) -> str:
         """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
         batched draft forward per depth (`actors/draft_server.py`), on a thread of its own.
-        `verify_s`: the target's verify seconds by tokens. Returns where to connect."""
+        `verify_s`: the target's verify seconds by tokens; `ahead`: draft each sequence's
+        next round while the verifier verifies (`pipeline: async`). Returns where to connect."""
         from actors.draft_server import DraftServer, serve_rounds
 
         server = DraftServer(self.runner, slots, self.spec.max_len, max_draft,
-                             {int(k): float(v) for k, v in verify_s.items()})
+                             {int(k): float(v) for k, v in verify_s.items()}, ahead=ahead)
         router, thread = serve_rounds(server, self.node_ip, peer_node_ip, f"drafts-{os.getpid()}-{len(self._served)}",
                                       self.spec.secret, self.fingerprint)
         self._served.append((router, thread))

@@ -61,6 +61,22 @@ class VerifyCosts:
         self.trees.verify_s.update({k: 1.3 * v for k, v in measured.items()})
 
 
+def tree_item(tree: TokenTree, cache: KVCache) -> BatchItem:
+    """One sequence's tree in a batched forward: a chain reads causally, a tree with its mask."""
+    if tree.is_chain():
+        return BatchItem(tree.tokens, cache)
+    return BatchItem(tree.tokens, cache, tree.positions(cache.length), tree.attention_mask())
+
+
+def commit_path(cache: KVCache, tree: TokenTree, accepted: list[int]) -> None:
+    """Keep the root's and the accepted nodes' entries of a scored tree; drop the others."""
+    start = cache.length - tree.size  # where the root went
+    if tree.is_chain():  # the accepted nodes of a chain are its first ones: a crop
+        cache.crop(start + 1 + len(accepted))
+    else:
+        cache.compact(start, [0] + accepted)
+
+
 class TargetVerifier:
     def __init__(self, model: Transformer, pool: SlotPool):
         self.model, self.pool = model, pool
@@ -87,22 +103,11 @@ class TargetVerifier:
 
     def score(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         start = time.perf_counter()
-        items = []
-        for seq, tree in zip(seqs, trees):
-            if tree.is_chain():
-                items.append(BatchItem(tree.tokens, seq.cache))
-            else:
-                items.append(BatchItem(tree.tokens, seq.cache, tree.positions(seq.cache.length),
-                                       tree.attention_mask()))
-        hidden = self.model.forward_batch(items)
+        hidden = self.model.forward_batch([tree_item(tree, seq.cache) for seq, tree in zip(seqs, trees)])
         logits = self.model.logits(torch.cat(hidden)).split([t.size for t in trees])
         rows = sum(t.size for t in trees)
         (self.costs.plain if rows == len(trees) else self.costs.trees).observe_verify(time.perf_counter() - start, rows)
         return list(zip(hidden, logits))
 
     def commit(self, seq: Sequence, tree: TokenTree, accepted: list[int]) -> None:
-        start = seq.cache.length - tree.size  # where the root went
-        if tree.is_chain():  # the accepted nodes of a chain are its first ones: a crop
-            seq.cache.crop(start + 1 + len(accepted))
-        else:
-            seq.cache.compact(start, [0] + accepted)
+        commit_path(seq.cache, tree, accepted)

@@ -22,6 +22,10 @@ def _ensemble(spec: DecoderSpec, progress: bool) -> Decoder:
         spread=spec.spread)
     cfg = EnsembleConfig(models=tuple(spec.ensemble), combine=spec.combine, dtype=spec.dtype,
                          max_len=spec.max_len or 4096, placement=placement, request_timeout_s=spec.request_timeout_s)
+    if spec.pipeline == "local" and spec.batch is not None:  # CoS batched: every member in this process
+        from cluster.batching.ensemble import ensemble_engine
+
+        return ensemble_engine(cfg, spec.batch, progress)
     ens = LocalEnsemble(cfg, progress=progress) if spec.pipeline == "local" else RayEnsemble(cfg)
 
     def ensemble_generate(prompt_ids, cfg, speculative, on_tokens):

@@ -149,9 +149,10 @@ class DecoderSpec:
             return "ensemble"
         if self.pipeline == "local":
             return "local"
-        # batched, the draft model or heads in an actor of their own (sparse attention runs one
-        # request at a time)
-        if (self.pipeline == "sync" and self.batch is not None and (self.draft is not None or self.heads is not None)
+        # batched, the draft model or heads in an actor of their own, async: drafting ahead
+        # (sparse attention runs one request at a time)
+        drafter = self.draft is not None or self.heads is not None
+        if (self.pipeline in ("sync", "async") and self.batch is not None and drafter
                 and not (self.attention or self.draft_attention)):
             return "remote-drafter"
         return "ray-pipeline"

@@ -357,11 +357,13 @@ class RouterChannel(_ChannelCore):
             log.debug("could not report %r to peer: %r", exc, send_exc)
 
     def serve(self, handler: Handler, *, role: Role, fingerprint: ModelFingerprint,
-              should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> None:
+              should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.1,
+              after_replies: Callable[[], None] | None = None) -> None:
         """Receive loop until `should_stop()` or close: answers handshakes itself, hands other
         admitted messages to `handler(peer, message)` and sends back what it returns. Bad
         input, and ProtocolErrors raised by the handler, are answered with an Error message;
-        the loop keeps serving."""
+        the loop keeps serving. `after_replies()` runs once a handler's replies are sent:
+        work the peer should not wait for (a drafter drafting ahead while it verifies)."""
         while not should_stop():
             try:
                 peer, message = self.recv(timeout_s=poll_s)
@@ -376,8 +378,11 @@ class RouterChannel(_ChannelCore):
                 if isinstance(message, Handshake):
                     self.answer_handshake(peer, message, role=role, fingerprint=fingerprint)
                 else:
-                    for reply in _as_replies(handler(peer, message)):
+                    replies = _as_replies(handler(peer, message))
+                    for reply in replies:
                         self.send(peer, reply)
+                    if replies and after_replies is not None:
+                        after_replies()
             except ChannelClosed:
                 return
             except ProtocolError as exc:

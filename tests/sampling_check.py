@@ -17,6 +17,7 @@ from scipy.stats import chisquare
 
 from actors import loading
 from actors.runner import ModelRunner
+from decoding.ensemble import combine_logits
 from decoding.sampling import SamplingParams, logits_to_probs
 
 VOCAB, NEW, SAMPLES = 4, 4, 10_000
@@ -36,13 +37,26 @@ def runners(tiny_dir, target_dtype: str = "float32", draft_dtype: str = "float32
 
 
 def exact_sequence_probs(target: ModelRunner, params: SamplingParams,
-                         prompt: list[int] = PROMPT) -> dict[tuple[int, ...], float]:
+                         prompt: list[int] = PROMPT, new: int = NEW) -> dict[tuple[int, ...], float]:
     probs = {}
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
+    for seq in itertools.product(range(VOCAB), repeat=new):
         target.reset()
         logits = target.model(torch.tensor(prompt + list(seq[:-1])), target.cache)
         p = logits_to_probs(logits[len(prompt) - 1:], params)
+        probs[seq] = float(torch.prod(p[torch.arange(new), torch.tensor(seq)]))
+    return probs
+
+
+def exact_combined_probs(runners, rule, params) -> dict[tuple[int, ...], float]:
+    probs = {}
+    for seq in itertools.product(range(VOCAB), repeat=NEW):
+        rows = []
+        for r in runners:
+            r.reset()
+            rows.append(r.model(torch.tensor(PROMPT + list(seq[:-1])), r.cache)[len(PROMPT) - 1:])
+        p = logits_to_probs(combine_logits(rows, rule), params)
         probs[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
+    assert abs(sum(probs.values()) - 1) < 1e-4
     return probs
 
 

@@ -134,7 +134,9 @@ class DraftModelDrafter:
             self.policy.observe_acceptance(len(verdict.accepted), draft.predicted)
         st, tokens = seq.draft, seq.tokens
         m = st.verified
-        while m < min(len(st.tokens), len(tokens)) and st.tokens[m] == tokens[m]:
+        # the newest committed token stays out: it is the root the next draft feeds (a draft
+        # server drafting ahead may have fed it as its guess of the bonus token)
+        while m < min(len(st.tokens), len(tokens) - 1) and st.tokens[m] == tokens[m]:
             m += 1
         st.cache.crop(m)
         del st.tokens[m:]

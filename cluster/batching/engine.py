@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from actors.drafters.none import NoDrafter
 from actors.verifier import SlotPool, TargetVerifier
@@ -19,7 +20,7 @@ from cluster.batching.scheduler import BatchConfig, Scheduler
 from cluster.decoder import Decoder, EventSink, Request, TokenEvent
 from cluster.engine import attention_label
 from decoding.request import GenerationResult
-from decoding.round import Committed, Drafter, first_tokens, speculative_round
+from decoding.round import Committed, Drafter, Verifier, first_tokens, speculative_round
 from decoding.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,11 @@ class BatchEngine(Decoder):
     """Continuous batching over a `LocalEngine`'s loaded target, with its draft model or
     heads: each round is `decoding.round.speculative_round` over every running sequence."""
 
-    def __init__(self, engine, cfg: BatchConfig | None = None, drafter: Drafter | None = None):
+    def __init__(self, engine, cfg: BatchConfig | None = None, drafter: Drafter | None = None,
+                 verifier: Callable[[int], Verifier] | None = None):
         """`drafter`: how to draft (default: what the engine loaded: its draft model, else
-        its heads, else none)."""
+        its heads, else none). `verifier`: given the KV room a sequence needs, what scores
+        the trees (default: the engine's target; an ensemble: `EnsembleVerifier`)."""
         if (why := batch_refusal(engine)) is not None:
             raise ValueError(why)
         target = engine.target_runner
@@ -51,8 +54,10 @@ class BatchEngine(Decoder):
         self.max_len = min(engine.cfg.max_len or self.context_length, self.context_length)
         room = self.max_len + self.cfg.max_draft + 2
         self.drafter = drafter or make_drafter(engine, self.cfg.max_seqs, room, self.cfg.max_draft)
-        self.pool = SlotPool(target.model, self.cfg.max_seqs, room + self.drafter.tree_room)
-        self.verifier = TargetVerifier(target.model, self.pool)
+        room += self.drafter.tree_room
+        self.verifier = verifier(room) if verifier is not None else \
+            TargetVerifier(target.model, SlotPool(target.model, self.cfg.max_seqs, room))
+        self.pool = self.verifier.pool
         if not isinstance(self.drafter, NoDrafter):  # seed the choice of k with this machine's costs
             sizes = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k not in engine.verify_costs)
             self.verifier.costs.seed({**engine.verify_costs, **(target.measure_verify_costs(sizes) if sizes else {})})

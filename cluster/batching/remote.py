@@ -1,4 +1,4 @@
-"""The batched engine with its drafter in a Ray actor of its own (`pipeline: sync`).
+"""The batched engine with its drafter in a Ray actor of its own (`pipeline: sync`, `async`).
 
 The target decodes here (the Serve replica, or the driver), batched as in `pipeline: local`;
 the drafter lives in an actor on its own placement bundle (its own device, its own node
@@ -6,6 +6,8 @@ with `spread`) and drafts for every running request at once over one ZeroMQ link
 a draft model in a `ModelActor` (`actors/draft_server.py` there, `actors/drafters/remote.py`
 here), or draft heads in a `HeadsActor` (`actors/heads_server.py` there,
 `actors/drafters/remote_heads.py` here: each call carries the target's hidden state).
+`pipeline: async`: the draft model drafts each sequence's next round while the target
+verifies this one, betting its drafts are all accepted (`DraftServer(ahead=True)`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
             actor = ray.remote(ModelActor).options(**options, max_concurrency=4).remote(
                 {"model": spec.draft, "dtype": spec.draft_dtype, "max_len": max_len + cfg.max_draft + 2,
                  "secret": secret})
-            endpoint = ray.get(actor.serve_drafts.remote(here, cfg.max_seqs, cfg.max_draft, local.verify_costs),
-                               timeout=900)
+            endpoint = ray.get(actor.serve_drafts.remote(here, cfg.max_seqs, cfg.max_draft, local.verify_costs,
+                                                         ahead=spec.pipeline == "async"), timeout=900)
             sizing = {"max_draft": cfg.max_draft}
         else:
             path = heads_dir(EngineConfig(spec.target, heads=spec.heads, tree=spec.tree))

@@ -20,10 +20,11 @@ class ServeArgs(BaseModel):
     ensemble: list[str] | None = None  # decode as one ensemble instead of target + draft
     combine: str | None = None  # ensemble rule: we:LAMBDA or cd:MU
     # local: models in the replica, requests batched continuously (cluster/batching);
-    # sync with a draft model: batched too, the target in the replica and the draft in its
-    # own actor (cluster/batching/remote.py); async, heads in sync, ensembles: one actor per
-    # model, one request at a time. Default: local for a target (+ draft or heads), sync for
-    # an ensemble.
+    # sync: batched too, the target in the replica and the draft model or heads in their own
+    # actor (cluster/batching/remote.py); async: as sync, the draft model drafting each next
+    # round while the target verifies. Ensembles: local = every member in the replica,
+    # batched (CoS, cluster/batching/ensemble.py); sync = one actor per member, one request
+    # at a time. Default: local for a target (+ draft or heads), sync for an ensemble.
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "float32"

@@ -4,7 +4,6 @@ r enumerated from the models; chi-squared over whole sequences, 10,000 samples).
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
@@ -15,11 +14,11 @@ from actors import loading
 from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate, local_members
 from actors.model import Transformer
 from actors.runner import ModelRunner
-from decoding.ensemble import combine_logits, parse_combine
+from decoding.ensemble import parse_combine
 from decoding.request import DecodeConfig
-from decoding.sampling import SamplingParams, logits_to_probs
+from decoding.sampling import SamplingParams
 
-from sampling_check import MODEL, NEW, PROMPT, SAMPLES, VOCAB, chi2_pvalue
+from sampling_check import MODEL, NEW, PROMPT, SAMPLES, chi2_pvalue, exact_combined_probs
 
 
 def load_runner(path: str, max_len: int = 256) -> ModelRunner:
@@ -121,19 +120,6 @@ def vocab4(tiny_dir):
         return load_runner(tiny_dir("qwen2", **MODEL, **kw), 64)
 
     return [runner(), runner(noise=0.3), runner(seed=9)]
-
-
-def exact_combined_probs(runners, rule, params) -> dict[tuple[int, ...], float]:
-    probs = {}
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
-        rows = []
-        for r in runners:
-            r.reset()
-            rows.append(r.model(torch.tensor(PROMPT + list(seq[:-1])), r.cache)[len(PROMPT) - 1:])
-        p = logits_to_probs(combine_logits(rows, rule), params)
-        probs[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
-    assert abs(sum(probs.values()) - 1) < 1e-4
-    return probs
 
 
 def sample_cos(runners, rule, params, opts, draft_length, n=SAMPLES):

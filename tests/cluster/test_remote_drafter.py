@@ -39,7 +39,8 @@ class Served:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.router.serve, args=(self.server.handle,), daemon=True,
                                        kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint,
-                                                   should_stop=self.stop.is_set, poll_s=0.02))
+                                                   should_stop=self.stop.is_set, poll_s=0.02,
+                                                   after_replies=server.after_replies))
         self.thread.start()
 
     def channel(self) -> DealerChannel:
@@ -52,9 +53,9 @@ class Served:
 
 
 class ServedDraft(Served):
-    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4):
+    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4, ahead: bool = False):
         runner = draft.target_runner
-        server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s)
+        server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s, ahead=ahead)
         super().__init__(server, model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab()))
         self.max_draft = max_draft
 
@@ -62,16 +63,18 @@ class ServedDraft(Served):
         return RemoteDrafter(self.channel(), self.fingerprint, self.max_draft, timeout_s=timeout_s)
 
 
-def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256):
+def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256, ahead: bool = False):
     local = LocalEngine(EngineConfig(target, max_len=max_len), False)
-    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs, ahead=ahead)
     return local, served, BatchEngine(local, cfg, drafter=served.drafter())
 
 
-@pytest.mark.parametrize("draft_length", [None, 3])
-def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length):
+@pytest.mark.parametrize("draft_length,ahead", [(None, False), (3, False), (None, True), (2, True)])
+def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, ahead):
+    """`ahead`: the server drafts each next round while this side verifies (`pipeline: async`)."""
     cfg = BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length)
-    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg)
+    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg,
+                                                    ahead=ahead)
     try:
         reqs = mixed_requests(7, 8)
         cancel = {reqs[4].id: 3}
@@ -87,6 +90,8 @@ def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_len
             accepted += last[r.id].result.stats.accepted_tokens
         if draft_length:
             assert 0 < accepted < drafted  # drafts were kept and drafts were refused, over the wire
+        if ahead:  # drafts made ahead were used (and, at a fixed depth, some thrown away)
+            assert served.server.hits > 0 and (served.server.misses > 0 or not draft_length)
         wait_idle(batch)
         assert batch.pool.available == 3 and not served.server.mirrors  # every session released there too
     finally:
@@ -122,21 +127,25 @@ def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_d
         batch.close()
 
 
-@pytest.fixture(scope="module")
-def vocab4_remote(tiny_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "ahead"])
+def vocab4_remote(request, tiny_dir):
+    """`ahead`: drafting ahead, 5 tokens drafted one at a time, so a request has a round
+    whose draft was made ahead (drafts accepted, the bonus guessed) or thrown away."""
+    ahead = request.param
     target, draft = tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3)
     local = LocalEngine(EngineConfig(target, max_len=64), False)
-    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs, max_draft=NEW - 1)
-    yield local, served
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs,
+                         max_draft=NEW - 1, ahead=ahead)
+    yield local, served, (NEW + 1, 1) if ahead else (NEW, NEW - 1)
     served.close()
 
 
-def remote_samples(local, served, n: int) -> list[tuple[int, ...]]:
-    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1), drafter=served.drafter())
+def remote_samples(local, served, n: int, new: int, draft_length: int) -> list[tuple[int, ...]]:
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=draft_length), drafter=served.drafter())
     seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(17)).tolist()
     params = SamplingParams(temperature=1.0)
     try:
-        reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+        reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=new, sampling=params, seed=s, eos_token_ids=NO_EOS))
                 for s in seeds]
         got, _ = collect(batch, reqs, timeout=900)
         return [tuple(got[r.id]) for r in reqs]
@@ -145,9 +154,12 @@ def remote_samples(local, served, n: int) -> list[tuple[int, ...]]:
 
 
 def test_remote_draft_batched_sampling_follows_the_target(vocab4_remote):
-    local, served = vocab4_remote
-    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
-    assert chi2_pvalue(remote_samples(local, served, 10_000), probs) > 1e-3
+    local, served, (new, k) = vocab4_remote
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0), new=new)
+    hits = served.server.hits
+    assert chi2_pvalue(remote_samples(local, served, 10_000, new, k), probs) > 1e-3
+    if served.server.ahead:
+        assert served.server.hits - hits > 500  # many requests took a draft made ahead
 
 
 def test_remote_draft_sampling_check_catches_a_broken_acceptance(vocab4_remote, monkeypatch):
@@ -155,8 +167,8 @@ def test_remote_draft_sampling_check_catches_a_broken_acceptance(vocab4_remote, 
     def accept_all(tree, p, q, gen):
         return Verdict(list(range(1, tree.size)), int(torch.multinomial(p[-1], 1, generator=gen)))
 
-    local, served = vocab4_remote
+    local, served, (new, k) = vocab4_remote
     monkeypatch.setattr(spec_round, "verify_sampling", accept_all)
-    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0))
-    samples = remote_samples(local, served, 4000)
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0), new=new)
+    samples = remote_samples(local, served, 4000, new, k)
     assert chi2_pvalue(samples, probs) < 1e-6 and Counter(samples)

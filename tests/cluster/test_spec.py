@@ -52,6 +52,7 @@ def test_good_specs_pass_and_say_which_builder():
     assert DecoderSpec(target=T, draft="d", pipeline="sync").kind == "ray-pipeline"  # one request (the CLI)
     assert DecoderSpec(target=T, draft="d", pipeline="sync", batch=object()).kind == "remote-drafter"  # Serve
     assert DecoderSpec(target=T, heads="medusa", pipeline="sync", batch=object()).kind == "remote-drafter"
+    assert DecoderSpec(target=T, draft="d", pipeline="async", batch=object()).kind == "remote-drafter"
     assert DecoderSpec(target=T, draft="self", draft_attention="tidal:8").kind == "local"
     assert DecoderSpec(ensemble=["a", "b"], combine="we:0.5").ensemble == ("a", "b")
     assert DecoderSpec(ensemble=("a", "b"), combine="we:0.5", pipeline="sync").kind == "ensemble"

@@ -1,0 +1,94 @@
+"""CoS batched: an ensemble's proposer drafts for every running request and the ensemble
+verifies all trees in one round (`cluster/batching/ensemble.py`). Each request's greedy
+output is the ensemble's own (standard collaborative decoding, one token at a time),
+whatever shares the batch; under sampling the output follows the combined distribution
+(and the check fails when the acceptance rule is broken)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import decoding.acceptance as acceptance
+from actors.drafters.draft_model import DraftModelDrafter
+from actors.ensemble_verifier import EnsembleVerifier
+from cluster.batching.engine import BatchEngine
+from cluster.batching.ensemble import ensemble_engine
+from cluster.batching.scheduler import BatchConfig
+from cluster.decoder import Request, wait_idle
+from cluster.ensemble import EnsembleConfig
+from cluster.factory import make_decoder
+from cluster.spec import DecoderSpec
+from decoding.request import DecodeConfig
+from decoding.sampling import SamplingParams
+
+from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_combined_probs
+from test_batching import NO_EOS, collect, mixed_requests
+
+
+@pytest.mark.parametrize("combine,draft_length", [("we:0.5", None), ("cd:0.3", 3)])
+def test_cos_batched_greedy_equals_the_ensemble_alone(tiny_dir, combine, draft_length):
+    members = (tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3))
+    spec = DecoderSpec(ensemble=members, combine=combine, pipeline="local", max_len=256,
+                       batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
+    batch = make_decoder(spec)
+    try:
+        assert isinstance(batch, BatchEngine) and isinstance(batch.verifier, EnsembleVerifier)
+        assert isinstance(batch.drafter, DraftModelDrafter)
+        reqs = mixed_requests(31, 8)
+        cancel = {reqs[3].id: 4}
+        got, last = collect(batch, reqs, cancel)
+        wait_idle(batch)
+        ensemble = batch.engine.ensemble
+        drafted = accepted = 0
+        for r in reqs:
+            alone = ensemble.generate(r.prompt_ids, r.cfg, method="ensemble").token_ids
+            if r.id in cancel:
+                assert got[r.id] == alone[:len(got[r.id])]
+                continue
+            assert got[r.id] == alone, r
+            drafted += last[r.id].result.stats.drafted_tokens
+            accepted += last[r.id].result.stats.accepted_tokens
+        if draft_length:
+            assert 0 < accepted < drafted  # the proposer's drafts were judged by the ensemble: kept and refused
+        assert all(pool.available == 3 for pool in batch.verifier.pools) and not batch.verifier.slots
+        assert batch.runtime_info()["ensemble"]["batched"]
+    finally:
+        batch.close()
+
+
+@pytest.fixture(scope="module")
+def vocab4_cos(tiny_dir):
+    members = (tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3))
+    cfg = EnsembleConfig(models=members, combine="we:0.5", max_len=64)
+    batch = ensemble_engine(cfg, BatchConfig(max_seqs=8, draft_length=NEW - 1))
+    ensemble = batch.engine.ensemble
+    probs = exact_combined_probs(ensemble.runners, cfg.rule, SamplingParams(temperature=1.0))
+    yield batch, probs
+    batch.close()
+
+
+def cos_samples(batch, n: int) -> tuple[list[tuple[int, ...]], int, int]:
+    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(29)).tolist()
+    params = SamplingParams(temperature=1.0)
+    reqs = [Request(PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+            for s in seeds]
+    got, last = collect(batch, reqs, timeout=900)
+    drafted = sum(last[r.id].result.stats.drafted_tokens for r in reqs)
+    accepted = sum(last[r.id].result.stats.accepted_tokens for r in reqs)
+    return [tuple(got[r.id]) for r in reqs], drafted, accepted
+
+
+def test_cos_batched_sampling_follows_the_combined_distribution(vocab4_cos):
+    batch, probs = vocab4_cos
+    samples, drafted, accepted = cos_samples(batch, 10_000)
+    assert chi2_pvalue(samples, probs) > 1e-3
+    assert 0.05 * drafted < accepted < 0.95 * drafted  # accepts and rejections both ran
+
+
+def test_cos_batched_sampling_check_catches_a_broken_residual(vocab4_cos, monkeypatch):
+    """Keeping r as the residual after a rejection (instead of norm(max(0, r - q))) must show up."""
+    batch, probs = vocab4_cos
+    monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p)
+    samples, _, _ = cos_samples(batch, 4000)
+    assert chi2_pvalue(samples, probs) < 1e-6
