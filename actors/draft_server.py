@@ -95,6 +95,16 @@ class RoundServer:
     def after_replies(self) -> None:
         """Work once a round's answers are sent, while the verifier verifies them."""
 
+    @staticmethod
+    def check_position(call: DraftCall, known: int | None) -> None:
+        """`known`: committed tokens held for the call's session (None: a new session)."""
+        if known is None and call.position != 0:
+            raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
+                               f"not {call.position}")
+        if known is not None and call.position > known:
+            raise DraftRefused(f"session {call.session_id}: tokens from position {call.position}, but only "
+                               f"{known} are known")
+
     def release(self, session: str) -> None:
         raise NotImplementedError
 
@@ -214,18 +224,13 @@ class DraftServer(RoundServer):
     def _sync(self, call: DraftCall) -> Sequence:
         """Bring the session's mirror to the committed tokens the call reports."""
         mirror = self.mirrors.get(call.session_id)
+        self.check_position(call, None if mirror is None else len(mirror.seq.prompt))
         if mirror is None:
-            if call.position != 0:
-                raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
-                                   f"not {call.position}")
             params = SamplingParams(temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
             cfg = DecodeConfig(max_new_tokens=call.remaining, sampling=params, seed=draft_seed(call.seed))
             mirror = self.mirrors[call.session_id] = _Mirror(Sequence(call.session_id, [], cfg, True, None))
             self.drafter.start(mirror.seq, None)  # its slot goes back on the session's Shutdown
         seq = mirror.seq
-        if call.position > len(seq.prompt):
-            raise DraftRefused(f"session {call.session_id}: tokens from position {call.position}, but only "
-                               f"{len(seq.prompt)} are known")
         seq.prompt[call.position:] = call.token_ids
         seq.cfg = dataclasses.replace(seq.cfg, max_new_tokens=call.remaining)
         if len(seq.prompt) + call.depth + 1 > self.max_len:

@@ -59,14 +59,9 @@ class HeadsServer(RoundServer):
 
     def _sync(self, call: DraftCall) -> _Session:
         session = self.sessions.get(call.session_id)
+        self.check_position(call, None if session is None else session.length)
         if session is None:
-            if call.position != 0:
-                raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
-                                   f"not {call.position}")
             session = self.sessions[call.session_id] = _Session()
-        if call.position > session.length:
-            raise DraftRefused(f"session {call.session_id}: tokens from position {call.position}, but only "
-                               f"{session.length} are known")
         if session.proposal is not None:  # committed after the last tree's root: its kept drafts, then the bonus
             after = call.token_ids[max(0, session.root + 1 - call.position):]
             self.drafter.observe(session.proposal, kept_of(session.proposal, list(after[:-1])))
