@@ -140,13 +140,16 @@ def test_models_and_health(server):
 
 
 def test_each_app_resolves_the_draft_dtype_on_its_own_hardware(server):
-    """`draft_dtype: auto` (the default) resolves in each actor: int8 blocks on the native
-    kernels where they build (the main app's actors, oneDNN capped at AVX2 but the kernels
-    are ours), bf16 where the probe says native and there are no native kernels (small)."""
+    """`draft_dtype: auto` (the default) resolves where each model runs: int8 blocks on the
+    native kernels where they build (the main app: target batched in the replica, draft in
+    its own actor; oneDNN capped at AVX2 but the kernels are ours), bf16 where the probe says
+    native and there are no native kernels (small)."""
     main = requests.get(f"{server.base}/health", timeout=10).json()["runtime"]
     assert main["draft"]["dtype"] == "Q8_0" and main["target"]["dtype"] == "float32"
+    assert main["draft"]["where"].startswith("own actor") and "batching" in main
     for role in ("target", "draft"):
-        caps = main[role]["capabilities"]
+        # an actor reports its own probe; a model in the replica shares the replica's (`cpu`)
+        caps = main[role].get("capabilities", main["cpu"])
         assert caps["native_bf16"] is False and caps["forced"] is False  # the real probe said no
         assert main[role]["kernels"]
     small = small_health(server)["runtime"]
