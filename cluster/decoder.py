@@ -145,9 +145,21 @@ class SerialDecoder(Decoder):
                 "batching": False}
 
     def close(self) -> None:
-        self._closed = True
         with self._wake:
+            self._closed = True
+            if self._running is not None:
+                self._cancelled.add(self._running)  # the running request stops at its next tokens
+            waiting = list(self._queue)
+            self._queue.clear()
             self._wake.notify()
+        for request, on_event in waiting:  # their callers would otherwise wait forever
+            on_event(TokenEvent(request.id, [], finish_reason="error", error="the decoder was closed"))
+        # Joined, not left to exit with the interpreter: a daemon thread that drops the last
+        # reference to the engine during finalization frees numpy-backed weights there, and
+        # torch's deleter, taking the GIL, aborts the process ("terminate called without an
+        # active exception"; seen when `specray generate` exits).
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()
