@@ -43,6 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: each socket stays bound until all are chosen, so the OS cannot
+    hand the same port out twice (once it did, and `ray start` refused two components on one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def head_env() -> dict[str, str]:
     # No RAY_ADDRESS (it would point elsewhere); no OMP_NUM_THREADS, as deploy/cluster.yaml does.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_NUM_THREADS")}
@@ -95,12 +105,12 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 def ray_head(log: Path, num_cpus: int = 2) -> Iterator[Head]:
     # Ray's temp dir holds Unix sockets, whose paths must stay under ~107 bytes: keep it short.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    dashboard, gcs, metrics = free_port(), free_port(), free_port()
+    dashboard, gcs, client, node, objects, agent_http, agent_grpc, runtime_env, metrics = free_ports(9)
     ports = dict(
-        port=gcs, dashboard_port=dashboard, ray_client_server_port=free_port(),
-        node_manager_port=free_port(), object_manager_port=free_port(),
-        dashboard_agent_listen_port=free_port(), dashboard_agent_grpc_port=free_port(),
-        runtime_env_agent_port=free_port(), metrics_export_port=metrics,
+        port=gcs, dashboard_port=dashboard, ray_client_server_port=client,
+        node_manager_port=node, object_manager_port=objects,
+        dashboard_agent_listen_port=agent_http, dashboard_agent_grpc_port=agent_grpc,
+        runtime_env_agent_port=runtime_env, metrics_export_port=metrics,
         min_worker_port=0, max_worker_port=0,  # 0: workers take ports the OS hands out
     )
     cmd = [
