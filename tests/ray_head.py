@@ -37,12 +37,6 @@ class Head:
     env: dict[str, str]  # what a client process of this head needs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_ports(n: int) -> list[int]:
     """n distinct free ports: each socket stays bound until all are chosen, so the OS cannot
     hand the same port out twice (once it did, and `ray start` refused two components on one)."""
@@ -51,6 +45,10 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def head_env() -> dict[str, str]:
