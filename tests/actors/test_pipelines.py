@@ -17,7 +17,7 @@ from cluster.local import autoregressive_generate
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
 
-from sampling_check import NEW, PROMPT, SAMPLES, chi2_pvalue, exact_sequence_probs, runners
+from sampling_check import NEW, PROMPT, SAMPLES, caught_pvalue, chi2_pvalue, exact_sequence_probs, runners, seeds
 from wire_pair import FINGERPRINT, WirePair
 
 
@@ -81,10 +81,10 @@ def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, 
 
 # ---- sampling -------------------------------------------------------------------------
 
-def sample_sequences(pair: WirePair, params: SamplingParams, opts: PipelineOptions, n: int = SAMPLES):
-    seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+def sample_sequences(pair: WirePair, params: SamplingParams, opts: PipelineOptions, n: int = SAMPLES,
+                     start: int = 0):
     cfgs = [DecodeConfig(max_new_tokens=NEW, sampling=params, seed=seed, draft_length=NEW - 1, eos_token_ids=(-1,))
-            for seed in seeds]
+            for seed in seeds(n, start, seed=5)]
     results, _ = pair.generate_many(PROMPT, cfgs, opts)
     return [tuple(result.token_ids) for result in results]
 
@@ -104,5 +104,5 @@ def test_broken_residual_is_caught_async(tiny_dir, monkeypatch):
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params)
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
-    samples = sample_sequences(drafting_pair(target, draft), params, PipelineOptions(mode="async", lookahead=NEW - 1))
-    assert chi2_pvalue(samples, probs) < 1e-6
+    pair, opts = drafting_pair(target, draft), PipelineOptions(mode="async", lookahead=NEW - 1)
+    assert caught_pvalue(lambda start, n: sample_sequences(pair, params, opts, n, start), probs) < 1e-6
