@@ -56,6 +56,11 @@ class HeadsActor:
     def ping(self) -> bool:
         return True
 
+    def watch(self) -> None:
+        """Never returns: a caller holding this call's reference learns the moment this
+        actor's process is gone (the reference resolves with an error)."""
+        threading.Event().wait()
+
     def info(self) -> dict:
         heads = self.drafter.heads
         return {"pid": os.getpid(), "node_ip": self.node_ip, "device": "cpu", "threads": self.threads,

@@ -93,6 +93,11 @@ class ModelActor:
     def ping(self) -> bool:
         return True
 
+    def watch(self) -> None:
+        """Never returns: a caller holding this call's reference learns the moment this
+        actor's process is gone (the reference resolves with an error)."""
+        threading.Event().wait()
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_ip": self.node_ip, "node_id": self.node_id, "device": self.device,
                 "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model,

@@ -235,6 +235,9 @@ def _send_error(exc: zmq.ZMQError) -> ProtocolError:
 # blocking
 
 
+ALIVE_POLL_S = 0.5  # DealerChannel.recv(alive=...): how often a waiting receive asks after its peer
+
+
 class DealerChannel(_ChannelCore):
     """Connecting side (drafter). Blocking API."""
 
@@ -261,9 +264,13 @@ class DealerChannel(_ChannelCore):
         self._count_sent(frames)
         return tracker
 
-    def recv(self, timeout_s: float | None = None) -> Message:
+    def recv(self, timeout_s: float | None = None, alive: Callable[[], bool] | None = None) -> Message:
         """Next admitted message. Raises ReceiveTimeout, or a ProtocolError for bad input
-        (the channel stays usable: call recv again)."""
+        (the channel stays usable: call recv again). `alive`: asked between waits of at most
+        ALIVE_POLL_S; once it answers False (the peer's process is known gone) PeerUnreachable
+        is raised at once instead of waiting out the timeout for an answer that cannot come."""
+        if alive is not None:
+            return self._recv_while(alive, timeout_s)
         deadline = self._deadline(timeout_s)
         first_try = True
         while True:
@@ -279,16 +286,30 @@ class DealerChannel(_ChannelCore):
             if self._admit(message, None):
                 return message
 
-    def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        self.send(message)
-        return self.recv(timeout_s)
+    def _recv_while(self, alive: Callable[[], bool], timeout_s: float | None) -> Message:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self.recv(ALIVE_POLL_S if left is None else min(left, ALIVE_POLL_S))
+            except ReceiveTimeout:
+                if left is not None and left <= ALIVE_POLL_S:
+                    raise
+                if not alive():
+                    raise PeerUnreachable("the peer's process is gone") from None
 
-    def handshake(self, hello: Handshake, timeout_s: float | None = None) -> Handshake:
+    def request(self, message: Message, timeout_s: float | None = None,
+                alive: Callable[[], bool] | None = None) -> Message:
+        self.send(message)
+        return self.recv(timeout_s, alive)
+
+    def handshake(self, hello: Handshake, timeout_s: float | None = None,
+                  alive: Callable[[], bool] | None = None) -> Handshake:
         """Open `hello.session_id` with the peer; raises HandshakeRefused if it will not talk
         to us (other version, other model fingerprint, same role)."""
         self.sessions.open(hello.session_id, step=hello.step)  # so its answer is admitted
         try:
-            reply = self.request(hello, timeout_s)
+            reply = self.request(hello, timeout_s, alive)
         except BaseException:
             self.sessions.close(hello.session_id)
             raise

@@ -6,11 +6,17 @@ server has not seen, so the link carries a few ints per sequence) and reads one
 Sampling drafts come with the rows they were drawn from (zero-copy tensor frames), so the
 verifier's rejection sampling stays exact. The server's cost is measured here, round trip
 included, and weighed by the scheduler like an in-process draft's.
+
+When the server dies (its actor crashed, its node went), the target decodes on alone, which
+is exact, and `reconnect` (Ray restarts the actor; this asks it for a new server) runs on a
+thread of its own; once it answers, every running sequence is handed to the new server
+(all its committed tokens, on its next round) and drafting resumes.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,17 +46,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class RemoteState:
     synced: int = 0  # committed tokens the server holds for this sequence
+    link: int = -1  # the connection the server knows this sequence on (-1: not introduced yet)
 
 
 class RemoteDrafter:
     def __init__(self, channel: DealerChannel, fingerprint: ModelFingerprint, max_draft: int,
                  step_s: dict[int, float] | None = None, timeout_s: float = 60.0,
-                 on_close: Callable[[], None] | None = None, info: dict | None = None):
+                 on_close: Callable[[], None] | None = None, info: dict | None = None,
+                 reconnect: Callable[[], DealerChannel] | None = None, alive: Callable[[], bool] | None = None):
         """`channel`: connected to a draft server; `step_s`: its draft step seconds by
         sequences, as measured there (then learned from each round here); `on_close`: what
-        stops the server's side (its actor) when the engine closes."""
+        stops the server's side (its actor) when the engine closes; `reconnect`: blocks until
+        a new server answers and returns a channel to it (None: a lost server stays lost);
+        `alive`: False once the server's process is known dead (checked while waiting for an
+        answer, so a crash costs a moment, not `timeout_s`)."""
         self.channel, self.fingerprint, self.timeout_s = channel, fingerprint, timeout_s
-        self.on_close = on_close
+        self.on_close, self.reconnect, self.alive = on_close, reconnect, alive
         self.info = info or {}  # the server's runtime (model, dtype, device, node), for /health
         self.max_draft = max_draft
         self.tree_room = max_draft + 1
@@ -58,21 +69,20 @@ class RemoteDrafter:
         self.step.verify_s.update(step_s or {1: 0.01})
         self.rounds = 0
         self.lost: str | None = None  # why the server stopped answering; then the target decodes alone
+        self.link = 0  # bumped at each new server: sequences are introduced to it again
+        self.restarts = 0  # servers reconnected to after a loss
+        self._fresh: DealerChannel | None = None  # a new server's channel, from the reconnect thread
+        self._reconnecting: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        if self.lost:
-            return
-        try:
-            self.channel.handshake(Handshake(session_id=seq.id, step=0, role=Role.VERIFIER,
-                                             fingerprint=self.fingerprint), timeout_s=self.timeout_s)
-        except ProtocolError as exc:
-            self._lose(exc)
-            seq.stats.drafter_lost = True
-            return
-        seq.draft = RemoteState()
+        seq.draft = self._state(hidden)  # introduced to the server on its first round
+
+    def _state(self, hidden: torch.Tensor) -> RemoteState:
+        return RemoteState()
 
     def release(self, seq: Sequence) -> None:
-        if seq.draft is not None and not self.lost:
+        if seq.draft is not None and seq.draft.link == self.link and not self.lost:
             try:
                 self.channel.send(Shutdown(session_id=seq.id, step=self.rounds + 1, reason="finished"))
             except ProtocolError as exc:
@@ -81,15 +91,52 @@ class RemoteDrafter:
 
     def _lose(self, exc: BaseException) -> None:
         """The server is gone or wrong: stop drafting (every sequence goes on with the target
-        alone, which is exact) rather than fail the requests."""
+        alone, which is exact) rather than fail the requests, and look for a new server."""
         self.lost = f"{type(exc).__name__}: {exc}"
         log.warning("the draft server stopped answering (%s); decoding without drafts", self.lost)
+        if self.reconnect is not None and self._reconnecting is None and not self._closed.is_set():
+            self._reconnecting = threading.Thread(target=self._reconnect, name="draft-reconnect", daemon=True)
+            self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        delay = 1.0
+        while not self._closed.is_set():
+            try:
+                self._fresh = self.reconnect()
+                return
+            except Exception as exc:  # noqa: BLE001 - not back yet (restarting, or gone for good): retry
+                log.warning("no draft server yet (%s: %s); trying again in %.0f s", type(exc).__name__, exc, delay)
+                if self._closed.wait(delay):
+                    return
+                delay = min(2 * delay, 60.0)
+
+    def _resume(self) -> None:
+        """Take the new server's channel, if the reconnect thread has found one."""
+        fresh, self._fresh = self._fresh, None
+        if fresh is None:
+            return
+        self._reconnecting.join()
+        old, self.channel = self.channel, fresh
+        old.close()
+        self.link, self.restarts, self.lost, self._reconnecting = self.link + 1, self.restarts + 1, None, None
+        log.warning("a draft server answers again (reconnect %d); drafting resumes", self.restarts)
+
+    def _introduce(self, calls: list[Sequence]) -> None:
+        """Sequences the current server has not seen: a handshake each; their next call
+        carries all their committed tokens."""
+        for s in calls:
+            if s.draft.link != self.link:
+                self.channel.handshake(Handshake(session_id=s.id, step=0, role=Role.VERIFIER,
+                                                 fingerprint=self.fingerprint), self.timeout_s, self.alive)
+                s.draft.synced, s.draft.link = 0, self.link
 
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+        self._resume()
         calls = [s for s in seqs if s.remaining > 1 and s.draft is not None]
         if not calls or self.lost:
             return {}
         try:
+            self._introduce(calls)
             return self._propose(calls, k)
         except (ProtocolError, RuntimeError) as exc:
             self._lose(exc)
@@ -111,7 +158,7 @@ class RemoteDrafter:
         by_id = {s.id: s for s in calls}
         out: dict[str, Draft] = {}
         while len(out) < len(calls):
-            tree = self.channel.recv(timeout_s=self.timeout_s)
+            tree = self.channel.recv(self.timeout_s, self.alive)
             if not isinstance(tree, CandidateTree) or tree.session_id not in by_id or tree.step != self.rounds:
                 raise RuntimeError(f"the draft server answered {type(tree).__name__} "
                                    f"({tree.session_id}, step {tree.step}) to round {self.rounds}")
@@ -147,10 +194,10 @@ class RemoteDrafter:
         return {"draft": {**self.info, "where": "own actor, over the protocol"}}
 
     def close(self) -> None:
+        self._closed.set()
+        self.channel.close()
         if self.on_close is not None:
             self.on_close()
-        else:
-            self.channel.close()
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
         """Nothing to do here: the next call tells the server what was committed."""
@@ -161,4 +208,5 @@ class RemoteDrafter:
         return sum(gains), k * self.step.verify(len(seqs)), sum(kk + 1 for kk in ks)
 
     def depths(self, max_draft: int) -> list[int]:
+        self._resume()
         return [] if self.lost else list(range(1, min(max_draft, self.max_draft) + 1))

@@ -37,10 +37,8 @@ class RemoteHeadsDrafter(RemoteDrafter):
         self.tree_room = max_nodes + 1  # and the root
         self.propose_s = 0.0  # decayed mean seconds per sequence, round trip included
 
-    def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        super().start(seq, hidden)
-        if seq.draft is not None:
-            seq.draft = RemoteHeadsState(hidden=hidden)
+    def _state(self, hidden: torch.Tensor) -> RemoteHeadsState:
+        return RemoteHeadsState(hidden=hidden)
 
     def _hidden(self, seq: Sequence) -> torch.Tensor:
         return seq.draft.hidden.detach().float().contiguous()
@@ -65,4 +63,5 @@ class RemoteHeadsDrafter(RemoteDrafter):
         return tokens, self.propose_s * len(seqs), rows
 
     def depths(self, max_draft: int) -> list[int]:
+        self._resume()
         return [] if self.lost else [min(max_draft, self.n_heads)]

@@ -8,6 +8,9 @@ here), or draft heads in a `HeadsActor` (`actors/heads_server.py` there,
 `actors/drafters/remote_heads.py` here: each call carries the target's hidden state).
 `pipeline: async`: the draft model drafts each sequence's next round while the target
 verifies this one, betting its drafts are all accepted (`DraftServer(ahead=True)`).
+
+A drafter actor that dies is restarted by Ray (`max_restarts`); the engine decodes on
+without drafts meanwhile and reconnects to the new incarnation's server once it is up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from cluster.engine import EngineConfig, LocalEngine, heads_dir
 from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
 
 HEADS_TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the verify costs a heads tree is sized by
+DRAFTER_RESTARTS = 3  # crashes of the drafter actor Ray recovers from; after that the target decodes alone
 
 
 def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
@@ -42,37 +46,56 @@ def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
                                       spread=spec.spread))
     secret = secrets.token_hex(32)  # signs the tcp link when the drafter sits on another node
     actor = None
+    # one actor method blocks for the actor's life: its reference resolves (with an error)
+    # once the actor's process is gone, which is how a crash is seen at once
+    watch: list = []
     try:
         cfg, here = spec.batch, ray.util.get_node_ip_address()
-        options = placement.actor_options(0)
+        options = {**placement.actor_options(0), "max_concurrency": 4, "max_restarts": DRAFTER_RESTARTS}
         if spec.draft is not None:
-            actor = ray.remote(ModelActor).options(**options, max_concurrency=4).remote(
+            actor = ray.remote(ModelActor).options(**options).remote(
                 {"model": spec.draft, "dtype": spec.draft_dtype, "max_len": max_len + cfg.max_draft + 2,
                  "secret": secret})
-            endpoint = ray.get(actor.serve_drafts.remote(here, cfg.max_seqs, cfg.max_draft, local.verify_costs,
-                                                         ahead=spec.pipeline == "async"), timeout=900)
-            sizing = {"max_draft": cfg.max_draft}
+
+            def serve() -> dict:
+                return {"endpoint": ray.get(actor.serve_drafts.remote(
+                    here, cfg.max_seqs, cfg.max_draft, local.verify_costs, ahead=spec.pipeline == "async"),
+                    timeout=900)}
         else:
             path = heads_dir(EngineConfig(spec.target, heads=spec.heads, tree=spec.tree))
             verify_ms = {k: v * 1e3 for k, v in local.verify_costs.items()}
-            actor = ray.remote(HeadsActor).options(**options, max_concurrency=4).remote(
+            actor = ray.remote(HeadsActor).options(**options).remote(
                 {"target": spec.target, "heads_dir": str(path), "tree": spec.tree, "verify_ms": verify_ms,
                  "secret": secret})
-            served = ray.get(actor.serve_heads.remote(here), timeout=900)
+
+            def serve() -> dict:
+                return ray.get(actor.serve_heads.remote(here), timeout=900)
+
+        def connect() -> tuple[DealerChannel, dict]:
+            served = serve()
+            watch[:] = [actor.watch.remote()]
             endpoint = served["endpoint"]
-            sizing = {"max_draft": served["n_heads"], "n_heads": served["n_heads"], "max_nodes": served["max_nodes"]}
-        auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") else None
-        channel = DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
-        fingerprint = model_fingerprint(local.target_runner.vocab_size, local.tokenizer.get_vocab())
+            auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") else None
+            return DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth)), served
+
+        def alive() -> bool:
+            return not ray.wait(watch, timeout=0)[0]
+
+        def reconnect() -> DealerChannel:
+            ray.wait(watch)  # only a crashed actor is replaced (Ray restarts it): a slow one is waited on
+            return connect()[0]
 
         def stop() -> None:
-            channel.close()
             ray.kill(actor, no_restart=True)
             release(placement)
 
+        channel, served = connect()
+        sizing = {"max_draft": cfg.max_draft} if spec.draft is not None else {
+            "max_draft": served["n_heads"], "n_heads": served["n_heads"], "max_nodes": served["max_nodes"]}
+        fingerprint = model_fingerprint(local.target_runner.vocab_size, local.tokenizer.get_vocab())
         info = ray.get(actor.info.remote(), timeout=60)
         kind = RemoteDrafter if spec.draft is not None else RemoteHeadsDrafter
-        drafter = kind(channel, fingerprint, on_close=stop, info=info, **sizing)
+        drafter = kind(channel, fingerprint, on_close=stop, info=info, reconnect=reconnect, alive=alive, **sizing)
         return BatchEngine(local, cfg, drafter=drafter)
     except BaseException:
         if actor is not None:

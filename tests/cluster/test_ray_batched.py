@@ -5,19 +5,25 @@ actor goes when the engine closes."""
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
 import time
 
 import pytest
 import ray
+import torch
 
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
+from cluster.decoder import Request
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.factory import make_decoder
 from cluster.spec import DecoderSpec
+from decoding.request import DecodeConfig
 
 import tiny
-from test_batching import collect, mixed_requests
+from test_batching import NO_EOS, collect, mixed_requests
 
 
 @pytest.mark.parametrize("draft_length", [3, None])
@@ -61,5 +67,49 @@ def test_a_heads_actor_drafts_trees_for_the_batch_and_outputs_are_the_targets(lo
         for r in reqs:
             assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
         assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the actor's trees were kept
+    finally:
+        decoder.close()
+
+
+def test_a_draft_actor_that_crashes_is_restarted_and_drafting_resumes(local_ray, tiny_dir):
+    """The draft actor's process is killed mid-run: the target decodes on alone (exact), Ray
+    restarts the actor, and the running requests draft again on its new server."""
+    target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.2)
+    spec = DecoderSpec(target=target, draft=draft, pipeline="sync", draft_dtype="float32", max_len=256,
+                       batch=BatchConfig(max_seqs=3, draft_length=3))
+    alone = LocalEngine(EngineConfig(target, max_len=256), False)
+    decoder = make_decoder(spec)
+    drafter, killed, lost = decoder.drafter, [], []
+    gen = torch.Generator().manual_seed(8)
+    reqs = [Request(torch.randint(2, 64, (7,), generator=gen).tolist(),
+                    DecodeConfig(max_new_tokens=60, eos_token_ids=NO_EOS)) for _ in range(3)]
+    events: queue.Queue = queue.Queue()
+
+    def on_event(ev) -> None:  # the engine's thread: blocking here holds the next round
+        events.put(ev)
+        if ev.token_ids and not killed:
+            killed.append(decoder.runtime_info()["draft"]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+        elif drafter.lost and not drafter.restarts:
+            lost.append(drafter.lost)
+            deadline = time.monotonic() + 120  # Ray restarts the actor; its new server answers
+            while drafter._fresh is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    try:
+        for r in reqs:
+            decoder.submit(r, on_event)
+        got, last = {r.id: [] for r in reqs}, {}
+        while len(last) < len(reqs):
+            ev = events.get(timeout=180)
+            got[ev.request_id] += ev.token_ids
+            if ev.done:
+                last[ev.request_id] = ev
+        for r in reqs:
+            assert last[r.id].error is None
+            assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert any(last[r.id].result.stats.drafter_lost for r in reqs)
+        assert drafter.restarts == 1 and drafter.lost is None and "PeerUnreachable" in lost[0]
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the new actor's drafts were kept
     finally:
         decoder.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -125,6 +126,64 @@ def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_d
         assert drafter.lost and any(last[r.id].result.stats.drafter_lost for r in reqs)
     finally:
         batch.close()
+
+
+def test_a_lost_draft_server_is_replaced_and_running_requests_draft_again(tiny_dir):
+    """The server dies mid-run (as an actor crashes): the target decodes on alone, `reconnect`
+    brings a new server (as Ray restarts the actor), and every running request is handed
+    to it with all its committed tokens; outputs stay the target's own."""
+    local = LocalEngine(EngineConfig(tiny_dir("qwen2"), max_len=256), False)
+    draft = LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False)
+    first, second, calls = ServedDraft(draft, local.verify_costs), [], []
+
+    def reconnect() -> DealerChannel:
+        served = ServedDraft(draft, local.verify_costs)
+        answer = served.server.draft
+        served.server.draft = lambda cs: calls.extend((c.session_id, c.position, len(c.token_ids)) for c in cs) \
+            or answer(cs)
+        second.append(served)
+        return served.channel()
+
+    drafter = RemoteDrafter(first.channel(), first.fingerprint, first.max_draft, timeout_s=30.0,
+                            reconnect=reconnect, alive=lambda: not first.stop.is_set())
+    batch = BatchEngine(local, BatchConfig(max_seqs=4, draft_length=3), drafter=drafter)
+    gen = torch.Generator().manual_seed(5)
+    reqs = [Request(torch.randint(2, 64, (9,), generator=gen).tolist(),
+                    DecodeConfig(max_new_tokens=70, eos_token_ids=NO_EOS)) for _ in range(3)]
+    events: queue.Queue = queue.Queue()
+
+    def on_event(ev) -> None:  # the engine's thread: blocking here holds the next round
+        events.put(ev)
+        if ev.token_ids and not first.stop.is_set():
+            first.close()  # the server dies after the first tokens
+        elif drafter.lost and not drafter.restarts:
+            deadline = time.monotonic() + 60  # the new server is up before the next round
+            while drafter._fresh is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    try:
+        for r in reqs:
+            batch.submit(r, on_event)
+        got, last = {r.id: [] for r in reqs}, {}
+        while len(last) < len(reqs):
+            ev = events.get(timeout=120)
+            got[ev.request_id] += ev.token_ids
+            if ev.done:
+                last[ev.request_id] = ev
+        for r in reqs:
+            assert last[r.id].error is None
+            assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert any(last[r.id].result.stats.drafter_lost for r in reqs)  # a round went without drafts
+        assert drafter.restarts == 1 and drafter.lost is None
+        # each request was introduced to the new server from position 0, with what it had committed
+        introduced = {sid: n for sid, position, n in calls if position == 0}
+        assert set(introduced) == {r.id for r in reqs}
+        assert all(introduced[r.id] > len(r.prompt_ids) for r in reqs)
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0
+    finally:
+        batch.close()
+        for served in second:
+            served.close()
 
 
 @pytest.fixture(scope="module")
