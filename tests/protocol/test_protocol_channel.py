@@ -212,6 +212,23 @@ def test_receive_timeout_is_typed_and_a_timeout_error(pair):
     assert time.monotonic() - started < 1.5
 
 
+def test_a_receive_gives_up_once_its_peer_is_known_gone(pair):
+    """`alive` says the peer's process is gone: PeerUnreachable, not a wait for the timeout;
+    while it says alive the wait lasts the timeout."""
+    router, dealer = pair
+    asked = []
+
+    def alive() -> bool:
+        asked.append(1)
+        return len(asked) < 3
+
+    with pytest.raises(PeerUnreachable):
+        dealer.recv(timeout_s=600, alive=alive)
+    assert len(asked) == 3
+    with pytest.raises(ReceiveTimeout):
+        dealer.recv(timeout_s=0.6, alive=lambda: True)
+
+
 def test_router_raises_typed_error_with_peer_and_keeps_receiving(pair):
     router, dealer = pair
     peer = open_session(router, dealer)
