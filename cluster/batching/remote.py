@@ -83,7 +83,9 @@ def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
 
         def reconnect() -> DealerChannel:
             ray.wait(watch)  # only a crashed actor is replaced (Ray restarts it): a slow one is waited on
-            return connect()[0]
+            channel = connect()[0]
+            info.update(ray.get(actor.info.remote(), timeout=60))  # /health: the new process
+            return channel
 
         def stop() -> None:
             ray.kill(actor, no_restart=True)

@@ -110,6 +110,7 @@ def test_a_draft_actor_that_crashes_is_restarted_and_drafting_resumes(local_ray,
             assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
         assert any(last[r.id].result.stats.drafter_lost for r in reqs)
         assert drafter.restarts == 1 and drafter.lost is None and "PeerUnreachable" in lost[0]
+        assert decoder.runtime_info()["draft"]["pid"] != killed[0]  # /health names the new process
         assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the new actor's drafts were kept
     finally:
         decoder.close()
