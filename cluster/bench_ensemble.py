@@ -1,11 +1,15 @@
 """`specray bench --ensemble A,B --combine RULE`: the ensemble baseline (`ensemble`, every
-model at every token) and CoS (`cos`) on the same prompts, interleaved, in one run."""
+model at every token) and CoS (`cos`) on the same prompts, interleaved, in one run.
+
+The ensemble is built as `specray generate` and the Serve app build it (a `DecoderSpec`
+through `make_decoder`), and each run is timed around `Decoder.generate`."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +30,9 @@ def ensemble_bench_from_args(args: argparse.Namespace) -> dict:
     their coins differently; their distributions match, see tests/actors/test_cos.py)."""
     from tqdm import tqdm
 
-    from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble, check_members
+    from cluster.ensemble import EnsembleConfig, check_members
+    from cluster.factory import make_decoder
+    from cluster.spec import DecoderSpec
     from decoding.sampling import SamplingParams
 
     if args.ensemble is None or args.combine is None:
@@ -37,14 +43,11 @@ def ensemble_bench_from_args(args: argparse.Namespace) -> dict:
     prompts = load_prompts(args.prompts, args.limit)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     models = tuple(m.strip() for m in args.ensemble.split(","))
-    placement = None
-    if not args.ensemble_local:
-        from cluster.placement import PlacementConfig
-
-        placement = PlacementConfig(n_actors=len(models), accelerator=args.accelerator,
-                                    cpus_per_actor=args.cpus_per_actor, spread=args.spread)
-    ens_cfg = EnsembleConfig(models, args.combine, dtype=args.dtype, placement=placement)
-    members = check_members(ens_cfg)
+    spec = DecoderSpec(ensemble=models, combine=args.combine, pipeline="local" if args.ensemble_local else "sync",
+                       dtype=args.dtype, accelerator=args.accelerator, cpus_per_actor=args.cpus_per_actor,
+                       spread=args.spread)
+    ens_cfg = EnsembleConfig(models, args.combine, dtype=args.dtype)
+    members = check_members(ens_cfg)  # before anything loads
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoded = [encode_prompt(members.tokenizer, p, args.chat) for p in prompts]
@@ -52,21 +55,26 @@ def ensemble_bench_from_args(args: argparse.Namespace) -> dict:
     def decode_cfg(seed: int, max_new: int) -> DecodeConfig:
         return DecodeConfig(max_new_tokens=max_new, sampling=sampling, seed=seed, draft_length=args.draft_length)
 
-    ensemble = LocalEnsemble(ens_cfg) if args.ensemble_local else RayEnsemble(ens_cfg)
+    def run(ids: list[int], cfg: DecodeConfig, method: str):
+        began = time.perf_counter()
+        result = decoder.generate(ids, cfg, speculative=method == "cos")  # "ensemble": every model, every token
+        return result, time.perf_counter() - began
+
+    decoder = make_decoder(spec, progress=True)
     totals = {m: MethodTotals() for m in methods}
     counts = {m: [0, 0] for m in methods}  # drafted, accepted proposals
     try:
         for method in methods:  # warm-up, untimed: kernels, allocator, CoS's measured costs
-            ensemble.generate(encoded[0][:64], decode_cfg(args.seed, min(32, args.max_new_tokens)), method=method)
+            run(encoded[0][:64], decode_cfg(args.seed, min(32, args.max_new_tokens)), method)
         bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", file=sys.stderr)
         for i, ids in enumerate(encoded):
             order = methods[i % len(methods):] + methods[: i % len(methods)]
             for method in order:
                 bar.set_postfix_str(f"prompt {i + 1}/{len(prompts)} {method}")
-                result = ensemble.generate(ids, decode_cfg(args.seed + i, args.max_new_tokens), method=method)
+                result, seconds = run(ids, decode_cfg(args.seed + i, args.max_new_tokens), method)
                 t, s = totals[method], result.stats
                 t.tokens += len(result.token_ids)
-                t.seconds += s.wall_s
+                t.seconds += seconds
                 t.outputs.append(result.token_ids)
                 t.accepted_per_step.append(s.mean_accepted)
                 counts[method][0] += s.drafted_tokens
@@ -74,7 +82,7 @@ def ensemble_bench_from_args(args: argparse.Namespace) -> dict:
                 bar.update()
         bar.close()
     finally:
-        ensemble.close()
+        decoder.close()
 
     reference = "ensemble" if "ensemble" in totals else methods[0]
     ref = totals[reference]
