@@ -163,15 +163,29 @@ class RemoteDrafter:
                 raise RuntimeError(f"the draft server answered {type(tree).__name__} "
                                    f"({tree.session_id}, step {tree.step}) to round {self.rounds}")
             s = by_id[tree.session_id]
-            if tree.token_ids[0] != s.tokens[-1] or not 1 <= len(tree.token_ids) <= self.tree_room:
-                raise RuntimeError(f"the draft server's tree for {s.id} does not grow from the newest token "
-                                   f"within {self.tree_room} nodes")
+            self._check(tree, s)
             out[s.id] = self._draft(tree)
         elapsed = time.perf_counter() - began
         self._observe_cost(elapsed, out, len(calls), alone)
         for s in calls:
             s.stats.draft_s += elapsed
         return out
+
+    def _check(self, tree: CandidateTree, seq: Sequence) -> None:
+        """Nothing from the server reaches the target unchecked: an id past the vocabulary
+        would index out of the embedding (a device assert that kills the process on a GPU),
+        a tree past the room would overrun the cache. A bad tree loses the drafter, not the
+        request (`propose` catches RuntimeError)."""
+        n, vocab = len(tree.token_ids), self.fingerprint.vocab_size
+        if tree.token_ids[0] != seq.tokens[-1] or not 1 <= n <= self.tree_room:
+            raise RuntimeError(f"the draft server's tree for {seq.id} does not grow from the newest token "
+                               f"within {self.tree_room} nodes")
+        if max(tree.token_ids) >= vocab:
+            raise RuntimeError(f"the draft server's tree for {seq.id} holds token id {max(tree.token_ids)}, "
+                               f"outside the vocabulary of {vocab}")
+        if tree.draft_probs is not None and tuple(tree.draft_probs.shape) != (n, vocab):
+            raise RuntimeError(f"the draft server's probabilities for {seq.id} have shape "
+                               f"{tuple(tree.draft_probs.shape)}, not ({n}, {vocab})")
 
     def _hidden(self, seq: Sequence) -> torch.Tensor | None:
         """What the server drafts from besides the tokens (heads: the target's state)."""

@@ -186,6 +186,40 @@ def test_a_lost_draft_server_is_replaced_and_running_requests_draft_again(tiny_d
             served.close()
 
 
+@pytest.mark.parametrize("corrupt", ["token past the vocabulary", "probabilities of the wrong width"])
+def test_a_bad_tree_from_the_server_loses_the_drafter_not_the_requests(tiny_dir, corrupt):
+    """The verifier checks what the server sends before the target reads it: the requests
+    finish with the target's own output, the drafter is marked lost, naming the fault."""
+    local = LocalEngine(EngineConfig(tiny_dir("qwen2"), max_len=256), False)
+    served = ServedDraft(LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False),
+                         local.verify_costs)
+    answer, vocab = served.server.draft, served.fingerprint.vocab_size
+
+    def bad(calls):
+        trees = answer(calls)
+        t = trees[0]
+        if len(t.token_ids) > 1 and corrupt.startswith("token"):
+            t.token_ids = (*t.token_ids[:-1], vocab + 3)
+        elif len(t.token_ids) > 1:
+            t.draft_probs = torch.full((len(t.token_ids), vocab - 1), 1.0 / (vocab - 1))
+        return trees
+
+    served.server.draft = bad
+    drafter = served.drafter()
+    batch = BatchEngine(local, BatchConfig(max_seqs=3, draft_length=3), drafter=drafter)
+    try:
+        reqs = mixed_requests(4, 3)
+        got, last = collect(batch, reqs)
+        for r in reqs:
+            assert last[r.id].error is None
+            assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert drafter.lost and ("vocabulary" in drafter.lost if corrupt.startswith("token") else
+                                 "shape" in drafter.lost)
+    finally:
+        batch.close()
+        served.close()
+
+
 @pytest.fixture(scope="module")
 def vocab4_remote(tiny_dir):
     """A server drafting ahead, 5 tokens drafted one at a time: each request's second round
