@@ -43,6 +43,7 @@ from protocol.errors import (
 from protocol.messages import MAX_TENSOR_NDIM, MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 INLINE_TENSOR_LIMIT = 64 * 1024  # below: inline bytes in the header; at/above: own frame, no copy
+MAX_TENSOR_BYTES = 1 << 40  # any one tensor's shape, zero dimensions counted as one: a bound numpy can allocate
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # Explicit little-endian dtypes: the wire format does not depend on the host.
@@ -152,9 +153,12 @@ def _decode_tensor(desc: Any, body: list, frames: list[memoryview], next_frame: 
     else:
         _check(type(inline) is bytes, "inline tensor data must be bytes")
         data = inline
-    expected = dtype.itemsize
+    expected, nonzero = dtype.itemsize, dtype.itemsize
     for dim in shape:
         expected *= dim
+        nonzero *= max(dim, 1)
+    if nonzero > MAX_TENSOR_BYTES:  # an empty array of (0, 2**62) matches 0 bytes, then numpy refuses it
+        raise TensorMismatch(f"tensor shape {list(shape)} is too large")
     if expected != len(data):
         raise TensorMismatch(f"{dtype_name}{list(shape)} needs {expected} bytes, frame has {len(data)}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)

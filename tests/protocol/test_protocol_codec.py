@@ -264,6 +264,18 @@ def test_wrong_shape_or_dtype_is_a_tensor_mismatch():
             decode(repack(frames, edit))
 
 
+def test_an_empty_tensor_of_impossible_shape_is_a_tensor_mismatch():
+    """(0, 2**62) float32 matches zero bytes; numpy then refuses the shape with a plain
+    ValueError, which would kill a serve loop that catches ProtocolError."""
+    frames = encode(TREE)
+
+    def empty_and_huge(h):
+        h[5][0][2], h[5][0][3] = [0, 2**62], b""
+
+    with pytest.raises(TensorMismatch, match="too large"):
+        decode(repack(frames, empty_and_huge)[:1])
+
+
 def test_unknown_type_and_wrong_version():
     frames = encode(TREE)
     with pytest.raises(UnknownMessageType):

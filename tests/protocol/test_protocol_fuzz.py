@@ -77,7 +77,7 @@ def mutate(frames: list[bytes], rng: random.Random) -> tuple[str, list[bytes]]:
     target = rng.randrange(len(frames))
     frame = frames[target]
     kind = rng.choice(["flip", "overwrite", "truncate", "extend", "drop", "duplicate", "swap",
-                       "add", "garbage_header", "structure", "structure", "structure"])
+                       "add", "garbage_header", "structure", "structure", "structure", "empty_huge_tensor"])
     if kind == "flip" and frame:
         for _ in range(rng.randint(1, 8)):
             frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
@@ -99,6 +99,14 @@ def mutate(frames: list[bytes], rng: random.Random) -> tuple[str, list[bytes]]:
         frames.append(bytearray(rng.randbytes(rng.randint(0, 64))))
     elif kind == "garbage_header":
         frames[0] = bytearray(rng.randbytes(rng.randint(0, 40)))
+    elif kind == "empty_huge_tensor":  # zero bytes that match a shape numpy cannot hold
+        try:
+            header = msgpack.unpackb(bytes(frames[0]), strict_map_key=False)
+            desc = header[5][rng.randrange(len(header[5]))]
+            desc[2], desc[3] = [0, *(rng.choice([2**31, 2**62, 2**63 - 1]) for _ in range(rng.randint(1, 3)))], b""
+            frames = [bytearray(msgpack.packb(header, use_bin_type=True))]
+        except Exception:  # no tensor in this message: leave it whole
+            pass
     elif kind == "structure":
         try:
             header = msgpack.unpackb(bytes(frames[0]), strict_map_key=False)
