@@ -174,13 +174,29 @@ class DrafterLink:
             except ProtocolError as exc:
                 raise DrafterLost(f"cannot reach the drafter: {exc}") from exc
 
-    def close(self, step: int, reason: str) -> None:
+    def drop(self, step: int, reason: str) -> None:
+        """Go on without the drafter: tell it to stop, if it still listens (it may be alive
+        and merely wrong, as when it sent a bad tree), and read nothing more from it."""
         if self.peer is not None and not self.lost:
             try:
                 self.router.send(self.peer, Shutdown(session_id=self.session, step=step, reason=reason))
             except ProtocolError:
                 pass
+        self.lost = True
+
+    def close(self, step: int, reason: str) -> None:
+        self.drop(step, reason)
         self.router.sessions.close(self.session)
+
+
+def _check_tree(tree: TokenTree, q: torch.Tensor | None, vocab: int) -> None:
+    """Nothing from the drafter reaches the target unchecked: an id past the vocabulary would
+    index out of the embedding (on a GPU, a device assert that kills the actor). A bad tree
+    loses the drafter; the request goes on with the target alone."""
+    if int(tree.tokens.max()) >= vocab:
+        raise DrafterLost(f"the drafter sent token id {int(tree.tokens.max())}, outside the vocabulary of {vocab}")
+    if q is not None and tuple(q.shape) != (tree.size, vocab):
+        raise DrafterLost(f"the drafter's probabilities have shape {tuple(q.shape)}, not ({tree.size}, {vocab})")
 
 
 def _as_probs(draft_probs) -> torch.Tensor | None:
@@ -238,9 +254,11 @@ def verify_request(
                 else:
                     tree, q = _ready_chain(link, stream, committed,
                                            min(opts.lookahead, max(1, out.remaining - 1)), opts)
+                _check_tree(tree, q, runner.vocab_size)
             except (DrafterLost, ProtocolError) as exc:
                 log.warning("session %s: %s; finishing with the target alone", session, exc)
-                link.lost = stats.drafter_lost = True
+                link.drop(step, f"dropped: {exc}"[:200])
+                stats.drafter_lost = True
                 continue
             verify_start = time.perf_counter()
             states = runner.score_tree_hidden(committed, tree)
@@ -293,7 +311,11 @@ def _ready_chain(link: DrafterLink, stream: DraftStream, committed: list[int], m
     """async: every draft that has arrived (at most `most`); waits only if there is none."""
     def absorb(message: Message | None) -> None:
         if isinstance(message, CandidateTree) and message.position is not None:
-            stream.absorb(committed, message.step, message.position, message.token_ids, _as_probs(message.draft_probs))
+            q = _as_probs(message.draft_probs)
+            if q is not None and (q.dim() != 2 or len(q) < len(message.token_ids) - 1):
+                raise DrafterLost(f"the drafter's probabilities have shape {tuple(q.shape)} for "
+                                  f"{len(message.token_ids)} tokens")
+            stream.absorb(committed, message.step, message.position, message.token_ids, q)
 
     while (message := link.poll()) is not None:
         absorb(message)
@@ -305,5 +327,7 @@ def _ready_chain(link: DrafterLink, stream: DraftStream, committed: list[int], m
     if q_rows[0] is not None:
         q = torch.zeros(len(tokens) + 1, q_rows[0].shape[-1])
         for i, row in enumerate(q_rows):
+            if row is None or row.shape[-1] != q.shape[-1]:
+                raise DrafterLost(f"the drafter's probability rows differ in width ({row.shape[-1]}, {q.shape[-1]})")
             q[i] = row
     return tree, q

@@ -16,6 +16,7 @@ from actors.verifying import PipelineOptions
 from cluster.local import autoregressive_generate
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
+from protocol import CandidateTree
 
 from sampling_check import NEW, PROMPT, SAMPLES, caught_pvalue, chi2_pvalue, exact_sequence_probs, runners, seeds
 from wire_pair import FINGERPRINT, WirePair
@@ -77,6 +78,44 @@ def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, 
     result, box = pair.generate([9, 8], cfg, PipelineOptions(mode=mode, lookahead=3), drafter_dies_after=0.3)
     assert result.stats.drafter_lost and result.stats.verify_rounds > 0
     assert result.token_ids == expected
+
+
+class Corrupting:
+    """A drafter's socket that spoils every tree it sends (`edit`), the rest passing through."""
+
+    def __init__(self, dealer, edit):
+        self.dealer, self.edit = dealer, edit
+
+    def __getattr__(self, name):
+        return getattr(self.dealer, name)
+
+    def send(self, message):
+        if isinstance(message, CandidateTree) and len(message.token_ids) > 1:
+            self.edit(message)
+        return self.dealer.send(message)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("corrupt", ["token past the vocabulary", "probabilities of the wrong width"])
+def test_a_bad_tree_loses_the_drafter_and_the_request_finishes_with_the_target(tiny_dir, mode, corrupt):
+    """The verifier checks every tree before the target reads it (an id past the vocabulary
+    would index out of the embedding): the request ends with the target's own output."""
+    target, draft = tiny_runner(tiny_dir("llama")), tiny_runner(tiny_dir("llama", noise=0.3))
+    vocab = target.vocab_size
+
+    def edit(message: CandidateTree) -> None:
+        if corrupt.startswith("token"):
+            message.token_ids = (*message.token_ids[:-1], vocab + 3)
+        else:
+            message.draft_probs = torch.full((len(message.token_ids), vocab - 1), 1.0 / (vocab - 1))
+
+    def propose(dealer, session, cfg, opts, cancelled):
+        return propose_request(draft, Corrupting(dealer, edit), FINGERPRINT, session, cfg, opts, cancelled=cancelled)
+
+    cfg = DecodeConfig(max_new_tokens=24, eos_token_ids=(-1,))
+    result, _ = WirePair(target, propose).generate([4, 9, 7], cfg, PipelineOptions(mode=mode, lookahead=3))
+    assert result.stats.drafter_lost and result.stats.accepted_tokens == 0
+    assert result.token_ids == autoregressive_generate(target, [4, 9, 7], cfg).token_ids
 
 
 # ---- sampling -------------------------------------------------------------------------
