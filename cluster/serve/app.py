@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.decoder import Request as DecodeRequest
 from cluster.decoder import TokenEvent
@@ -48,6 +49,22 @@ api = FastAPI(title="specray", description="OpenAI-compatible, lossless speculat
 @api.exception_handler(APIError)
 async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own answers (no such route: 404, wrong method: 405) in OpenAI's shape too."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    """Anything else is our fault: a 500 in OpenAI's shape, the cause in the replica's log."""
+    log.error("unexpected %s answering a request", type(exc).__name__, exc_info=exc)
+    return JSONResponse(APIError(500, f"internal error ({type(exc).__name__})", "server_error").body(),
+                        status_code=500)
 
 
 class _Job:
@@ -183,6 +200,8 @@ class OpenAIServer:
             data = json.loads(raw)
         except ValueError as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests JSON too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         if chat and isinstance(data.get("messages"), list) and len(data["messages"]) > self.args.max_messages:

@@ -25,6 +25,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_STOP_CHARS = 512  # per stop string: a partial match is re-checked at every token, so bound it
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields are checked in `unsupported`
 
@@ -54,6 +57,9 @@ class _Sampling(BaseModel):
         stops = [v] if isinstance(v, str) else list(v or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_CHARS} characters, got "
+                             f"{max(len(s) for s in stops)}")
         return stops
 
     def unsupported(self) -> str | None:
@@ -100,6 +106,13 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _positive_completion(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:  # 0 would read as "not given" and fall back to the default
+            raise ValueError(f"max_completion_tokens must be at least 1, got {v}")
+        return v
 
     def top_logprobs_wanted(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

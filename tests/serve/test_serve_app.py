@@ -336,6 +336,12 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999], "max_tokens": 2}, 400, "token ids"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": -5}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stop": ["x" * 513]}, 400, "stop"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "deeply"),
 ]
 
 
@@ -348,6 +354,14 @@ def test_bad_requests_get_openai_errors_and_the_next_request_works(server, path,
     assert mentions.lower() in error["message"].lower()
     ok = server.client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0)
     assert ok.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/v1/nothing", 404), ("GET", "/v1/completions", 405),
+                                                ("DELETE", "/v1/models", 405)])
+def test_routes_that_do_not_exist_answer_in_openais_shape(server, method, path, status):
+    r = requests.request(method, server.base + path, timeout=30)
+    assert r.status_code == status
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_openai_client_raises_its_own_error_types(server):
