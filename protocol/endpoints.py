@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import tempfile
 import uuid
 
@@ -18,10 +19,19 @@ _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 
 
 def ipc_dir() -> str:
-    """Per-user directory for ipc sockets, mode 0700: other users cannot connect."""
+    """Per-user directory for ipc sockets, mode 0700: other users cannot connect. One that
+    is there already must be a real directory of this user's: in a shared /tmp another user
+    could have made it first (or a symlink to a place of theirs) to receive our sockets."""
     path = os.path.join(tempfile.gettempdir(), f"specray-{os.getuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory" if not stat.S_ISDIR(st.st_mode) \
+            else f"owned by uid {st.st_uid}"
+        raise PermissionError(f"{path} is {what}; the ipc socket directory must be a directory of this user's "
+                              f"(uid {os.getuid()}): remove it and start again")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 
