@@ -60,6 +60,8 @@ class ServeArgs(BaseModel):
     def _check(self) -> "ServeArgs":
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: an empty key is no key; give one, or leave api_key out")
         explicit_draft = "draft" in self.model_fields_set  # the default draft gives way to heads or an ensemble
         if self.ensemble is not None:
             self.target = None  # the ensemble is the target

@@ -23,6 +23,8 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     config = shipped()
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.port == 8000
+    # open to this machine only as shipped: another host is served with a key (api_key_env)
+    assert schema.http_options.host == "127.0.0.1" or "api_key_env" in config["applications"][0]["args"]
     (app,) = config["applications"]
     assert app["import_path"] == "cluster.serve.app:build"
     args = ServeArgs(**app["args"])
@@ -38,6 +40,7 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     ({"dtype": "float8"}, "dtype"),
     ({"draft": None, "pipeline": "async"}, "pipeline: async needs draft"),
     ({"api_key": "a", "api_key_env": "B"}, "not both"),
+    ({"api_key": " "}, "api_key is empty"),
     ({"draft_length": 9}, "draft_length"),
     ({"max_batch": 0}, "max_batch"),
     ({"ensemble": ["a"], "combine": "we:0.5"}, "at least 2"),
