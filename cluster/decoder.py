@@ -76,6 +76,11 @@ class Decoder(ABC):
     def state(self) -> dict:
         """Load right now: running, waiting, capacity, the speculation chosen."""
 
+    def health(self) -> str | None:
+        """None while the decoder can serve; else why not (its thread died, or it has work and
+        has made no progress for `STALL_S`). Serve's health check replaces a replica on it."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -105,6 +110,9 @@ class Decoder(ABC):
                 return ev.result or GenerationResult(tokens, GenerationStats(new_tokens=len(tokens)))
 
 
+STALL_S = 300.0  # no step (batched) or no token (serial) for this long, with work in hand: wedged
+
+
 class SerialDecoder(Decoder):
     """Any `generate(prompt_ids, cfg, speculative, on_tokens)` engine, one request at a
     time on its own thread, behind the `Decoder` interface."""
@@ -120,6 +128,7 @@ class SerialDecoder(Decoder):
         self._queue: deque[tuple[Request, EventSink]] = deque()
         self._cancelled: set[str] = set()
         self._running: str | None = None
+        self._progress_at = time.monotonic()  # the running request's latest tokens (or its start)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="serial-decoder", daemon=True)
@@ -143,6 +152,14 @@ class SerialDecoder(Decoder):
     def state(self) -> dict:
         return {"running": int(self._running is not None), "waiting": len(self._queue), "max_seqs": 1,
                 "batching": False}
+
+    def health(self) -> str | None:
+        if not self._thread.is_alive() and not self._closed:
+            return "the decoder's thread is not running"
+        idle_s = time.monotonic() - self._progress_at
+        if self._running is not None and idle_s > STALL_S:
+            return f"the running request has made no progress for {idle_s:.0f} s"
+        return None
 
     def close(self) -> None:
         with self._wake:
@@ -172,7 +189,7 @@ class SerialDecoder(Decoder):
                 if self._closed:
                     return
                 request, on_event = self._queue.popleft()
-                self._running = request.id
+                self._running, self._progress_at = request.id, time.monotonic()
             self._run(request, on_event)
             self._running = None
             self._cancelled.discard(request.id)
@@ -184,6 +201,7 @@ class SerialDecoder(Decoder):
         def on_tokens(ids: list[int]) -> bool:
             nonlocal sent
             sent += len(ids)
+            self._progress_at = time.monotonic()
             on_event(TokenEvent(rid, list(ids)))
             return rid in self._cancelled
 

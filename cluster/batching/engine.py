@@ -17,7 +17,7 @@ from actors.drafters.none import NoDrafter
 from actors.verifier import SlotPool, TargetVerifier
 from cluster.batching.drafters import make_drafter
 from cluster.batching.scheduler import BatchConfig, Scheduler
-from cluster.decoder import Decoder, EventSink, Request, TokenEvent
+from cluster.decoder import STALL_S, Decoder, EventSink, Request, TokenEvent
 from cluster.engine import attention_label
 from decoding.request import GenerationResult
 from decoding.round import Committed, Drafter, Verifier, first_tokens, speculative_round
@@ -70,6 +70,7 @@ class BatchEngine(Decoder):
         self._cancels: deque[str] = deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._step_began: float | None = None  # while a step runs: when it began
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -117,6 +118,14 @@ class BatchEngine(Decoder):
         return {**s, "batching": True, "rounds": self.rounds,
                 "draft_lengths": dict(sorted(self.draft_lengths.items()))}
 
+    def health(self) -> str | None:
+        if not self._thread.is_alive() and not self._closed:
+            return "the batch engine's thread is not running"
+        began = self._step_began
+        if began is not None and time.monotonic() - began > STALL_S:
+            return f"a batch step has run for {time.monotonic() - began:.0f} s"
+        return None
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -143,12 +152,15 @@ class BatchEngine(Decoder):
                 if (seq := self._seqs.get(rid)) is not None:
                     seq.finish_reason = "cancelled"
                     self._finish(seq)
+            self._step_began = time.monotonic()
             try:
                 self._step()
             except Exception as exc:  # fail what was in the step; the engine carries on
                 log.exception("batch step failed")
                 for seq in [*self.scheduler.prefilling, *self.scheduler.running]:
                     self._finish(seq, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._step_began = None
 
     def _busy(self) -> bool:
         s = self.scheduler

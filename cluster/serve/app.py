@@ -99,10 +99,20 @@ class OpenAIServer:
         self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     # ---- routes ----------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Serve's own check (every `health_check_period_s`): a replica whose decoder died or
+        is wedged is replaced, instead of answering "ok" while requests hang."""
+        if (why := self.decoder.health()) is not None:
+            raise RuntimeError(why)
+
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.model, **self.admission.state(), "decoder": self.decoder.state(),
-                "runtime": self.backend.runtime}
+    async def health(self):
+        why = self.decoder.health()
+        body = {"status": "ok" if why is None else "unhealthy", "model": self.model, **self.admission.state(),
+                "decoder": self.decoder.state(), "runtime": self.backend.runtime}
+        if why is not None:
+            return JSONResponse({**body, "reason": why}, status_code=503)
+        return body
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:

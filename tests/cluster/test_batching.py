@@ -4,11 +4,14 @@ joins or leaves around it; sampling keeps the target's distribution; seeds repro
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from collections import Counter
 
 import pytest
 import torch
 
+import cluster.batching.engine as batch_engine
 import decoding.round as spec_round
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
@@ -264,3 +267,37 @@ def test_a_joining_sequence_starts_from_what_finished_ones_accepted():
     sched.prefilling.append(new)
     sched.started(new)
     assert new.acceptance == sched.acceptance and abs(new.acc_hits / new.acc_tries - sched.acceptance) < 1e-9
+
+
+def test_health_names_a_wedged_step_and_a_dead_engine_thread(engines, monkeypatch):
+    """What Serve's health check reads: a step that does not end, a loop that died."""
+    monkeypatch.setattr(batch_engine, "STALL_S", 0.2)
+    batch = BatchEngine(engines, BatchConfig(max_seqs=2, draft_length=0))
+    release, score = threading.Event(), batch.verifier.score
+
+    def stuck(seqs, trees):
+        release.wait(30)
+        return score(seqs, trees)
+
+    try:
+        assert batch.health() is None
+        monkeypatch.setattr(batch.verifier, "score", stuck)
+        batch.submit(Request([5, 6], DecodeConfig(max_new_tokens=3, eos_token_ids=NO_EOS)), lambda ev: None)
+        deadline = time.monotonic() + 10
+        while batch.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "has run for" in batch.health()
+        release.set()
+        wait_idle(batch)
+        assert batch.health() is None
+
+        def dies():
+            raise SystemExit  # not an Exception: the loop ends
+
+        monkeypatch.setattr(batch, "_step", dies)
+        batch.submit(Request([5, 6], DecodeConfig(max_new_tokens=3, eos_token_ids=NO_EOS)), lambda ev: None)
+        batch._thread.join(10)
+        assert "not running" in batch.health()
+    finally:
+        release.set()
+        batch.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from cluster.decoder import Request, SerialDecoder
+import cluster.decoder as decoder_module
+from cluster.decoder import Request, SerialDecoder, wait_idle
 from decoding.request import DecodeConfig, GenerationResult, GenerationStats
 
 
@@ -55,3 +57,35 @@ def test_requests_run_in_order_with_all_their_tokens():
     finally:
         dec.close()
     assert a.token_ids == [0, 1, 2] and b.token_ids == [0, 1, 2, 3, 4]
+
+
+def test_health_names_a_request_without_progress_and_a_dead_thread(monkeypatch):
+    monkeypatch.setattr(decoder_module, "STALL_S", 0.2)
+    release = threading.Event()
+
+    def wedged(prompt_ids, cfg, speculative, on_tokens):
+        on_tokens([7])
+        release.wait(30)  # stuck: no more tokens
+        return GenerationResult([7], GenerationStats(new_tokens=1))
+
+    dec = SerialDecoder(SlowEngine(), wedged, tokenizer=None, context_length=4096)
+    try:
+        assert dec.health() is None  # idle is healthy however long
+        dec.submit(Request([1], DecodeConfig(max_new_tokens=5)), lambda ev: None)
+        deadline = time.monotonic() + 10
+        while dec.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "no progress" in dec.health()
+        release.set()
+        wait_idle(dec)
+        assert dec.health() is None
+    finally:
+        dec.close()
+
+    def dies(prompt_ids, cfg, speculative, on_tokens):
+        raise SystemExit  # not an Exception: the decoder's thread ends
+
+    dec = SerialDecoder(SlowEngine(), dies, tokenizer=None, context_length=4096)
+    dec.submit(Request([1], DecodeConfig(max_new_tokens=5)), lambda ev: None)
+    dec._thread.join(10)
+    assert "not running" in dec.health()
