@@ -67,11 +67,16 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
+class DeadlineExceeded(Exception):
+    """A request ran past its deadline; the decoder has been told to cancel it."""
+
+
 class _Job:
     """One admitted request: its token events, and the text it releases as tokens land."""
 
-    def __init__(self, rid: str, text: TextStream, arrived: float, logprobs: int | None):
+    def __init__(self, rid: str, text: TextStream, arrived: float, logprobs: int | None, timeout_s: float):
         self.rid, self.text, self.arrived, self.logprobs = rid, text, arrived, logprobs
+        self.timeout_s, self.deadline = timeout_s, arrived + timeout_s
         self.first_token_at: float | None = None
         self.completion_tokens = 0
         self.final: TokenEvent | None = None
@@ -151,7 +156,8 @@ class OpenAIServer:
             raise
         self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
         rid = new_id("chatcmpl" if chat else "cmpl")
-        job = _Job(rid, TextStream(self.backend.tokenizer, req.stop), arrived, top)
+        timeout_s = min(self.args.request_timeout_s, req.specray.timeout_s or self.args.request_timeout_s)
+        job = _Job(rid, TextStream(self.backend.tokenizer, req.stop), arrived, top, timeout_s)
         try:
             self.decoder.submit(DecodeRequest(prompt_ids, cfg, req.specray.speculative, top, id=rid), job.on_event)
         except ValueError as exc:  # a limit only the decoder knows (its KV budget)
@@ -170,6 +176,9 @@ class OpenAIServer:
         except asyncio.CancelledError:  # the client went away: stop decoding, free the slot
             self._abandon(job, route)
             raise
+        except DeadlineExceeded:
+            self._done(job, route, 504)
+            raise APIError(504, self._deadline_message(job), "timeout_error", code="request_timeout") from None
         if job.final.error is not None:
             self._done(job, route, 500)
             raise APIError(500, f"generation failed: {job.final.error}", "server_error")
@@ -264,7 +273,11 @@ class OpenAIServer:
         """Text that became final, with its tokens' logprobs, until the decoder's last event.
         A stop string ends the request in the decoder (cancel) and the text before it."""
         while True:
-            event = await job.events.get()
+            try:
+                event = await asyncio.wait_for(job.events.get(), max(0.0, job.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.decoder.cancel(job.rid)  # its KV is freed at the decoder's next step
+                raise DeadlineExceeded from None
             if event.token_ids and not job.text.stopped:
                 if job.first_token_at is None:
                     job.first_token_at = time.monotonic()
@@ -281,6 +294,11 @@ class OpenAIServer:
                 if event.error is None and (tail := job.text.finish()):
                     yield tail, []
                 return
+
+    @staticmethod
+    def _deadline_message(job: _Job) -> str:
+        return (f"the request ran past its deadline of {job.timeout_s:g} s and was cancelled "
+                "(a request's specray.timeout_s, capped by the server's request_timeout_s)")
 
     def _finish_reason(self, job: _Job) -> str:
         if job.text.stopped:
@@ -335,6 +353,11 @@ class OpenAIServer:
                 counts["choices"], counts["usage"] = [], usage(prompt_tokens, job.completion_tokens)
                 yield event(counts)
             yield "data: [DONE]\n\n"
+        except DeadlineExceeded:
+            finished = True
+            self._done(job, route, 504)
+            yield event({"error": {"message": self._deadline_message(job), "type": "timeout_error", "param": None,
+                                   "code": "request_timeout"}})
         except Exception as exc:  # headers are gone: report in-band, as OpenAI does
             log.warning("stream failed: %s", exc)
             self._done(job, route, 500)

@@ -19,6 +19,9 @@ class SpecrayOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     speculative: bool = True  # False: the target alone (same output, for comparison)
+    # this request's deadline in seconds from arrival (capped by the server's request_timeout_s):
+    # past it the request is cancelled, its KV freed, and the answer is a 504
+    timeout_s: float | None = Field(None, gt=0)
 
 
 class StreamOptions(BaseModel):

@@ -399,6 +399,29 @@ def test_full_queue_answers_503_and_a_vanished_client_frees_its_slot(server):
     assert ok.usage.completion_tokens == 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_deadline_is_cancelled_and_answered_504(server, stream):
+    """`specray.timeout_s` (capped by the server's request_timeout_s): 480 tokens cannot be
+    decoded in 10 ms, so the request is cancelled, its slot freed, and the client told why."""
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 480, "temperature": 0, "ignore_eos": True,
+            "stream": stream, "specray": {"timeout_s": 0.01}}
+    r = post(server, "/v1/completions", body)
+    if stream:
+        assert r.status_code == 200  # the headers went first: the error comes in-band
+        error = json.loads(next(line for line in r.text.splitlines() if '"error"' in line).removeprefix("data: "))
+        error = error["error"]
+    else:
+        assert r.status_code == 504, r.text
+        error = r.json()["error"]
+    assert error["code"] == "request_timeout" and "deadline" in error["message"]
+    deadline = time.monotonic() + 30
+    while requests.get(f"{server.base}/health", timeout=10).json()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert requests.get(f"{server.base}/health", timeout=10).json()["pending"] == 0
+    ok = server.client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0)
+    assert ok.usage.completion_tokens == 3
+
+
 # ---- metrics ---------------------------------------------------------------------------
 
 def scrape(head: Head) -> dict[str, float]:
