@@ -51,7 +51,7 @@ from decoding.request import (
     next_token,
 )
 from decoding.sampling import logits_to_probs
-from decoding.tree import TokenTree
+from decoding.tree import TokenTree, draft_fault
 from protocol import (
     CandidateTree,
     ContextUpdate,
@@ -190,13 +190,10 @@ class DrafterLink:
 
 
 def _check_tree(tree: TokenTree, q: torch.Tensor | None, vocab: int) -> None:
-    """Nothing from the drafter reaches the target unchecked: an id past the vocabulary would
-    index out of the embedding (on a GPU, a device assert that kills the actor). A bad tree
+    """Nothing from the drafter reaches the target unchecked (`draft_fault`): a bad tree
     loses the drafter; the request goes on with the target alone."""
-    if int(tree.tokens.max()) >= vocab:
-        raise DrafterLost(f"the drafter sent token id {int(tree.tokens.max())}, outside the vocabulary of {vocab}")
-    if q is not None and tuple(q.shape) != (tree.size, vocab):
-        raise DrafterLost(f"the drafter's probabilities have shape {tuple(q.shape)}, not ({tree.size}, {vocab})")
+    if (fault := draft_fault(tree.tokens.tolist(), None if q is None else tuple(q.shape), vocab)) is not None:
+        raise DrafterLost(f"the drafter's tree: {fault}")
 
 
 def _as_probs(draft_probs) -> torch.Tensor | None:

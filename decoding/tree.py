@@ -160,3 +160,14 @@ class TokenTree:
     def leaves(self) -> list[int]:
         """Nodes without children, in index order."""
         return [i for i, c in enumerate(self._children) if not c]
+
+
+def draft_fault(token_ids: Sequence[int], probs_shape: tuple[int, ...] | None, vocab: int) -> str | None:
+    """Why a tree from another process must not reach the target (None: it may). An id past
+    the vocabulary would index out of the embedding (on a GPU, a device assert that kills the
+    process); draft probabilities must give one row of `vocab` per node."""
+    if max(token_ids) >= vocab:
+        return f"token id {max(token_ids)} is outside the vocabulary of {vocab}"
+    if probs_shape is not None and tuple(probs_shape) != (len(token_ids), vocab):
+        return f"the draft probabilities have shape {tuple(probs_shape)}, not ({len(token_ids)}, {vocab})"
+    return None

@@ -28,7 +28,7 @@ from decoding.acceptance import Verdict
 from decoding.draft_length import CostModel
 from decoding.round import Draft
 from decoding.sequence import Sequence
-from decoding.tree import TokenTree
+from decoding.tree import TokenTree, draft_fault
 from protocol import (
     CandidateTree,
     DealerChannel,
@@ -172,20 +172,15 @@ class RemoteDrafter:
         return out
 
     def _check(self, tree: CandidateTree, seq: Sequence) -> None:
-        """Nothing from the server reaches the target unchecked: an id past the vocabulary
-        would index out of the embedding (a device assert that kills the process on a GPU),
-        a tree past the room would overrun the cache. A bad tree loses the drafter, not the
-        request (`propose` catches RuntimeError)."""
-        n, vocab = len(tree.token_ids), self.fingerprint.vocab_size
-        if tree.token_ids[0] != seq.tokens[-1] or not 1 <= n <= self.tree_room:
+        """Nothing from the server reaches the target unchecked (`draft_fault`; a tree past
+        the room would overrun the cache). A bad tree loses the drafter, not the request
+        (`propose` catches RuntimeError)."""
+        if tree.token_ids[0] != seq.tokens[-1] or not 1 <= len(tree.token_ids) <= self.tree_room:
             raise RuntimeError(f"the draft server's tree for {seq.id} does not grow from the newest token "
                                f"within {self.tree_room} nodes")
-        if max(tree.token_ids) >= vocab:
-            raise RuntimeError(f"the draft server's tree for {seq.id} holds token id {max(tree.token_ids)}, "
-                               f"outside the vocabulary of {vocab}")
-        if tree.draft_probs is not None and tuple(tree.draft_probs.shape) != (n, vocab):
-            raise RuntimeError(f"the draft server's probabilities for {seq.id} have shape "
-                               f"{tuple(tree.draft_probs.shape)}, not ({n}, {vocab})")
+        shape = None if tree.draft_probs is None else tuple(tree.draft_probs.shape)
+        if (fault := draft_fault(tree.token_ids, shape, self.fingerprint.vocab_size)) is not None:
+            raise RuntimeError(f"the draft server's tree for {seq.id}: {fault}")
 
     def _hidden(self, seq: Sequence) -> torch.Tensor | None:
         """What the server drafts from besides the tokens (heads: the target's state)."""

@@ -35,11 +35,18 @@ def engines(request, tiny_dir):
     return local
 
 
-def collect(decoder, requests, cancel_after: dict[str, int] | None = None, timeout: float = 120):
-    """Submit all, gather every request's events; cancel some after N tokens."""
+def collect(decoder, requests, cancel_after: dict[str, int] | None = None, timeout: float = 120, hook=None):
+    """Submit all, gather every request's events; cancel some after N tokens. `hook(event)`
+    runs on the decoder's thread as each event is sent (blocking there holds the next step)."""
     events: queue.Queue = queue.Queue()
+
+    def sink(event) -> None:
+        events.put(event)
+        if hook is not None:
+            hook(event)
+
     for r in requests:
-        decoder.submit(r, events.put)
+        decoder.submit(r, sink)
     out = {r.id: [] for r in requests}
     last = {}
     while len(last) < len(requests):

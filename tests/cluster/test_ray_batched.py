@@ -6,13 +6,13 @@ actor goes when the engine closes."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import time
 
 import pytest
 import ray
 import torch
+from test_remote_drafter import hold_until_reconnected
 
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
@@ -83,28 +83,17 @@ def test_a_draft_actor_that_crashes_is_restarted_and_drafting_resumes(local_ray,
     gen = torch.Generator().manual_seed(8)
     reqs = [Request(torch.randint(2, 64, (7,), generator=gen).tolist(),
                     DecodeConfig(max_new_tokens=60, eos_token_ids=NO_EOS)) for _ in range(3)]
-    events: queue.Queue = queue.Queue()
 
-    def on_event(ev) -> None:  # the engine's thread: blocking here holds the next round
-        events.put(ev)
+    def kill_then_wait(ev) -> None:
         if ev.token_ids and not killed:
             killed.append(decoder.runtime_info()["draft"]["pid"])
             os.kill(killed[0], signal.SIGKILL)
         elif drafter.lost and not drafter.restarts:
             lost.append(drafter.lost)
-            deadline = time.monotonic() + 120  # Ray restarts the actor; its new server answers
-            while drafter._fresh is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            hold_until_reconnected(drafter, 120)  # Ray restarts the actor; its new server answers
 
     try:
-        for r in reqs:
-            decoder.submit(r, on_event)
-        got, last = {r.id: [] for r in reqs}, {}
-        while len(last) < len(reqs):
-            ev = events.get(timeout=180)
-            got[ev.request_id] += ev.token_ids
-            if ev.done:
-                last[ev.request_id] = ev
+        got, last = collect(decoder, reqs, timeout=180, hook=kill_then_wait)
         for r in reqs:
             assert last[r.id].error is None
             assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r

@@ -128,6 +128,15 @@ def test_a_draft_server_that_goes_silent_leaves_the_target_decoding_alone(tiny_d
         batch.close()
 
 
+def hold_until_reconnected(drafter: RemoteDrafter, timeout_s: float) -> None:
+    """Called on the engine's thread once the drafter is lost: hold the next round until the
+    reconnect thread has a new server, so the rounds after use it (the tests need them to)."""
+    if drafter.lost and not drafter.restarts:
+        deadline = time.monotonic() + timeout_s
+        while drafter._fresh is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def test_a_lost_draft_server_is_replaced_and_running_requests_draft_again(tiny_dir):
     """The server dies mid-run (as an actor crashes): the target decodes on alone, `reconnect`
     brings a new server (as Ray restarts the actor), and every running request is handed
@@ -150,26 +159,15 @@ def test_a_lost_draft_server_is_replaced_and_running_requests_draft_again(tiny_d
     gen = torch.Generator().manual_seed(5)
     reqs = [Request(torch.randint(2, 64, (9,), generator=gen).tolist(),
                     DecodeConfig(max_new_tokens=70, eos_token_ids=NO_EOS)) for _ in range(3)]
-    events: queue.Queue = queue.Queue()
 
-    def on_event(ev) -> None:  # the engine's thread: blocking here holds the next round
-        events.put(ev)
+    def kill_then_wait(ev) -> None:
         if ev.token_ids and not first.stop.is_set():
             first.close()  # the server dies after the first tokens
-        elif drafter.lost and not drafter.restarts:
-            deadline = time.monotonic() + 60  # the new server is up before the next round
-            while drafter._fresh is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+        else:
+            hold_until_reconnected(drafter, 60)
 
     try:
-        for r in reqs:
-            batch.submit(r, on_event)
-        got, last = {r.id: [] for r in reqs}, {}
-        while len(last) < len(reqs):
-            ev = events.get(timeout=120)
-            got[ev.request_id] += ev.token_ids
-            if ev.done:
-                last[ev.request_id] = ev
+        got, last = collect(batch, reqs, hook=kill_then_wait)
         for r in reqs:
             assert last[r.id].error is None
             assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
