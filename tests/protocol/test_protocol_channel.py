@@ -265,23 +265,30 @@ def test_wildcard_bind_is_refused():
         RouterChannel("tcp://0.0.0.0:0", config=FAST)
 
 
-def test_the_ipc_directory_must_be_this_users_own(tmp_path, monkeypatch):
+def test_the_ipc_directory_must_be_this_users_own(monkeypatch):
     """Someone else's directory, or a symlink planted where ours would be, is refused by name
     (a socket there could be reached by its owner); ours is tightened to 0700."""
     import os
+    import shutil
+    import tempfile
+    from pathlib import Path
 
     from protocol import endpoints
 
+    tmp_path = Path(tempfile.mkdtemp(prefix="sr", dir="/tmp"))  # short: a socket path has ~100 bytes
     monkeypatch.setattr(endpoints.tempfile, "gettempdir", lambda: str(tmp_path))
     ours = tmp_path / f"specray-{os.getuid()}"
-    (tmp_path / "elsewhere").mkdir()
-    ours.symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(PermissionError, match="symlink"):
-        ipc_endpoint()
-    ours.unlink()
-    ours.mkdir(mode=0o777)
-    os.chmod(ours, 0o777)
-    assert ipc_endpoint().startswith(f"ipc://{ours}/") and (os.stat(ours).st_mode & 0o777) == 0o700
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        ours.symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(PermissionError, match="symlink"):
+            ipc_endpoint("a")
+        ours.unlink()
+        ours.mkdir(mode=0o777)
+        os.chmod(ours, 0o777)
+        assert ipc_endpoint("a").startswith(f"ipc://{ours}/") and (os.stat(ours).st_mode & 0o777) == 0o700
+    finally:
+        shutil.rmtree(tmp_path)
 
 
 def test_bind_endpoint_picks_ipc_on_one_node_and_tcp_on_own_address():
