@@ -1,4 +1,4 @@
-"""Bench methods `llamacpp` and `llamacpp-spec`: llama.cpp on the very same GGUF files.
+"""llama.cpp on the very same GGUF files: bench methods `llamacpp` and `llamacpp-spec`.
 
 llama.cpp is the peer on CPUs: it computes on the quantized blocks and has its own
 speculative decoding. These methods run its binaries, built from the `vendor/llama.cpp`
@@ -38,7 +38,7 @@ def find_binaries(bin_dir: str | None, methods: list[str]) -> Path:
     """The directory holding the binaries these methods need; a clear error naming what is missing."""
     where = bin_dir or os.environ.get(LLAMACPP_ENV)
     if not where:
-        raise ValueError(f"bench methods {', '.join(methods)} run llama.cpp: pass --llamacpp DIR (its build's bin "
+        raise ValueError(f"{', '.join(methods)} runs llama.cpp's binaries: pass --llamacpp DIR (its build's bin "
                          f"folder) or set {LLAMACPP_ENV}; BENCHMARKS.md says how it was built")
     path = Path(where).expanduser()
     missing = [BINARIES[m] for m in methods if not (path / BINARIES[m]).is_file()]
@@ -48,24 +48,23 @@ def find_binaries(bin_dir: str | None, methods: list[str]) -> Path:
 
 
 class LlamaCpp:
-    def __init__(self, bin_dir: Path, target_gguf: Path, draft_gguf: Path | None, max_new_tokens: int,
-                 threads: int, draft_max: int = 8):
+    def __init__(self, bin_dir: Path, target_gguf: Path, draft_gguf: Path | None, threads: int, draft_max: int = 8):
         self.bin, self.target, self.draft = bin_dir, target_gguf, draft_gguf
-        self.max_new, self.threads, self.draft_max = max_new_tokens, threads, draft_max
+        self.threads, self.draft_max = threads, draft_max
 
-    def flags(self, method: str) -> list[str]:
-        common = ["-m", str(self.target), "-n", str(self.max_new), "-t", str(self.threads), "--temp", "0",
+    def flags(self, method: str, max_new: int) -> list[str]:
+        common = ["-m", str(self.target), "-n", str(max_new), "-t", str(self.threads), "--temp", "0",
                   "-c", "4096"]
         if method == "llamacpp":
             return common + ["-no-cnv", "--no-display-prompt", "--no-warmup"]
         return common + ["-md", str(self.draft), "-td", str(self.threads), "--spec-type", "draft-simple",
                          "--spec-draft-n-max", str(self.draft_max)]
 
-    def run(self, method: str, prompt_text: str) -> LlamaRun:
+    def run(self, method: str, prompt_text: str, max_new: int) -> LlamaRun:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(prompt_text)
         try:
-            proc = subprocess.run([str(self.bin / BINARIES[method]), *self.flags(method), "-f", f.name],
+            proc = subprocess.run([str(self.bin / BINARIES[method]), *self.flags(method, max_new), "-f", f.name],
                                   capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
         finally:
             os.unlink(f.name)

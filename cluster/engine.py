@@ -15,6 +15,7 @@ from actors import hardware, loading, threads
 from actors.runner import ModelRunner
 from actors.tidal import TidalConfig
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
+from cluster.models import ModelPool
 from cluster.spec import SELF, check_drafting, check_long_context
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import TokenSink
@@ -129,10 +130,12 @@ def check_prompt(n_prompt: int, max_new_tokens: int, context: int, max_len: int 
 class LocalEngine:
     """Draft and target in this process, sharing weights with their Hugging Face models."""
 
-    def __init__(self, cfg: EngineConfig, progress: bool = True, target: loading.LoadedModel | None = None):
-        """`target`: an already loaded target to share (e.g. a verifier actor's), else it loads."""
+    def __init__(self, cfg: EngineConfig, progress: bool = True, models: ModelPool | None = None):
+        """`models`: where the weights come from, shared with other engines (a bench's
+        methods); by default this engine loads its own."""
         self.cfg = cfg
-        self.target = target or loading.load(cfg.target, cfg.dtype, progress=progress)
+        models = models or ModelPool()
+        self.target = models.load(cfg.target, cfg.dtype, progress=progress)
         self.tokenizer = self.target.tokenizer
         self.context_length = self.target.context_length
         max_len = min(cfg.max_len or self.context_length, self.context_length) + 64
@@ -143,7 +146,7 @@ class LocalEngine:
         # `--draft self`: the target drafts for itself, sparsely, over its own cache
         self.self_draft = TidalConfig.parse(cfg.draft_attention, n_layers) if cfg.self_drafting else None
         if cfg.draft is not None and not cfg.self_drafting:
-            self.draft = loading.load(cfg.draft, cfg.draft_dtype, progress=progress)
+            self.draft = models.load(cfg.draft, cfg.draft_dtype, progress=progress)
             loading.check_same_vocab(
                 self.tokenizer, self.draft.tokenizer, self.target.vocab_size, self.draft.vocab_size,
                 (cfg.target, cfg.draft),
@@ -162,7 +165,9 @@ class LocalEngine:
         # and sizes the heads' trees (up to 64 nodes).
         sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads_sets else (1, 2, 4, 8, 16)
         speculates = self.draft_runner is not None or bool(self.heads_sets) or self.self_draft is not None
-        self.verify_costs = self.target_runner.measure_verify_costs(sizes) if speculates else {}
+        self.verify_costs = dict(models.measured(
+            ("verify_costs", cfg.target, cfg.dtype, cfg.attention, sizes),
+            lambda: self.target_runner.measure_verify_costs(sizes))) if speculates else {}
         self.head_drafters: dict[tuple[str, str], object] = {}
         # Learned costs and calibration carry over between requests.
         self.policies: dict[tuple, DraftLengthPolicy] = {}

@@ -2,18 +2,21 @@
 
 Each way of decoding is one entry of `BUILDERS`, chosen by `spec.kind`; the batched
 engine is taken wherever `batch_refusal` finds nothing against it, else the same engine
-serves one request at a time behind a `SerialDecoder`.
+serves one request at a time behind a `SerialDecoder`. Decoders built with one
+`ModelPool` share the weights they load in this process (a bench builds one per method).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from cluster.baselines import hf_decoder, llamacpp_decoder
 from cluster.decoder import Decoder, SerialDecoder
+from cluster.models import ModelPool
 from cluster.spec import DecoderSpec
 
 
-def _ensemble(spec: DecoderSpec, progress: bool) -> Decoder:
+def _ensemble(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
     from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble
     from cluster.placement import PlacementConfig
 
@@ -35,19 +38,19 @@ def _ensemble(spec: DecoderSpec, progress: bool) -> Decoder:
                          getattr(ens, "eos_token_ids", ()) or ())
 
 
-def _local(spec: DecoderSpec, progress: bool) -> Decoder:
+def _local(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
     from cluster.batching.engine import BatchEngine, batch_refusal
     from cluster.engine import EngineConfig, LocalEngine
 
     local = LocalEngine(EngineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len,
                                      heads=spec.heads, tree=spec.tree, attention=spec.attention,
-                                     draft_attention=spec.draft_attention), progress=progress)
+                                     draft_attention=spec.draft_attention), progress=progress, models=models)
     if spec.batch is not None and batch_refusal(local) is None:
         return BatchEngine(local, spec.batch)
     return SerialDecoder(local, local.generate, local.tokenizer, local.context_length, local.eos_token_ids)
 
 
-def _ray_pipeline(spec: DecoderSpec, progress: bool) -> Decoder:
+def _ray_pipeline(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
     from actors import loading
     from actors.verifying import PipelineOptions
     from cluster.pipeline import PipelineConfig, RayPipeline
@@ -69,15 +72,18 @@ def _ray_pipeline(spec: DecoderSpec, progress: bool) -> Decoder:
                          getattr(pipe, "eos_token_ids", ()) or ())
 
 
-def _remote_drafter(spec: DecoderSpec, progress: bool) -> Decoder:
+def _remote_drafter(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
     from cluster.batching.remote import remote_drafter_engine
 
-    return remote_drafter_engine(spec, progress)
+    return remote_drafter_engine(spec, progress, models)
 
 
-BUILDERS: dict[str, Callable[[DecoderSpec, bool], Decoder]] = {
-    "ensemble": _ensemble, "local": _local, "ray-pipeline": _ray_pipeline, "remote-drafter": _remote_drafter}
+BUILDERS: dict[str, Callable[[DecoderSpec, bool, ModelPool], Decoder]] = {
+    "ensemble": _ensemble, "local": _local, "ray-pipeline": _ray_pipeline, "remote-drafter": _remote_drafter,
+    "hf": hf_decoder, "llamacpp": llamacpp_decoder}
 
 
-def make_decoder(spec: DecoderSpec, progress: bool = False) -> Decoder:
-    return BUILDERS[spec.kind](spec, progress)
+def make_decoder(spec: DecoderSpec, progress: bool = False, models: ModelPool | None = None) -> Decoder:
+    """`models`: weights already loaded in this process to decode with (else loaded here);
+    the Ray pipelines and ensembles load theirs in their actors."""
+    return BUILDERS[spec.kind](spec, progress, models or ModelPool())

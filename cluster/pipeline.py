@@ -113,8 +113,7 @@ def _call_restarting(call, timeout_s: float):
 class RayPipeline:
     """A verifier actor and a drafter actor, each on its own device bundle."""
 
-    def __init__(self, cfg: PipelineConfig, verifier_cls: type | None = None):
-        """`verifier_cls`: a ModelActor subclass for the verifier (the bench adds methods)."""
+    def __init__(self, cfg: PipelineConfig):
         import ray
 
         from actors.model_actor import ModelActor
@@ -126,8 +125,7 @@ class RayPipeline:
 
         def start(index: int, model: str, dtype: str, attention: str | None):
             options = self.placement.actor_options(index)
-            actor_cls = ray.remote(verifier_cls if index == 0 and verifier_cls else ModelActor)
-            return actor_cls.options(**options, max_restarts=cfg.max_restarts, max_concurrency=4).remote(
+            return ray.remote(ModelActor).options(**options, max_restarts=cfg.max_restarts, max_concurrency=4).remote(
                 {"model": model, "dtype": dtype, "max_len": cfg.max_len, "secret": secret, "attention": attention})
 
         try:

@@ -18,6 +18,9 @@ from actors.tidal import check_spec
 
 SELF = "self"  # `--draft self`: the target drafts for itself with sparse attention
 PIPELINES = ("local", "sync", "async")
+# Who decodes: our engine, or a peer on the same model (the bench's baselines):
+# transformers' `generate` (with the draft as assistant model) or llama.cpp's binaries.
+BACKENDS = ("specray", "hf", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,43 @@ def check_ensemble(spec: DecoderSpec, names: OptionNames) -> None:
                          "member); CoS rounds are synchronous, there is no async variant")
 
 
+def check_backend(spec: DecoderSpec, names: OptionNames) -> None:
+    """A peer decodes the target (and draft) the way it always does, in this process."""
+    from actors.hardware import QUANTIZED
+
+    n, backend = names, spec.backend
+    if backend not in BACKENDS:
+        raise ValueError(f"{n('backend')} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "specray":
+        if spec.llamacpp is not None:
+            raise ValueError(f"{n('llamacpp')} names llama.cpp's binaries, for {n.value('backend', 'llamacpp')}")
+        return
+    ours = [n(o) for o in ("heads", "attention", "draft_attention") if getattr(spec, o) is not None]
+    if spec.pipeline != "local":
+        ours.append(n.value("pipeline", spec.pipeline))
+    if spec.draft == SELF:
+        ours.append(n.value("draft", SELF))
+    if ours:
+        raise ValueError(f"{n.value('backend', backend)} decodes the target alone or with a draft model, in this "
+                         f"process; {', '.join(ours)} is ours only")
+    if loading.linear_dir(spec.target) is not None:
+        raise ValueError(f"{n.value('backend', backend)} would run {spec.target!r}'s softmax base, not the "
+                         "linearized model")
+    if backend == "hf":
+        if spec.dtype in QUANTIZED:
+            raise ValueError(f"{n.value('backend', 'hf')} runs transformers on a dense target; "
+                             f"{n.value('dtype', spec.dtype)} is ours only (compare llama.cpp on GGUF files)")
+        return
+    from cluster.bench_llamacpp import find_binaries
+
+    find_binaries(spec.llamacpp, ["llamacpp-spec" if spec.draft else "llamacpp"])
+    for option in ("target", "draft"):
+        name = getattr(spec, option)
+        if name is not None and loading.gguf_file(name) is None:
+            raise ValueError(f"{n.value('backend', 'llamacpp')} reads GGUF files: {n.value(option, name)} has none "
+                             "(the built-ins have them)")
+
+
 @dataclass
 class DecoderSpec:
     """A way of decoding, as the CLI flags or the Serve args name it; checked when built."""
@@ -117,6 +157,8 @@ class DecoderSpec:
     spread: bool = False
     request_timeout_s: float = 1800.0
     batch: object | None = None  # a BatchConfig: batch requests where the way of decoding allows
+    backend: str = "specray"  # or a peer, for comparison (BACKENDS)
+    llamacpp: str | None = None  # llama.cpp's bin folder (`backend: llamacpp`; else $SPECRAY_LLAMACPP_BIN)
     names: OptionNames = field(default=FLAGS, repr=False, compare=False)  # how errors name the options
 
     def __post_init__(self) -> None:
@@ -132,6 +174,8 @@ class DecoderSpec:
             if value is not None and value < low:
                 raise ValueError(f"{n(option)} must be >= {low}, got {value}")
         if self.ensemble is not None:
+            if self.backend != "specray":
+                raise ValueError(f"{n.value('backend', self.backend)} decodes one target; ensembles are ours only")
             self.ensemble = tuple(self.ensemble)
             check_ensemble(self, n)
             return
@@ -141,12 +185,15 @@ class DecoderSpec:
             raise ValueError(f"name a {n('target')} (or an {n('ensemble')})")
         check_drafting(self.draft, self.heads, self.pipeline, n)
         check_long_context(self.draft, self.heads, self.attention, self.draft_attention, self.target, n)
+        check_backend(self, n)
 
     @property
     def kind(self) -> str:
         """Which builder makes its decoder (`cluster.factory.BUILDERS`)."""
         if self.ensemble is not None:
             return "ensemble"
+        if self.backend != "specray":
+            return self.backend
         if self.pipeline == "local":
             return "local"
         # batched, the draft model or heads in an actor of their own, async: drafting ahead

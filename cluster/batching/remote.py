@@ -21,13 +21,14 @@ from actors.drafters.remote import RemoteDrafter
 from actors.drafters.remote_heads import RemoteHeadsDrafter
 from cluster.batching.engine import BatchEngine
 from cluster.engine import EngineConfig, LocalEngine, heads_dir
+from cluster.models import ModelPool
 from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
 
 HEADS_TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the verify costs a heads tree is sized by
 DRAFTER_RESTARTS = 3  # crashes of the drafter actor Ray recovers from; after that the target decodes alone
 
 
-def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
+def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None = None) -> BatchEngine:
     """`spec`: a `DecoderSpec` with a target, `batch` (a BatchConfig) and a draft model or heads."""
     import ray
 
@@ -36,7 +37,8 @@ def remote_drafter_engine(spec, progress: bool = False) -> BatchEngine:
     from cluster.pipeline import ensure_ray
     from cluster.placement import PlacementConfig, place, release
 
-    local = LocalEngine(EngineConfig(spec.target, dtype=spec.dtype, max_len=spec.max_len), progress=progress)
+    local = LocalEngine(EngineConfig(spec.target, dtype=spec.dtype, max_len=spec.max_len), progress=progress,
+                        models=models)
     sizes = HEADS_TREE_SIZES if spec.draft is None else (1, 2, 4, 8, 16)
     if any(k not in local.verify_costs for k in sizes):  # a target loaded alone has not measured them all
         local.verify_costs = {**local.verify_costs, **local.target_runner.measure_verify_costs(sizes)}

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cluster import bench_llamacpp, cli
+from decoding.sampling import SamplingParams
 
 SPEC_ERR = """0.12.340.918 I encoded   38 tokens in    0.524 seconds, speed:   72.529 t/s
 0.12.340.931 I decoded  137 tokens in   10.209 seconds, speed:   13.420 t/s
@@ -45,3 +46,39 @@ def test_llamacpp_methods_without_a_build_are_refused_before_loading(tmp_path, c
     code = cli.main(["bench", "--target", "qwen2.5-coder-1.5b", "--draft", "qwen2.5-coder-0.5b", "--dtype", "gguf",
                      "--prompts", str(prompts), "--methods", "hf,ar", "--out", str(tmp_path / "o")])
     assert code == 2 and "dense target" in capsys.readouterr().err
+
+
+STAND_IN = """#!/bin/sh
+# A stand-in for llama.cpp's llama-completion (no build on CI machines): it prints what the
+# real one prints, an answer on stdout and its timings on stderr, and records its flags.
+echo "$@" > "$(dirname "$0")/flags.txt"
+printf ' return 42\\n'
+echo "common_perf_print: prompt eval time =     10.00 ms /     4 tokens" >&2
+echo "common_perf_print:        eval time =     90.00 ms /     5 runs" >&2
+"""
+
+
+def test_llamacpp_is_a_decoder_like_the_others(tiny_dir, tmp_path):
+    """The llama.cpp backend through `make_decoder` and `Decoder.generate`: our prompt as text,
+    our max_new_tokens as -n, its text encoded again, its own count and time."""
+    import shutil
+
+    from cluster.factory import make_decoder
+    from cluster.local import DecodeConfig
+    from cluster.spec import DecoderSpec
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir("llama"), model)
+    (model / "model.gguf").write_bytes(b"")  # llama.cpp reads this file; the stand-in does not
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "llama-completion").write_text(STAND_IN)
+    (bin_dir / "llama-completion").chmod(0o755)
+    with make_decoder(DecoderSpec(target=str(model), backend="llamacpp", llamacpp=str(bin_dir))) as decoder:
+        with pytest.raises(RuntimeError, match="temperature must be 0"):
+            decoder.generate([5, 6, 7], DecodeConfig(max_new_tokens=6, sampling=SamplingParams(temperature=1.0)))
+        result = decoder.generate([5, 6, 7], DecodeConfig(max_new_tokens=6), speculative=False)
+        flags = (bin_dir / "flags.txt").read_text().split()
+        assert flags[flags.index("-n") + 1] == "6" and flags[flags.index("-m") + 1] == str(model / "model.gguf")
+        assert decoder.tokenizer.decode(result.token_ids) == " return 42\n"
+        assert result.stats.new_tokens == 6 and result.stats.wall_s == pytest.approx(0.1)

@@ -29,6 +29,15 @@ BAD = [
     (dict(target=T, draft="self", attention="tidal"), "give one of them"),
     (dict(target=T, attention="quest:4"), "attention must be 'tidal'"),
     (dict(target=T, draft="d", draft_attention="tidal:0"), "positive integer"),
+    (dict(target=T, backend="vllm"), "must be one of specray, hf, llamacpp"),
+    (dict(target=T, backend="hf", heads="medusa"), "is ours only"),
+    (dict(target=T, backend="hf", draft="d", pipeline="sync"), "is ours only"),
+    (dict(target=T, backend="hf", draft="self"), "is ours only"),
+    (dict(target=T, backend="hf", dtype="int4"), "dense target"),
+    (dict(target="qwen2.5-coder-1.5b-linear", backend="hf"), "softmax base"),
+    (dict(ensemble=("a", "b"), combine="we:0.5", backend="hf"), "decodes one target"),
+    (dict(target=T, llamacpp="/opt/llama/bin"), "names llama.cpp's binaries"),
+    (dict(target=T, backend="llamacpp", llamacpp="/nonexistent/bin"), "has no llama-completion"),
 ]
 
 
@@ -56,6 +65,20 @@ def test_good_specs_pass_and_say_which_builder():
     assert DecoderSpec(target=T, draft="self", draft_attention="tidal:8").kind == "local"
     assert DecoderSpec(ensemble=["a", "b"], combine="we:0.5").ensemble == ("a", "b")
     assert DecoderSpec(ensemble=("a", "b"), combine="we:0.5", pipeline="sync").kind == "ensemble"
+    assert DecoderSpec(target=T, backend="hf", draft="d").kind == "hf"  # the peers: bench baselines
+
+
+def test_llamacpp_backend_needs_its_binaries_and_gguf_files(tmp_path, monkeypatch):
+    from cluster.bench_llamacpp import LLAMACPP_ENV
+
+    monkeypatch.delenv(LLAMACPP_ENV, raising=False)
+    with pytest.raises(ValueError, match="--llamacpp DIR"):
+        DecoderSpec(target=T, backend="llamacpp")
+    (tmp_path / "llama-completion").write_text("")
+    dense = tmp_path / "model"  # a local model directory without a .gguf file
+    dense.mkdir()
+    with pytest.raises(ValueError, match="reads GGUF files: --target .* has none"):
+        DecoderSpec(target=str(dense), backend="llamacpp", llamacpp=str(tmp_path))
 
 
 def test_the_serve_args_and_the_cli_refuse_with_the_same_rule(capsys):
