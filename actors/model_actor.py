@@ -1,10 +1,12 @@
 """A Ray actor that owns one model, its KV cache and its device. Role-agnostic.
 
-The same class verifies (`verify`: owns a request, binds a ROUTER the drafter connects
-to) or proposes (`draft`: connects a DEALER to a verifier); which one is decided per
-request by the pipeline, so ensembles can rotate roles. Ray only creates, places and
-restarts it and carries one call per request each way; every per-step message goes
-over ZeroMQ straight between the two actors (`actors.verifying`, `actors.proposing`).
+The actor holds the model (`ModelHome`) and one object per role it can play
+(`actors/actor_roles.py`): it verifies (`verify`: owns a request, binds a ROUTER the drafter
+connects to), proposes (`draft`: connects a DEALER to a verifier), drafts for a batched
+engine (`serve_drafts`), or leads or follows an ensemble's request; which one is decided
+per request by the caller, so ensembles can rotate roles. Ray only creates, places and
+restarts it and carries one call per request each way; every per-step message goes over
+ZeroMQ straight between the actors (`actors.verifying`, `actors.proposing`).
 
 The actor is threaded (Ray `max_concurrency` > 1) only so that `cancel`, `ping` and
 `info` answer while a request runs; one request at a time uses the model.
@@ -22,20 +24,11 @@ from typing import Callable
 import torch
 
 from actors import hardware, loading, threads
-from actors.proposing import propose_request
+from actors.actor_roles import DraftService, EnsembleMember, ModelHome, Proposer, Verifier
 from actors.runner import ModelRunner
 from actors.tidal import TidalConfig, check_spec
-from actors.verifying import Cancelled, PipelineOptions, verify_request
-from decoding.draft_length import DraftLengthPolicy
-from decoding.request import DecodeConfig, TokenSink
-from protocol import (
-    ChannelConfig,
-    DealerChannel,
-    RouterChannel,
-    SharedSecret,
-    bind_endpoint,
-    model_fingerprint,
-)
+from decoding.request import TokenSink
+from protocol import RouterChannel, bind_endpoint, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +66,16 @@ class ModelActor:
         loaded = loading.load(self.spec.model, self.spec.dtype, progress=False, device=self.device)
         if loaded.hf_model is not None:
             loaded.hf_model.to(self.device)
-        self.loaded = loaded
         max_len = min(self.spec.max_len, loaded.context_length + 64)
         n_layers = loaded.config.get_text_config().num_hidden_layers
         attention = TidalConfig.parse(self.spec.attention, n_layers) if self.spec.attention else None
-        self.runner = ModelRunner.for_serving(loaded.build(), max_len, attention=attention)
-        self.eos_token_ids = loading.eos_token_ids(loaded)
-        self.fingerprint = model_fingerprint(self.runner.vocab_size, loaded.tokenizer.get_vocab())
+        runner = ModelRunner.for_serving(loaded.build(), max_len, attention=attention)
         self.node_ip = ray.util.get_node_ip_address()
         self.node_id = ray.get_runtime_context().get_node_id()
-        self._busy = threading.Lock()
-        self._cancelled: set[str] = set()
-        self._stopped: set[str] = set()
-        self._routers: dict[str, RouterChannel] = {}  # transport ("ipc"/"tcp") -> bound socket
-        self._policies: dict[tuple, DraftLengthPolicy] = {}  # learned draft costs carry over
-        self._served: list[tuple[RouterChannel, threading.Thread]] = []  # draft servers (serve_drafts)
+        self.home = ModelHome(runner, model_fingerprint(runner.vocab_size, loaded.tokenizer.get_vocab()),
+                              loading.eos_token_ids(loaded), self.node_ip, self.spec.max_len, self.spec.secret)
+        self.verifier, self.proposer = Verifier(self.home), Proposer(self.home)
+        self.drafts, self.ensemble = DraftService(self.home), EnsembleMember(self.home)
 
     # ---- control plane (Ray calls) --------------------------------------------------
     def ping(self) -> bool:
@@ -102,102 +90,61 @@ class ModelActor:
         return {"pid": os.getpid(), "node_ip": self.node_ip, "node_id": self.node_id, "device": self.device,
                 "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model,
                 "capabilities": hardware.probe(self.device).to_dict(), "threading": threads.describe(),
-                **self.runner.runtime_info()}
+                **self.home.runner.runtime_info()}
 
     def cancel(self, session: str) -> None:
-        self._cancelled.add(session)
-
-    def verify_costs(self, sizes: list[int]) -> dict[int, float]:
-        """Milliseconds of one target forward of k tokens, per k: sizes a heads drafter's trees."""
-        with self._busy:
-            return {k: s * 1e3 for k, s in self.runner.measure_verify_costs(tuple(sizes)).items()}
+        self.home.cancelled.add(session)
 
     def stop(self, session: str) -> None:
         """End `session` after its current round and answer normally (a stop string was seen)."""
-        self._stopped.add(session)
+        self.home.stopped.add(session)
 
-    def _channel_config(self, endpoint: str) -> ChannelConfig:
-        auth = None
-        if endpoint.startswith("tcp://") and self.spec.secret:
-            auth = SharedSecret(bytes.fromhex(self.spec.secret))
-        return ChannelConfig(tensor_lib="torch", auth=auth)
+    def verify_costs(self, sizes: list[int]) -> dict[int, float]:
+        """Milliseconds of one target forward of k tokens, per k: sizes a heads drafter's trees."""
+        with self.home.busy:
+            return {k: s * 1e3 for k, s in self.home.runner.measure_verify_costs(tuple(sizes)).items()}
 
     def listen(self, peer_node_ip: str) -> str:
         """Where a drafter on `peer_node_ip` should connect: ipc on this node, else tcp."""
         transport = "ipc" if peer_node_ip == self.node_ip else "tcp"
-        if transport not in self._routers:
+        routers = self.home.routers
+        if transport not in routers:
             endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"verifier-{os.getpid()}")
-            self._routers[transport] = RouterChannel(endpoint, config=self._channel_config(endpoint))
-        return self._routers[transport].endpoint
+            routers[transport] = RouterChannel(endpoint, config=self.home.channel_config(endpoint))
+        return routers[transport].endpoint
 
-    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, ahead: bool = False) -> str:
-        """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
-        batched draft forward per depth (`actors/draft_server.py`), on a thread of its own.
-        `verify_s`: the target's verify seconds by tokens; `ahead`: draft each sequence's
-        next round while the verifier verifies (`pipeline: async`). Returns where to connect."""
-        from actors.draft_server import DraftServer, serve_rounds
-
-        server = DraftServer(self.runner, slots, self.spec.max_len, max_draft,
-                             {int(k): float(v) for k, v in verify_s.items()}, ahead=ahead)
-        router, thread = serve_rounds(server, self.node_ip, peer_node_ip, f"drafts-{os.getpid()}-{len(self._served)}",
-                                      self.spec.secret, self.fingerprint)
-        self._served.append((router, thread))
-        return router.endpoint
-
-    # ---- requests --------------------------------------------------------------------
+    # ---- the roles (actors/actor_roles.py) -------------------------------------------
     def verify(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
                drafter: list, on_tokens: TokenSink | None = None) -> dict:
-        """Own the request: decode with the target, verifying what the drafter sends to
-        `endpoint` (from `listen`). `drafter` holds the ObjectRef of the drafter's `draft`
-        call (empty: no drafter), so a dead drafter is noticed within one poll."""
-        import ray
-
-        cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
-        if not cfg.eos_token_ids:  # the caller did not choose: the target's own
-            cfg.eos_token_ids = self.eos_token_ids
-        router = next((r for r in self._routers.values() if r.endpoint == endpoint), None)
-        if router is None:
-            raise ValueError(f"{endpoint} is not one of this actor's sockets; call listen first")
-
-        def drafter_alive() -> bool:
-            return bool(drafter) and not ray.wait(drafter, timeout=0)[0]
-
-        def sink(tokens: list[int]) -> bool:
-            if on_tokens is not None:
-                on_tokens(tokens)
-            return session in self._stopped
-
-        with self._busy:
-            try:
-                result = verify_request(self.runner, router, self.fingerprint, session, prompt, cfg, opts,
-                                        drafter_alive=drafter_alive, cancelled=lambda: session in self._cancelled,
-                                        on_tokens=sink)
-            finally:
-                self._cancelled.discard(session)
-                self._stopped.discard(session)
-        return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
+        return self.verifier.verify(session, endpoint, prompt, decode, options, drafter, on_tokens)
 
     def verify_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, options: dict,
                       drafter: list):
         """`verify` as a Ray streaming generator: `{"token_ids": [...]}` per commit as the
         tokens land, then `verify`'s answer."""
-        yield from _streamed(session, lambda sink: self.verify(session, endpoint, prompt, decode, options,
-                                                               drafter, on_tokens=sink))
+        yield from _streamed(session, lambda sink: self.verifier.verify(session, endpoint, prompt, decode, options,
+                                                                        drafter, on_tokens=sink))
 
     def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
-        cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
-        key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)
-        policy = self._policies.setdefault(key, DraftLengthPolicy(
-            max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width))
-        with self._busy:
-            try:
-                with DealerChannel(endpoint, config=self._channel_config(endpoint)) as channel:
-                    return propose_request(self.runner, channel, self.fingerprint, session, cfg, opts, policy,
-                                           cancelled=lambda: session in self._cancelled)
-            except Cancelled:
-                return {"cancelled": True}
-            finally:
-                self._cancelled.discard(session)
+        return self.proposer.draft(session, endpoint, decode, options)
+
+    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, ahead: bool = False) -> str:
+        """`verify_s`: the target's verify seconds by tokens; `ahead`: draft each sequence's
+        next round while the verifier verifies (`pipeline: async`)."""
+        return self.drafts.serve(peer_node_ip, slots, max_draft, verify_s, ahead)
+
+    def ensemble_lead(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
+                      followers: list, on_tokens: TokenSink | None = None) -> dict:
+        return self.ensemble.lead(session, endpoint, prompt, decode, spec, followers, on_tokens)
+
+    def ensemble_lead_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
+                             followers: list):
+        """`ensemble_lead` as a Ray streaming generator, like `verify_stream`."""
+        yield from _streamed(session, lambda sink: self.ensemble.lead(session, endpoint, prompt, decode, spec,
+                                                                      followers, on_tokens=sink))
+
+    def ensemble_follow(self, session: str, endpoint: str, decode: dict, index: int, peer: dict | None = None) -> dict:
+        return self.ensemble.follow(session, endpoint, decode, index, peer)
 
     # ---- benchmarks ------------------------------------------------------------------
     def use_oracle(self, reference: list[int], acceptance: float, step_cost_s: float, seed: int) -> None:
@@ -205,81 +152,8 @@ class ModelActor:
         only) instead of the model; the fingerprint stays the loaded model's."""
         from actors.oracle import OracleRunner
 
-        with self._busy:
-            self.runner = OracleRunner(reference, self.runner.vocab_size, acceptance, step_cost_s, seed)
-
-    # ---- ensembles (CoS): one member per actor, one of them leads ------------------------
-    def ensemble_lead(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
-                      followers: list, on_tokens: TokenSink | None = None) -> dict:
-        """Own an ensemble request (`actors.ensemble`): this actor's model is member
-        `spec["index"]`; the others (`spec["names"]`, by index) connect to `endpoint` (from
-        `listen`) and serve calls. `followers` holds their `ensemble_follow` ObjectRefs in
-        `spec["followers"]` order, so a dead member is noticed within one poll."""
-        import ray
-
-        from actors.ensemble import CosOptions, CosState, LocalMember, cos_generate, ensemble_generate
-        from actors.ensemble_peers import LeaderLink, PeerOptions, RemoteMember
-        from decoding.ensemble import parse_combine
-
-        cfg, opts = DecodeConfig.from_dict(decode), PeerOptions(**spec.get("peer", {}))
-        if not cfg.eos_token_ids:
-            cfg.eos_token_ids = self.eos_token_ids
-        names = list(spec["names"])
-        rule = parse_combine(spec["combine"], len(names))
-        router = next((r for r in self._routers.values() if r.endpoint == endpoint), None)
-        if router is None:
-            raise ValueError(f"{endpoint} is not one of this actor's sockets; call listen first")
-        refs = dict(zip(spec["followers"], followers))
-
-        def alive(index: int) -> bool:
-            return not ray.wait([refs[index]], timeout=0)[0]
-
-        cancelled = lambda: session in self._cancelled  # noqa: E731
-        link = LeaderLink(router, self.fingerprint, session, {i: names[i] for i in refs}, opts, alive, cancelled)
-        members = [LocalMember(self.runner, name, i) if i == spec["index"] else RemoteMember(link, i, name, session)
-                   for i, name in enumerate(names)]
-        with self._busy:
-            try:
-                link.accept()
-                if spec["method"] == "ensemble":
-                    result = ensemble_generate(members, rule, prompt, cfg, on_tokens, cancelled)
-                else:
-                    cos = CosOptions(**spec.get("cos", {}))
-                    states = self.__dict__.setdefault("_cos_states", {})
-                    state = states.setdefault((spec["combine"], tuple(names), cos.default_proposer), CosState())
-                    result = cos_generate(members, rule, prompt, cfg, cos, on_tokens, state, cancelled)
-            finally:
-                link.close("done")
-                self._cancelled.discard(session)
-                self._stopped.discard(session)
-        return {"token_ids": result.token_ids, "stats": result.stats.to_dict()}
-
-    def ensemble_lead_stream(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
-                             followers: list):
-        """`ensemble_lead` as a Ray streaming generator, like `verify_stream`."""
-        def lead(sink: TokenSink) -> dict:
-            def stop_aware(tokens: list[int]) -> bool:
-                sink(tokens)
-                return session in self._stopped  # see `stop`
-
-            return self.ensemble_lead(session, endpoint, prompt, decode, spec, followers, on_tokens=stop_aware)
-
-        yield from _streamed(session, lead)
-
-    def ensemble_follow(self, session: str, endpoint: str, decode: dict, index: int, peer: dict | None = None) -> dict:
-        """Serve as ensemble member `index` of the request led at `endpoint`."""
-        from actors.ensemble_peers import PeerOptions, serve_member
-
-        cfg = DecodeConfig.from_dict(decode)
-        with self._busy:
-            try:
-                with DealerChannel(endpoint, config=self._channel_config(endpoint)) as channel:
-                    return serve_member(self.runner, channel, self.fingerprint, session, index, cfg,
-                                        PeerOptions(**(peer or {})), cancelled=lambda: session in self._cancelled)
-            except Cancelled:
-                return {"cancelled": True}
-            finally:
-                self._cancelled.discard(session)
+        with self.home.busy:
+            self.home.runner = OracleRunner(reference, self.home.runner.vocab_size, acceptance, step_cost_s, seed)
 
 
 def _streamed(session: str, run: Callable[[TokenSink], dict]):

@@ -4,7 +4,8 @@ One process, one loaded copy of the built-in pair with Medusa and Amphista heads
 prompt, each method decodes it twice, interleaved, alternating which goes first:
 - `serial`: `LocalEngine.generate` (the per-method loops in `cluster/local.py`);
 - `batched`: a `BatchEngine` running `decoding.round.speculative_round` with that method's
-  drafter, one request at a time (what `specray bench` measures).
+  drafter, one request at a time (what Serve runs for one request; `specray bench` times
+  the serial loops, as `specray generate --pipeline local` decodes).
 Then the same prompts all at once (`--concurrency`) through the batched engine against
 the serial loop decoding them one after another: what a server gains from batching.
 Outputs must be token-identical; the report gives tokens/s and batched/serial ratios.
