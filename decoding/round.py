@@ -45,10 +45,15 @@ class Draft:
 
 @dataclass
 class Committed:
-    """What one step added to a sequence."""
+    """What one step added to a sequence (or why the sequence failed in it)."""
     seq: Sequence
     tokens: list[int]
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # this sequence's own part of the step raised: it alone ends
+
+
+def _failed(seq: Sequence, exc: Exception) -> Committed:
+    return Committed(seq, [], error=f"{type(exc).__name__}: {exc}")
 
 
 class Drafter(Protocol):
@@ -103,24 +108,35 @@ def speculative_round(seqs: list[Sequence], drafter: Drafter, verifier: Verifier
     trees = [drafts[s.id].tree if s.id in drafts else TokenTree.chain(s.tokens[-1], []) for s in seqs]
     done = []
     for seq, tree, (hidden, logits) in zip(seqs, trees, verifier.score(seqs, trees)):
-        draft = drafts.get(seq.id)
-        verdict = accept(seq, draft, logits)
-        verifier.commit(seq, tree, verdict.accepted)
-        new = tree.tokens[verdict.accepted].tolist() + [verdict.next_token]
-        kept = seq.append(new)
-        st = seq.stats
-        st.target_forwards += 1
-        if draft is not None and draft.drafted:
-            st.verify_rounds += 1
-            st.drafted_tokens += draft.drafted
-            st.accepted_tokens += len(verdict.accepted)
-            seq.observe_acceptance(len(verdict.accepted), draft.tree.depth.max().item())
-        if seq.draft is not None:
-            drafter.observe(seq, draft, verdict, hidden[verdict.last_node])
-        lp = logprobs_of(logits[[0] + verdict.accepted], kept, seq.logprobs) if seq.logprobs is not None and kept \
-            else None
-        done.append(Committed(seq, kept, lp))
+        # What follows is one sequence's own: if it raises, that sequence ends with the error
+        # (the engine frees it) and the others' rounds go on. The batched forwards above
+        # cannot say whose input broke them; the engine fails their whole step.
+        try:
+            done.append(_settle(seq, drafts.get(seq.id), tree, hidden, logits, drafter, verifier))
+        except Exception as exc:
+            done.append(_failed(seq, exc))
     return done
+
+
+def _settle(seq: Sequence, draft: Draft | None, tree: TokenTree, hidden: torch.Tensor, logits: torch.Tensor,
+            drafter: Drafter, verifier: Verifier) -> Committed:
+    """Accept, commit, tell the drafter: one sequence's part of a round."""
+    verdict = accept(seq, draft, logits)
+    verifier.commit(seq, tree, verdict.accepted)
+    new = tree.tokens[verdict.accepted].tolist() + [verdict.next_token]
+    kept = seq.append(new)
+    st = seq.stats
+    st.target_forwards += 1
+    if draft is not None and draft.drafted:
+        st.verify_rounds += 1
+        st.drafted_tokens += draft.drafted
+        st.accepted_tokens += len(verdict.accepted)
+        seq.observe_acceptance(len(verdict.accepted), draft.tree.depth.max().item())
+    if seq.draft is not None:
+        drafter.observe(seq, draft, verdict, hidden[verdict.last_node])
+    lp = logprobs_of(logits[[0] + verdict.accepted], kept, seq.logprobs) if seq.logprobs is not None and kept \
+        else None
+    return Committed(seq, kept, lp)
 
 
 def first_tokens(finished: list[tuple[Sequence, torch.Tensor, torch.Tensor]], drafter: Drafter) -> list[Committed]:
@@ -128,11 +144,14 @@ def first_tokens(finished: list[tuple[Sequence, torch.Tensor, torch.Tensor]], dr
     position's logits (row 0 of `logits`) and let the drafter start on them."""
     done = []
     for seq, hidden, logits in finished:
-        token = next_token(logits[0], seq.cfg.sampling, seq.generator)
-        seq.stats.target_forwards += 1
-        kept = seq.append([token])
-        if seq.speculative:
-            drafter.start(seq, hidden)
-        lp = logprobs_of(logits, kept, seq.logprobs) if seq.logprobs is not None and kept else None
-        done.append(Committed(seq, kept, lp))
+        try:
+            token = next_token(logits[0], seq.cfg.sampling, seq.generator)
+            seq.stats.target_forwards += 1
+            kept = seq.append([token])
+            if seq.speculative:
+                drafter.start(seq, hidden)
+            lp = logprobs_of(logits, kept, seq.logprobs) if seq.logprobs is not None and kept else None
+            done.append(Committed(seq, kept, lp))
+        except Exception as exc:  # as in a round: this sequence alone ends
+            done.append(_failed(seq, exc))
     return done

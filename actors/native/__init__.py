@@ -7,8 +7,11 @@ instruction-set variant, and cached under `~/.cache/specray/native/`:
 - `avx512vnni`: AVX-512 VNNI (`vpdpbusd`) dot products.
 `variant()` picks the best one this CPU runs (from /proc/cpuinfo flags), or the one
 `SPECRAY_NATIVE_ISA` names (tests force every variant the machine can run). Every variant
-computes bitwise the same result. Without a compiler, `available()` is False and GGUF
-models fall back to dequantized weights (slower, said so in a warning).
+computes bitwise the same result. Without a working compiler (none found, `$CC` naming a
+command that is not there, a build that fails or outruns `COMPILE_TIMEOUT_S`),
+`available()` is False and GGUF models fall back to dequantized weights (slower, said so
+in a warning). A cached library that does not load (a crash mid-write, a foreign file) is
+built again.
 
 No torch headers: the library takes raw pointers, so it builds in about a second.
 """
@@ -20,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,6 +42,7 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {  # name -> (compiler flags, 
                    {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
 }
 PREFERENCE = ("avx512vnni", "avx2", "scalar")
+COMPILE_TIMEOUT_S = 300.0  # a compiler that hangs must not hold the build lock (and every start) forever
 
 # GGML quantization type ids (gguf.GGMLQuantizationType) this library computes on
 Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
@@ -77,8 +82,56 @@ def variant() -> str:
     return runnable_variants()[0]
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+def compiler() -> list[str] | None:
+    """The C compiler as a command: `$CC` split as a shell would (`ccache gcc`), else the
+    first of gcc, cc, clang found."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    return [found] if found else None
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+    """`cmd`'s result, or None (logged) if it cannot start or outruns `timeout`."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("GGUF kernels: %s did not run (%s)", " ".join(cmd), e)
+        return None
+
+
+def _load(path: Path, name: str) -> ctypes.CDLL | None:
+    """The library at `path` with its signatures declared, or None if it is not ours whole."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.specray_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int, ptr]
+        lib.specray_matmul.restype = ctypes.c_int
+        lib.specray_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr]
+        lib.specray_dequantize.restype = None
+        lib.specray_scratch_bytes.argtypes = [i64, i64]
+        lib.specray_scratch_bytes.restype = i64
+        lib.specray_variant.restype = ctypes.c_int
+    except (OSError, AttributeError) as e:
+        log.warning("GGUF kernels: the cached %s does not load (%s)", path, e)
+        return None
+    if lib.specray_variant() != list(VARIANTS).index(name):  # the flags did not reach the preprocessor as meant
+        log.warning("GGUF kernels %s built as variant %d", name, lib.specray_variant())
+        return None
+    return lib
+
+
+def _build(cc: list[str], out: Path, flags: list[str], name: str) -> bool:
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    proc = _run([*cc, str(SOURCE), "-o", str(tmp), *flags], COMPILE_TIMEOUT_S)
+    if proc is None or proc.returncode != 0:
+        if proc is not None:
+            log.warning("could not build the %s GGUF kernels with %s: %s", name, " ".join(cc), proc.stderr[-500:])
+        tmp.unlink(missing_ok=True)
+        return False
+    tmp.replace(out)
+    return True
 
 
 @functools.cache
@@ -87,36 +140,21 @@ def library(name: str) -> ctypes.CDLL | None:
     from actors.paths import cache_root, file_lock
 
     cc = compiler()
-    if cc is None:
+    version = _run([*cc, "--version"], 30) if cc else None
+    if version is None:
         return None
     flags = COMMON_FLAGS + VARIANTS[name][0]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(flags), *version]).encode()).hexdigest()[:16]
+    key = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(flags), *version.stdout.splitlines()[:1]])
+                       .encode()).hexdigest()[:16]
     out = cache_root() / "native" / key / f"ggml_blocks_{name}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.parent / f".{name}.lock"):
-            if not out.exists():
-                tmp = out.with_suffix(f".{os.getpid()}.tmp")
-                proc = subprocess.run([cc, str(SOURCE), "-o", str(tmp), *flags], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    log.warning("could not build the %s GGUF kernels with %s: %s", name, cc, proc.stderr[-500:])
-                    return None
-                tmp.replace(out)
-    lib = ctypes.CDLL(str(out))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.specray_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int, ptr]
-    lib.specray_matmul.restype = ctypes.c_int
-    lib.specray_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr]
-    lib.specray_dequantize.restype = None
-    lib.specray_scratch_bytes.argtypes = [i64, i64]
-    lib.specray_scratch_bytes.restype = i64
-    lib.specray_variant.restype = ctypes.c_int
-    expected = list(VARIANTS).index(name)
-    if lib.specray_variant() != expected:  # the flags did not reach the preprocessor as meant
-        log.warning("GGUF kernels %s built as variant %d", name, lib.specray_variant())
-        return None
-    return lib
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{name}.lock"):
+        if out.exists() and (lib := _load(out, name)) is not None:
+            return lib
+        out.unlink(missing_ok=True)  # absent, or cached but broken: build it (again)
+        if not _build(cc, out, flags, name):
+            return None
+    return _load(out, name)
 
 
 def available(name: str | None = None) -> bool:
@@ -127,7 +165,7 @@ def available(name: str | None = None) -> bool:
 def why_unavailable() -> str:
     if variant() == "none":
         return f"{ISA_ENV}=none"
-    return "no C compiler found" if compiler() is None else "the build failed (see the log)"
+    return "no C compiler found" if compiler() is None else "the build failed or timed out (see the log)"
 
 
 def row_bytes(qtype: int, k: int) -> int:

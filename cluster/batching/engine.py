@@ -185,6 +185,10 @@ class BatchEngine(Decoder):
 
     def _emit(self, done: Committed) -> None:
         seq = done.seq
+        if done.error is not None:  # its own part of the step failed: the others carry on
+            log.error("request %s failed in its part of a step: %s", seq.id, done.error)
+            self._finish(seq, error=done.error)
+            return
         if done.tokens:
             self._send(seq.id, TokenEvent(seq.id, done.tokens, done.logprobs))
         if seq.finish_reason is not None:

@@ -71,11 +71,16 @@ class DeadlineExceeded(Exception):
     """A request ran past its deadline; the decoder has been told to cancel it."""
 
 
+RECLAIM_GRACE_S = 30.0  # past a request's deadline: time its stream has to close before it is let go
+
+
 class _Job:
     """One admitted request: its token events, and the text it releases as tokens land."""
 
-    def __init__(self, rid: str, text: TextStream, arrived: float, logprobs: int | None, timeout_s: float):
-        self.rid, self.text, self.arrived, self.logprobs = rid, text, arrived, logprobs
+    def __init__(self, rid: str, arrived: float, logprobs: int | None, timeout_s: float):
+        self.rid, self.arrived, self.logprobs = rid, arrived, logprobs
+        self.text: TextStream | None = None
+        self.reclaim: asyncio.TimerHandle | None = None  # lets the slot go if nothing else did
         self.timeout_s, self.deadline = timeout_s, arrived + timeout_s
         self.first_token_at: float | None = None
         self.completion_tokens = 0
@@ -102,6 +107,7 @@ class OpenAIServer:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.reclaim_grace_s = RECLAIM_GRACE_S
 
     # ---- routes ----------------------------------------------------------------------
     def check_health(self) -> None:
@@ -154,36 +160,52 @@ class OpenAIServer:
         except APIError as exc:
             self.metrics.answered(self.model, route, exc.status)
             raise
-        self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
-        rid = new_id("chatcmpl" if chat else "cmpl")
+        except Exception:  # answered by the catch-all (a 500 in OpenAI's shape), counted here
+            self.metrics.answered(self.model, route, 500)
+            raise
+        # Admitted: from here every way out releases the slot (`_done`), whatever is raised.
         timeout_s = min(self.args.request_timeout_s, req.specray.timeout_s or self.args.request_timeout_s)
-        job = _Job(rid, TextStream(self.backend.tokenizer, req.stop), arrived, top, timeout_s)
+        job = _Job(new_id("chatcmpl" if chat else "cmpl"), arrived, top, timeout_s)
         try:
-            self.decoder.submit(DecodeRequest(prompt_ids, cfg, req.specray.speculative, top, id=rid), job.on_event)
+            self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
+            job.text = TextStream(self.backend.tokenizer, req.stop)
+            # A stream whose client leaves before its first chunk never starts its generator,
+            # so its `finally` never runs: past the deadline, whatever is still open is let go.
+            job.reclaim = job.loop.call_later(timeout_s + self.reclaim_grace_s, self._reclaim, job, route)
+            return await self._answer(job, req, prompt_ids, cfg, chat, route)
+        except asyncio.CancelledError:  # the client went away: stop decoding, free the slot
+            self._abandon(job, route)
+            raise
+        except APIError as exc:
+            self._done(job, route, exc.status)
+            raise
+        except BaseException:
+            self.decoder.cancel(job.rid)
+            self._done(job, route, 500)
+            raise
+
+    async def _answer(self, job: _Job, req, prompt_ids: list[int], cfg: DecodeConfig, chat: bool, route: str):
+        try:
+            self.decoder.submit(DecodeRequest(prompt_ids, cfg, req.specray.speculative, job.logprobs, id=job.rid),
+                                job.on_event)
         except ValueError as exc:  # a limit only the decoder knows (its KV budget)
-            self._done(job, route, 400)
             raise APIError(400, str(exc)) from None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(job, chat, len(prompt_ids), include_usage, route),
                                      media_type="text/event-stream")
-        text, entries = [], [] if top is not None else None
+        text, entries = [], [] if job.logprobs is not None else None
         try:
             async for delta, lps in self._deltas(job):
                 text.append(delta)
                 if entries is not None:
                     entries += lps
-        except asyncio.CancelledError:  # the client went away: stop decoding, free the slot
-            self._abandon(job, route)
-            raise
         except DeadlineExceeded:
-            self._done(job, route, 504)
             raise APIError(504, self._deadline_message(job), "timeout_error", code="request_timeout") from None
         if job.final.error is not None:
-            self._done(job, route, 500)
             raise APIError(500, f"generation failed: {job.final.error}", "server_error")
         self._done(job, route, 200)
-        body = completion_body(rid, self.model, "".join(text), self._finish_reason(job), chat,
+        body = completion_body(job.rid, self.model, "".join(text), self._finish_reason(job), chat,
                                logprobs=logprobs_body(entries, chat))
         body["usage"] = usage(len(prompt_ids), job.completion_tokens)
         body["specray"] = self._extension(job.final.result)
@@ -309,6 +331,8 @@ class OpenAIServer:
         if job.closed:
             return
         job.closed = True
+        if job.reclaim is not None:
+            job.reclaim.cancel()
         self.admission.release(time.monotonic() - job.arrived)
         self.metrics.answered(self.model, route, status)
         self.metrics.pending.set(self.admission.pending, tags={"model": self.model})
@@ -317,6 +341,12 @@ class OpenAIServer:
             decode_s = time.monotonic() - (job.first_token_at or time.monotonic())
             self.metrics.finished(self.model, route, job.final.result.stats, ttft, decode_s)
             self.metrics.load(self.model, self.decoder.state())
+
+    def _reclaim(self, job: _Job, route: str) -> None:
+        if not job.closed:
+            log.warning("request %s still open %g s past its deadline: cancelled, its slot released", job.rid,
+                        self.reclaim_grace_s)
+            self._abandon(job, route)
 
     def _abandon(self, job: _Job, route: str) -> None:
         self.decoder.cancel(job.rid)

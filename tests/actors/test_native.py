@@ -152,3 +152,52 @@ def test_bad_shapes_and_forced_variants_are_refused(monkeypatch):
     for v in VARIANTS:
         monkeypatch.setenv(native.ISA_ENV, v)
         assert native.variant() == v
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """Builds land in a cache of their own; the process's loaded libraries are forgotten
+    before and after (the next test loads from the usual cache again)."""
+    from actors.paths import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_a_compiler_command_with_a_wrapper_builds(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", f"env {native.compiler()[0]}")  # like CC="ccache gcc"
+    assert native.available("scalar")
+    assert list(fresh_cache.glob("native/*/ggml_blocks_scalar.so"))
+
+
+def test_a_missing_or_hanging_compiler_falls_back_instead_of_raising(fresh_cache, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-ccache gcc")
+    assert native.library("scalar") is None and not native.available("scalar")
+    assert "build failed" in native.why_unavailable()
+    native.library.cache_clear()
+    hanging = fresh_cache / "hanging-cc"
+    hanging.write_text('#!/bin/sh\n[ "$1" = "--version" ] && { echo "hanging-cc 1.0"; exit 0; }\nsleep 60\n')
+    hanging.chmod(0o755)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 1.0)
+    assert native.library("scalar") is None  # after a second, not a minute
+    assert not list(fresh_cache.glob("native/*/*.tmp"))  # nothing half-written left behind
+
+
+def test_a_corrupt_cached_library_is_built_again(fresh_cache):
+    import subprocess
+    import sys
+
+    assert native.library("scalar") is not None
+    (cached,) = fresh_cache.glob("native/*/ggml_blocks_scalar.so")
+    broken = cached.with_suffix(".broken")  # a new file: the loaded one stays mapped in this process
+    broken.write_bytes(b"\x7fELF truncated by a crash")
+    broken.replace(cached)
+    # a fresh process, as the next start would be (this one has the good library loaded by name)
+    probe = "from actors import native; lib = native.library('scalar'); print(lib.specray_variant())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(list(native.VARIANTS).index("scalar"))
+    assert cached.stat().st_size > 1000 and "does not load" in out.stderr

@@ -308,3 +308,46 @@ def test_health_names_a_wedged_step_and_a_dead_engine_thread(engines, monkeypatc
     finally:
         release.set()
         batch.close()
+
+
+@pytest.mark.parametrize("where", ["accept", "first token"])
+def test_a_sequence_that_fails_in_its_own_part_of_a_step_ends_alone(engines, monkeypatch, where):
+    """One request's acceptance (or first token) raises: that request gets an error event,
+    every other one in the same steps decodes exactly as alone, and its slot is freed."""
+    local = engines
+    batch = BatchEngine(local, BatchConfig(max_seqs=4, prefill_tokens=16, draft_length=3))
+    reqs = [Request([3 + i, 9, 17 + i, 4], DecodeConfig(max_new_tokens=24, eos_token_ids=NO_EOS)) for i in range(4)]
+    victim = reqs[1]
+    seen = {"rounds": 0}
+    real_accept, real_next = spec_round.accept, spec_round.next_token
+
+    def accept(seq, draft, logits):
+        seen["rounds"] += 1
+        if seq.id == victim.id and len(seq.output) >= 5:
+            raise IndexError("this sequence's state is broken")
+        return real_accept(seq, draft, logits)
+
+    def next_token(logits, params, generator):
+        if seen.get("first") is None:  # the first prompt to complete: whichever it is, it fails
+            seen["first"] = True
+            raise IndexError("this sequence's state is broken")
+        return real_next(logits, params, generator)
+
+    if where == "accept":
+        monkeypatch.setattr(spec_round, "accept", accept)
+    else:
+        monkeypatch.setattr(spec_round, "next_token", next_token)
+    try:
+        got, last = collect(batch, reqs)
+        failed = [r for r in reqs if last[r.id].finish_reason == "error"]
+        assert len(failed) == 1 and "IndexError: this sequence's state is broken" in last[failed[0].id].error
+        if where == "accept":
+            assert failed == [victim] and len(got[victim.id]) >= 5
+        monkeypatch.undo()
+        for r in reqs:
+            if r not in failed:
+                assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids
+        wait_idle(batch)
+        assert batch.pool.available == 4 and batch.scheduler.reserved == 0
+    finally:
+        batch.close()
