@@ -72,8 +72,9 @@ def _nucleus_size(sorted_x: Tensor, lse: Tensor, top_p: float) -> Tensor:
     sorted_p = (sorted_x - lse).exp()
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # exactly 0 for the first token
     # Keep token j while the mass before it is still short of top_p: the smallest prefix
-    # reaching top_p, never empty since top_p > 0.
-    return (mass_before < top_p).sum(dim=-1, keepdim=True)
+    # reaching top_p. At least the first: a top_p below float32's smallest value (5e-324,
+    # found by fuzzing the endpoint) compares as 0 against the tensor and would keep none.
+    return (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
 
 
 def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:

@@ -36,6 +36,7 @@ from cluster.serve.openai_api import (
     completion_body,
     logprobs_body,
     new_id,
+    openapi_body,
     usage,
 )
 from cluster.serve.text import TextStream
@@ -43,7 +44,9 @@ from decoding.request import DecodeConfig, GenerationResult
 from decoding.sampling import SamplingParams
 
 log = logging.getLogger("ray.serve")
-api = FastAPI(title="specray", description="OpenAI-compatible, lossless speculative decoding")
+# The OpenAPI document and its page are routes of the server below, behind the same key as the API.
+api = FastAPI(title="specray", description="OpenAI-compatible, lossless speculative decoding", openapi_url=None,
+              docs_url=None, redoc_url=None)
 
 
 @api.exception_handler(APIError)
@@ -108,6 +111,7 @@ class OpenAIServer:
         self.created = int(time.time())
         self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.reclaim_grace_s = RECLAIM_GRACE_S
+        self.reading = 0  # requests sending their body right now (`max_reading`)
 
     # ---- routes ----------------------------------------------------------------------
     def check_health(self) -> None:
@@ -137,13 +141,26 @@ class OpenAIServer:
         self._check_model(name)
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "specray"}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request):
         return await self._serve(request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        self._authorize(request)
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{prefix}/openapi.json", title="specray")
 
     # ---- one request -----------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
@@ -226,14 +243,28 @@ class OpenAIServer:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body has {declared} bytes; this endpoint takes at most {limit} bytes",
                            code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"the request body exceeds this endpoint's limit of {limit} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        if self.reading >= self.args.max_reading:
+            raise APIError(503, f"{self.reading} requests are already sending their body to this replica; retry",
+                           "server_overloaded", code="too_many_uploads", headers={"Retry-After": "1"})
+
+        async def receive() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the request body exceeds this endpoint's limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        self.reading += 1
+        try:
+            return await asyncio.wait_for(receive(), self.args.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.args.body_timeout_s:g} s "
+                                "(body_timeout_s)", code="request_timeout") from None
+        finally:
+            self.reading -= 1
 
     async def _parse(self, request: Request, chat: bool):
         raw = await self._read_body(request)
@@ -419,4 +450,11 @@ def build(args: ServeArgs):
     """Serve's application builder: `import_path: cluster.serve.app:build`. `args` is
     checked against `ServeArgs` by Serve before anything loads (which is why this module
     keeps real annotations: no `from __future__ import annotations`)."""
-    return OpenAIServer.options(max_ongoing_requests=args.max_pending + 16).bind(args.model_dump())
+    # room for every admitted request, every body being read, and /health and /v1/models
+    return OpenAIServer.options(max_ongoing_requests=ongoing_requests(args)).bind(args.model_dump())
+
+
+def ongoing_requests(args: ServeArgs) -> int:
+    """Serve's `max_ongoing_requests` for a replica with these args (deploy/serve.yaml's must be
+    at least this): admitted requests, bodies being read, and 16 more for the cheap routes."""
+    return args.max_pending + args.max_reading + 16

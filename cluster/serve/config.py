@@ -51,6 +51,13 @@ class ServeArgs(BaseModel):
     api_key: str | None = None
     api_key_env: str | None = None
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
+    # Slow clients: a body must arrive within body_timeout_s (else 408), and at most
+    # max_reading requests may be sending theirs at once (beyond: 503 at once), so uploads
+    # that trickle cannot take every place on the replica and leave /health queued. A body
+    # being read costs a coroutine, not a decoding slot: the bound is generous, so that a
+    # burst of ordinary requests (all reading at once for a moment) is never refused.
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_reading: int = Field(128, ge=1)
     max_messages: int = Field(256, ge=1)  # chat messages per request
     max_stop: int = Field(4, ge=0)  # stop strings per request
     default_max_tokens: int = Field(256, ge=1)  # when a request names no max_tokens

@@ -180,3 +180,26 @@ def completion_body(rid: str, model: str, text: str | None, finish: str | None, 
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def request_schema(model: type[BaseModel]) -> dict:
+    """`model`'s JSON schema with its definitions inlined: the OpenAPI document describes the
+    body of each POST route (the routes read the raw body themselves, to bound and time it)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """FastAPI's `openapi_extra` for a route whose JSON body is `model`."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(model)}}}}

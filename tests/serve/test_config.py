@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from actors.loading import DEFAULT_DRAFT, DEFAULT_TARGET
+from cluster.serve.app import ongoing_requests
 from cluster.serve.config import ServeArgs
 
 SHIPPED = Path(__file__).parents[2] / "deploy" / "serve.yaml"
@@ -30,7 +31,10 @@ def test_shipped_config_passes_serves_schema_and_serves_the_builtin_pair_on_8000
     args = ServeArgs(**app["args"])
     assert (args.target, args.draft, args.pipeline) == (DEFAULT_TARGET, DEFAULT_DRAFT, "local")
     deployment = app["deployments"][0]
-    assert deployment["max_ongoing_requests"] >= args.max_pending  # /health must get in past a full queue
+    # /health must get in past a full queue and every slow upload
+    assert deployment["max_ongoing_requests"] >= ongoing_requests(args) > args.max_pending + args.max_reading
+    assert deployment["max_queued_requests"] > 0  # bounded: no unbounded wait at the proxy
+    assert schema.http_options.request_timeout_s > args.request_timeout_s  # the app answers its own timeouts
     assert deployment["autoscaling_config"]["min_replicas"] >= 1
 
 

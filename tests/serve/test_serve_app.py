@@ -18,11 +18,15 @@ Two applications on one `serve run`, tiny models:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -84,7 +88,8 @@ def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
              "args": {**common, "pipeline": "async", "max_pending": 40}},
             {"name": "small", "route_prefix": "/small", "import_path": "cluster.serve.app:build",
              "runtime_env": {"env_vars": {"SPECRAY_NATIVE_BF16": "1", "SPECRAY_NATIVE_ISA": "none"}},
-             "args": {**common, "pipeline": "local", "max_pending": 1, "draft_length": 3}},
+             "args": {**common, "pipeline": "local", "max_pending": 1, "draft_length": 3,
+                      "max_reading": 2, "body_timeout_s": 3}},
             {"name": "ens", "route_prefix": "/ens", "import_path": "cluster.serve.app:build",
              "args": {"ensemble": [target, draft], "combine": "we:0.5", "pipeline": "sync",
                       "served_model_name": ENSEMBLE, "max_pending": 8}},
@@ -399,6 +404,37 @@ def test_full_queue_answers_503_and_a_vanished_client_frees_its_slot(server):
     assert ok.usage.completion_tokens == 2
 
 
+def test_slow_uploads_are_bounded_and_health_answers_throughout(server):
+    """More clients trickling request bodies than the replica has places (/small: 1 pending,
+    2 bodies at a time, 3 s per body, 19 places in all): the first two are cut at 3 s (408),
+    the rest refused at once (503); /health answers within a second all along."""
+    port = int(server.base.rsplit(":", 1)[1])
+    head = (b"POST /small/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400\r\n\r\n{\"model\": ")
+    slow = []
+    for _ in range(24):
+        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+        s.sendall(head)
+        slow.append(s)
+    worst, began = 0.0, time.monotonic()
+    while time.monotonic() - began < 5:
+        start = time.monotonic()
+        assert requests.get(f"{server.base}/small/health", timeout=10).status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        for s in slow:
+            with contextlib.suppress(OSError):  # an answered client's socket may be closed
+                s.sendall(b" ")
+        time.sleep(0.25)
+    statuses = []
+    for s in slow:
+        with s:
+            statuses.append(int(s.recv(4096).split(b" ", 2)[1]))
+    assert worst < 1.0
+    assert statuses.count(408) == 2 and statuses.count(503) == 22, statuses
+    ok = server.small.completions.create(model=MODEL, prompt="b", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_past_its_deadline_is_cancelled_and_answered_504(server, stream):
     """`specray.timeout_s` (capped by the server's request_timeout_s): 480 tokens cannot be
@@ -472,3 +508,84 @@ def test_serve_deploy_updates_the_running_application(server, tmp_path):
     assert small_health(server)["max_pending"] == 3
     assert server.small.completions.create(model=MODEL, prompt="b", max_tokens=2).usage.completion_tokens == 2
     assert server.client.completions.create(model=MODEL, prompt="b", max_tokens=2).usage.completion_tokens == 2
+
+
+# ---- fuzzing ---------------------------------------------------------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("SPECRAY_FUZZ_EXAMPLES", "60"))  # per route and mode (BENCHMARKS: 2,000+ in all)
+HOSTILE = [  # by hand: what a schema does not describe
+    ("POST", "/v1/completions", b""),
+    ("POST", "/v1/completions", b"\xff\xfe not utf-8"),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000),
+    ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": [2**62, -1]}).encode()),
+    ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2**63}).encode()),
+    ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "temperature": 1e308}).encode()),
+    ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "stop": ["a" * 513]}).encode()),
+    ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "seed": 2**70}).encode()),
+    ("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "tool"}]}).encode()),
+    ("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}).encode()),
+    ("GET", "/v1/completions", b""),
+    ("DELETE", "/v1/models/tiny", b""),
+    ("POST", "/v1/models/%00", b"{}"),
+]
+
+
+def openai_shaped(response: requests.Response) -> bool:
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error) and bool(error["message"])
+
+
+def test_schema_driven_fuzzing_causes_no_server_error_and_leaks_nothing(server):
+    """schemathesis draws request bodies from the endpoint's own OpenAPI document, valid ones
+    (with the served model's name, so they decode) and ones that break it, plus hostile cases
+    by hand: no answer is a 5xx the request caused, every error is in OpenAI's shape, and
+    afterwards no admission or KV slot is held and a request gets the same answer as before."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    base = f"{server.base}/small"
+    before = server.small.completions.create(model=MODEL, prompt="b", max_tokens=8, temperature=0).choices[0].text
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    session, tried, failures = requests.Session(), Counter(), []
+
+    def record(label: str, response: requests.Response, body=None) -> None:
+        tried[response.status_code // 100] += 1
+        # a deadline the request set itself (specray.timeout_s) may pass: 504, as asked
+        own_deadline = (response.status_code == 504 and isinstance(body, dict)
+                        and isinstance(body.get("specray"), dict) and body["specray"].get("timeout_s"))
+        if (response.status_code >= 500 and not own_deadline) or (response.status_code >= 400
+                                                                   and not openai_shaped(response)):
+            failures.append((label, response.status_code, response.text[:300]))
+
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(op.as_strategy(mode))
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            def one(case):
+                if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
+                    case.body["model"] = MODEL  # past the name check: into parsing, admission and decoding
+                record(f"{op.label} {mode.value} {str(case.body)[:300]}",
+                       case.call(base_url=base, session=session, timeout=120), case.body)
+
+            with contextlib.suppress(Unsatisfiable):  # e.g. GET /health: nothing to break
+                one()
+    for method, path, raw in HOSTILE:
+        record(f"{method} {path} {raw[:80]!r}", session.request(method, base + path, data=raw, timeout=120,
+                                                              headers={"Content-Type": "application/json"}))
+    assert not failures, failures[:10]
+    assert sum(tried.values()) >= 4 * FUZZ_EXAMPLES and tried[2] > 0 and tried[4] > 0, tried
+    health = small_health(server)
+    assert health["pending"] == 0, health  # no admission slot held
+    decoder = health["decoder"]
+    assert decoder["running"] == decoder["prefilling"] == decoder["waiting"] == decoder["kv_reserved"] == 0, decoder
+    again = server.small.completions.create(model=MODEL, prompt="b", max_tokens=8, temperature=0).choices[0].text
+    assert again == before
+    print(f"fuzzing: {sum(tried.values())} requests, by status class {dict(tried)}, 0 server errors")

@@ -87,6 +87,14 @@ def test_api_key_is_required_and_the_openai_clients_key_works(endpoint):
     long = endpoint.client.completions.create(model=MODEL, prompt="hi", max_tokens=40, temperature=0,
                                               extra_body={"ignore_eos": True})
     assert long.usage.completion_tokens == 40
+    for page in ("/openapi.json", "/docs"):  # the API's description follows the API's rule
+        assert requests.get(f"{endpoint.base}{page}", timeout=30).status_code == 401
+        assert requests.get(f"{endpoint.base}{page}", headers={"authorization": f"Bearer {KEY}"},
+                            timeout=30).status_code == 200
+    described = requests.get(f"{endpoint.base}/openapi.json", headers={"authorization": f"Bearer {KEY}"},
+                             timeout=30).json()
+    body = described["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert "messages" in body["schema"]["required"]
     health = endpoint.health()  # no key needed: load balancers probe it
     assert health["status"] == "ok" and health["decoder"]["batching"] is True
     assert health["decoder"]["max_seqs"] == 3
