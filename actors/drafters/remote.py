@@ -42,6 +42,12 @@ from protocol import (
 
 log = logging.getLogger(__name__)
 
+# A server that has not answered a round after STUCK_FACTOR times the round's expected time
+# (and at least STUCK_FLOOR_S) is taken as stuck (stopped, wedged), not slow: the target
+# goes on alone and the server is replaced, instead of every request waiting `timeout_s`.
+STUCK_FLOOR_S = 10.0
+STUCK_FACTOR = 20.0
+
 
 @dataclass
 class RemoteState:
@@ -65,6 +71,7 @@ class RemoteDrafter:
         self.info = info or {}  # the server's runtime (model, dtype, device, node), for /health
         self.max_draft = max_draft
         self.tree_room = max_draft + 1
+        self.stuck_floor_s = STUCK_FLOOR_S
         self.step = CostModel()  # one draft step for B sequences, round trip included
         self.step.verify_s.update(step_s or {1: 0.01})
         self.rounds = 0
@@ -127,7 +134,8 @@ class RemoteDrafter:
         for s in calls:
             if s.draft.link != self.link:
                 self.channel.handshake(Handshake(session_id=s.id, step=0, role=Role.VERIFIER,
-                                                 fingerprint=self.fingerprint), self.timeout_s, self.alive)
+                                                 fingerprint=self.fingerprint),
+                                       min(self.timeout_s, self.stuck_floor_s), self.alive)
                 s.draft.synced, s.draft.link = 0, self.link
 
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
@@ -157,8 +165,10 @@ class RemoteDrafter:
             s.draft.synced = len(s.tokens)
         by_id = {s.id: s for s in calls}
         out: dict[str, Draft] = {}
+        expected = self.step.verify(len(calls)) * (self.max_draft if alone else max(k, 1))
+        deadline = time.monotonic() + min(self.timeout_s, max(self.stuck_floor_s, STUCK_FACTOR * expected))
         while len(out) < len(calls):
-            tree = self.channel.recv(self.timeout_s, self.alive)
+            tree = self.channel.recv(max(0.0, deadline - time.monotonic()), self.alive)
             if not isinstance(tree, CandidateTree) or tree.session_id not in by_id or tree.step != self.rounds:
                 raise RuntimeError(f"the draft server answered {type(tree).__name__} "
                                    f"({tree.session_id}, step {tree.step}) to round {self.rounds}")

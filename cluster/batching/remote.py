@@ -9,12 +9,15 @@ here), or draft heads in a `HeadsActor` (`actors/heads_server.py` there,
 `pipeline: async`: the draft model drafts each sequence's next round while the target
 verifies this one, betting its drafts are all accepted (`DraftServer(ahead=True)`).
 
-A drafter actor that dies is restarted by Ray (`max_restarts`); the engine decodes on
-without drafts meanwhile and reconnects to the new incarnation's server once it is up.
+A drafter actor that dies is restarted by Ray (`max_restarts`), and so is one that lives
+but stops answering (stopped, wedged: `STUCK_FLOOR_S` in `actors/drafters/remote.py`); the
+engine decodes on without drafts meanwhile and reconnects to the new incarnation's server
+once it is up.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from actors.drafters.remote import RemoteDrafter
@@ -23,6 +26,8 @@ from cluster.batching.engine import BatchEngine
 from cluster.engine import EngineConfig, LocalEngine, heads_dir
 from cluster.models import ModelPool
 from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
+
+log = logging.getLogger(__name__)
 
 HEADS_TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # the verify costs a heads tree is sized by
 DRAFTER_RESTARTS = 3  # crashes of the drafter actor Ray recovers from; after that the target decodes alone
@@ -84,7 +89,10 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
             return not ray.wait(watch, timeout=0)[0]
 
         def reconnect() -> DealerChannel:
-            ray.wait(watch)  # only a crashed actor is replaced (Ray restarts it): a slow one is waited on
+            if alive():  # it stopped answering but lives (stopped, wedged): restart it, as Ray does a crash
+                log.warning("the drafter actor is stuck; restarting it")
+                ray.kill(actor, no_restart=False)
+            ray.wait(watch)
             channel = connect()[0]
             info.update(ray.get(actor.info.remote(), timeout=60))  # /health: the new process
             return channel

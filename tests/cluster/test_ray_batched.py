@@ -5,6 +5,7 @@ actor goes when the engine closes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -102,4 +103,44 @@ def test_a_draft_actor_that_crashes_is_restarted_and_drafting_resumes(local_ray,
         assert decoder.runtime_info()["draft"]["pid"] != killed[0]  # /health names the new process
         assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the new actor's drafts were kept
     finally:
+        decoder.close()
+
+
+def test_a_draft_actor_that_hangs_is_replaced_and_the_requests_finish(local_ray, tiny_dir):
+    """The draft actor's process is stopped (SIGSTOP: alive, never answering) mid-run: within
+    the stuck deadline the target goes on alone (exact), the stuck actor is killed and Ray
+    starts a new one, whose server the running requests draft on again."""
+    target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.2)
+    spec = DecoderSpec(target=target, draft=draft, pipeline="sync", draft_dtype="float32", max_len=256,
+                       batch=BatchConfig(max_seqs=3, draft_length=3))
+    alone = LocalEngine(EngineConfig(target, max_len=256), False)
+    decoder = make_decoder(spec)
+    drafter, stopped, lost = decoder.drafter, [], []
+    drafter.stuck_floor_s = 2.0  # tiny models answer in milliseconds; a user's default is 10 s
+    gen = torch.Generator().manual_seed(9)
+    reqs = [Request(torch.randint(2, 64, (7,), generator=gen).tolist(),
+                    DecodeConfig(max_new_tokens=60, eos_token_ids=NO_EOS)) for _ in range(3)]
+
+    def stop_then_wait(ev) -> None:
+        if ev.token_ids and not stopped:
+            stopped.append(decoder.runtime_info()["draft"]["pid"])
+            stopped.append(time.monotonic())
+            os.kill(stopped[0], signal.SIGSTOP)
+        elif drafter.lost and not drafter.restarts and not lost:
+            lost.append((drafter.lost, time.monotonic() - stopped[1]))
+            hold_until_reconnected(drafter, 120)  # killed as stuck, restarted by Ray; its new server answers
+
+    try:
+        got, last = collect(decoder, reqs, timeout=180, hook=stop_then_wait)
+        for r in reqs:
+            assert last[r.id].error is None
+            assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        reason, after_s = lost[0]
+        assert "ReceiveTimeout" in reason and after_s < 10  # the stuck deadline, not the 60 s receive timeout
+        assert drafter.restarts == 1 and drafter.lost is None
+        assert decoder.runtime_info()["draft"]["pid"] != stopped[0]  # a new process drafts
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped[0], signal.SIGKILL)  # never leave a stopped process behind
         decoder.close()
