@@ -11,6 +11,9 @@ Faults. Actors restart (Ray `max_restarts`), so:
   and finishes target-only, same output; the next request waits for the restarted drafter.
 - the verifier dies: `generate` raises `VerifierFailed` at once (Ray reports the death),
   the drafter's session is cancelled, and the next request goes to the restarted verifier.
+- the verifier hangs (alive, not answering: SIGSTOP, a wedged thread): the request
+  raises `RequestTimeout` at its deadline; a verifier that then fails a ping is killed so
+  Ray restarts it, and the next request waits for the new one.
 - nothing waits forever: the request has `request_timeout_s`, the drafter joins within
   `drafter_ready_s` or the request runs target-only.
 """
@@ -70,6 +73,9 @@ def actor_runtime(info: dict) -> dict:
     return {k: info.get(k) for k in keys}
 
 
+STUCK_PING_S = 5.0  # a live actor answers a ping (its own thread) at once, even mid-request
+
+
 class VerifierFailed(RuntimeError):
     """The verifier actor died during the request. Ray restarts it; retry the request."""
 
@@ -94,18 +100,21 @@ def ensure_ray() -> None:
         ray.init(object_store_memory=256 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
 
 
-def _call_restarting(call, timeout_s: float):
+def _call_restarting(call, timeout_s: float, attempt_s: float | None = None):
     """ray.get(call()), retried while the actor is restarting (ActorUnavailableError),
-    for at most `timeout_s` in all. A dead actor or the deadline raises."""
+    for at most `timeout_s` in all. A dead actor or the deadline raises. With `attempt_s`
+    (idempotent calls only) the call is also sent again after each `attempt_s` without an
+    answer: a call sent while a killed actor is going down may never be answered."""
     import ray
     from ray.exceptions import ActorUnavailableError, GetTimeoutError
 
     deadline = time.monotonic() + timeout_s
     while True:
+        left = max(0.0, deadline - time.monotonic())
         try:
-            return ray.get(call(), timeout=max(0.0, deadline - time.monotonic()))
-        except ActorUnavailableError:
-            if time.monotonic() > deadline:
+            return ray.get(call(), timeout=left if attempt_s is None else min(left, attempt_s))
+        except (ActorUnavailableError, GetTimeoutError):
+            if time.monotonic() >= deadline:
                 raise GetTimeoutError(f"actor still restarting after {timeout_s:.0f} s") from None
             time.sleep(0.2)
 
@@ -120,6 +129,7 @@ class RayPipeline:
 
         ensure_ray()
         self.cfg = cfg
+        self._verifier_restarting = False
         self.placement: Placement = place(cfg.placement)
         secret = secrets.token_hex(32)  # signs the tcp link when the actors sit on two nodes
 
@@ -171,10 +181,19 @@ class RayPipeline:
         if self.cfg.heads is not None:
             options = dataclasses.replace(options, heads=True)  # the verifier sends hidden states
         decode, opts = cfg.to_dict(), options.to_dict()
+        # A (re)starting verifier is waited for, within the request's deadline.
+        wait_s = min(self.cfg.drafter_ready_s, self.cfg.request_timeout_s)
         try:
+            if self._verifier_restarting:  # killed as stuck: wait for the new one first
+                _call_restarting(self.verifier.ping.remote, wait_s, attempt_s=STUCK_PING_S)
+                self._verifier_restarting = False
             endpoint = _call_restarting(lambda: self.verifier.listen.remote(self.drafter_info["node_ip"]),
-                                        self.cfg.drafter_ready_s)
-        except (RayActorError, GetTimeoutError) as exc:
+                                        max(0.0, deadline - time.monotonic()))
+        except GetTimeoutError as exc:
+            self._restart_if_stuck()
+            raise RequestTimeout(f"the verifier did not answer within {self.cfg.request_timeout_s:.0f} s; "
+                                 "request cancelled") from exc
+        except RayActorError as exc:
             raise VerifierFailed(f"the verifier actor is not available ({type(exc).__name__}); "
                                  "retry once Ray has restarted it") from exc
         draft_ref = None
@@ -186,6 +205,7 @@ class RayPipeline:
         try:
             while True:  # token chunks, then the answer
                 if not ray.wait([chunks], timeout=max(0.0, deadline - time.monotonic()))[0]:
+                    self._restart_if_stuck()
                     raise RequestTimeout(f"no result within {self.cfg.request_timeout_s:.0f} s; request cancelled")
                 chunk = ray.get(next(chunks))
                 if "stats" in chunk:
@@ -215,6 +235,24 @@ class RayPipeline:
     def runtime_info(self) -> dict:
         """What each actor resolved on its own device: dtype, kernels, threads, capabilities."""
         return {"target": actor_runtime(self.verifier_info), "draft": actor_runtime(self.drafter_info)}
+
+    def _restart_if_stuck(self) -> None:
+        """A request timed out: if the verifier does not even answer a ping (its process
+        stopped or hung), every request after it would time out too. Kill it, so Ray
+        restarts it and the next request waits for the new one."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        if self._verifier_restarting:
+            return  # killed already; a restart that loads a large model takes its time
+        try:
+            ray.get(self.verifier.ping.remote(), timeout=STUCK_PING_S)
+        except GetTimeoutError:
+            log.warning("the verifier actor does not answer a ping in %.0f s: restarting it", STUCK_PING_S)
+            ray.kill(self.verifier, no_restart=False)
+            self._verifier_restarting = True
+        except RayError:
+            pass  # dead already: Ray restarts it
 
     def _drafter_ready(self) -> bool:
         """Wait for a (re)starting drafter; without one the request runs target-only."""

@@ -4,6 +4,8 @@ land on their own bundles, and the pipeline survives either actor dying mid-requ
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -17,7 +19,7 @@ from actors.model import Transformer
 from actors.runner import ModelRunner
 from actors.verifying import PipelineOptions
 from cluster.local import autoregressive_generate
-from cluster.pipeline import PipelineConfig, RayPipeline, VerifierFailed
+from cluster.pipeline import PipelineConfig, RayPipeline, RequestTimeout, VerifierFailed
 from decoding.request import DecodeConfig
 
 PROMPTS = [[5, 6, 7], [9], [3, 14, 15, 9, 2, 6, 5]]
@@ -122,3 +124,27 @@ def test_verifier_death_is_a_clear_error_and_the_next_request_works(pipeline, re
     new_info = ray.get(pipeline.verifier.info.remote())
     assert new_info["pid"] != pipeline.verifier_info["pid"]
     pipeline.verifier_info = new_info
+
+
+def test_a_stopped_verifier_times_the_request_out_and_is_replaced(pipeline, reference):
+    """The verifier's process is stopped (SIGSTOP: alive, never answering): the request fails
+    within its deadline, the stuck actor is killed (Ray restarts it) and the next request is
+    served by the new one."""
+    stuck = pipeline.verifier_info["pid"]
+    cfg, pipeline.cfg = pipeline.cfg, dataclasses.replace(pipeline.cfg, request_timeout_s=4)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            pipeline.generate(PROMPTS[0], DecodeConfig(max_new_tokens=32, eos_token_ids=(-1,)),
+                              PipelineOptions(mode="sync"))
+        assert time.monotonic() - began < 4 + 5 + 5  # its deadline, the ping, the kill
+    finally:
+        pipeline.cfg = cfg
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGKILL)  # never leave a stopped process behind
+    result = pipeline.generate(PROMPTS[0], DecodeConfig(max_new_tokens=32, eos_token_ids=(-1,)),
+                               PipelineOptions(mode="sync"))
+    assert result.token_ids == reference(PROMPTS[0], 32)
+    pipeline.verifier_info = ray.get(pipeline.verifier.info.remote())
+    assert pipeline.verifier_info["pid"] != stuck
