@@ -21,7 +21,7 @@ from actors.proposing import propose_request
 from actors.verifying import Cancelled, PipelineOptions, verify_request
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, TokenSink
-from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, SharedSecret
+from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, link_auth
 
 
 @dataclass
@@ -32,15 +32,14 @@ class ModelHome:
     eos_token_ids: tuple[int, ...]
     node_ip: str
     max_len: int
-    secret: str | None = None  # hex; signs every frame on tcp links between nodes
+    secret: str | None = None  # hex; authenticates tcp links between nodes (protocol.link_auth)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one request at a time uses the model
     cancelled: set[str] = field(default_factory=set)
     stopped: set[str] = field(default_factory=set)  # end after the current round (a stop string was seen)
     routers: dict[str, RouterChannel] = field(default_factory=dict)  # transport ("ipc"/"tcp") -> bound socket
 
-    def channel_config(self, endpoint: str) -> ChannelConfig:
-        auth = SharedSecret(bytes.fromhex(self.secret)) if endpoint.startswith("tcp://") and self.secret else None
-        return ChannelConfig(tensor_lib="torch", auth=auth)
+    def channel_config(self, endpoint: str, binds: bool) -> ChannelConfig:
+        return ChannelConfig(tensor_lib="torch", auth=link_auth(endpoint, self.secret, binds=binds))
 
     def router(self, endpoint: str) -> RouterChannel:
         found = next((r for r in self.routers.values() if r.endpoint == endpoint), None)
@@ -103,7 +102,7 @@ class Proposer:
             max_len=cfg.max_draft_length, fixed=cfg.draft_length, tokens_per_node=cfg.tree_width))
         with home.session(session) as cancelled:
             try:
-                with DealerChannel(endpoint, config=home.channel_config(endpoint)) as channel:
+                with DealerChannel(endpoint, config=home.channel_config(endpoint, binds=False)) as channel:
                     return propose_request(home.runner, channel, home.fingerprint, session, cfg, opts, policy,
                                            cancelled=cancelled)
             except Cancelled:
@@ -190,7 +189,7 @@ class EnsembleMember:
         cfg = DecodeConfig.from_dict(decode)
         with home.session(session) as cancelled:
             try:
-                with DealerChannel(endpoint, config=home.channel_config(endpoint)) as channel:
+                with DealerChannel(endpoint, config=home.channel_config(endpoint, binds=False)) as channel:
                     return serve_member(home.runner, channel, home.fingerprint, session, index, cfg,
                                         PeerOptions(**(peer or {})), cancelled=cancelled)
             except Cancelled:

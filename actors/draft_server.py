@@ -30,9 +30,9 @@ from protocol import (
     ProtocolError,
     Role,
     RouterChannel,
-    SharedSecret,
     Shutdown,
     bind_endpoint,
+    link_auth,
 )
 
 
@@ -111,10 +111,10 @@ class RoundServer:
 
 def serve_rounds(server: RoundServer, node_ip: str, peer_node_ip: str, name: str, secret: str | None,
                  fingerprint: ModelFingerprint) -> tuple[RouterChannel, threading.Thread]:
-    """Bind a socket for a verifier on `peer_node_ip` (ipc on this node, else tcp signed with
-    `secret`) and answer its rounds with `server` on a thread of its own."""
+    """Bind a socket for a verifier on `peer_node_ip` (ipc on this node, else tcp
+    authenticated by `secret`: protocol.link_auth) and answer its rounds with `server` on a thread of its own."""
     endpoint = bind_endpoint(node_ip, peer_node_ip, name=name)
-    auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") and secret else None
+    auth = link_auth(endpoint, secret, binds=True)
     router = RouterChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
     thread = threading.Thread(target=router.serve, args=(server.handle,), name=name, daemon=True,
                               kwargs=dict(role=Role.DRAFTER, fingerprint=fingerprint,

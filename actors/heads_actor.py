@@ -20,7 +20,7 @@ from actors.head_kinds import load_heads
 from actors.proposing import propose_with_heads
 from actors.verifying import Cancelled, PipelineOptions
 from decoding.request import DecodeConfig
-from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
+from protocol import ChannelConfig, DealerChannel, link_auth, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ class HeadsActor:
 
     def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
         cfg, opts = DecodeConfig.from_dict(decode), PipelineOptions(**options)
-        auth = SharedSecret(bytes.fromhex(self.spec.secret)) if endpoint.startswith("tcp://") and self.spec.secret \
-            else None
+        auth = link_auth(endpoint, self.spec.secret, binds=False)
         with self._busy:
             try:
                 with DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth)) as channel:

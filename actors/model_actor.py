@@ -110,7 +110,7 @@ class ModelActor:
         routers = self.home.routers
         if transport not in routers:
             endpoint = bind_endpoint(self.node_ip, peer_node_ip, name=f"verifier-{os.getpid()}")
-            routers[transport] = RouterChannel(endpoint, config=self.home.channel_config(endpoint))
+            routers[transport] = RouterChannel(endpoint, config=self.home.channel_config(endpoint, binds=True))
         return routers[transport].endpoint
 
     # ---- the roles (actors/actor_roles.py) -------------------------------------------

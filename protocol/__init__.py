@@ -4,7 +4,7 @@ Imports neither Ray nor torch (torch only when a channel decodes into torch tens
 model code. See docs/protocol.md.
 """
 
-from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret
+from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret, link_auth
 from protocol.channel import (
     ChannelConfig,
     ChannelStats,
@@ -90,6 +90,7 @@ __all__ = [
     "RouterChannel",
     "SessionTable",
     "SharedSecret",
+    "link_auth",
     "Shutdown",
     "TensorMismatch",
     "UnknownMessageType",

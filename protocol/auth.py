@@ -11,6 +11,10 @@ Two ways, pick one per channel (docs/protocol.md says when):
 
 Same-node `ipc://` channels rely on file permissions instead (endpoints.py makes the socket
 directory private to the user).
+
+Links between actors (`link_auth`) derive both from one per-pipeline secret: CURVE where
+libzmq has it, so a peer without the secret is refused at the handshake, before any of its
+bytes are buffered; HMAC signatures where it has not.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils import z85
 
 from protocol.errors import AuthenticationError
 
@@ -84,6 +89,14 @@ class CurveKeypair:
         public, secret = zmq.curve_keypair()
         return cls(public, secret)
 
+    @classmethod
+    def derive(cls, key: bytes, label: bytes) -> "CurveKeypair":
+        """The keypair that `key` and `label` determine: two processes holding one shared secret
+        agree on both sides' keys without sending any."""
+        require_curve()
+        secret = z85.encode(hmac.new(key, b"specray-curve-" + label, hashlib.sha256).digest())
+        return cls(zmq.curve_public(secret), secret)
+
 
 @dataclass(frozen=True)
 class CurveServer:
@@ -107,6 +120,20 @@ class CurveClient:
 
 
 Auth = SharedSecret | CurveServer | CurveClient
+
+
+def link_auth(endpoint: str, secret_hex: str | None, *, binds: bool) -> Auth | None:
+    """How a link between two actors authenticates, from the pipeline's shared secret (hex).
+    ipc (same node, a private directory) and no secret: None. tcp: CURVE with both keypairs
+    derived from the secret, the server admitting only the client's key, so an unauthenticated
+    peer never gets a message buffered; a libzmq without CURVE signs every message instead."""
+    if not endpoint.startswith("tcp://") or not secret_hex:
+        return None
+    key = bytes.fromhex(secret_hex)
+    if not zmq.has("curve"):
+        return SharedSecret(key)
+    server, client = CurveKeypair.derive(key, b"server"), CurveKeypair.derive(key, b"client")
+    return CurveServer(server, allowed_clients=[client.public]) if binds else CurveClient(client, server.public)
 
 
 def require_curve() -> None:

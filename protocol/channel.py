@@ -39,12 +39,17 @@ from protocol.sessions import DropReason, SessionTable
 log = logging.getLogger(__name__)
 
 
+BINDING_RECV_HWM = 16  # x max_message_bytes: what one peer can make a binding socket hold
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     recv_timeout_s: float = 30.0  # default for every receive; each call may pass its own
     send_timeout_s: float = 30.0  # how long a send may wait at the high-water mark
     send_hwm: int = 64  # messages queued towards the peer before send blocks
-    recv_hwm: int = 64  # messages queued from the peer before zmq stops reading its socket
+    # messages queued from each peer before zmq stops reading its socket (TCP then pushes
+    # back); None: 16 on a binding socket, whose memory every peer shares, 64 on a connecting one
+    recv_hwm: int | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     linger_s: float = 1.0  # how long close() may wait to flush queued messages
     tensor_lib: TensorLib = "numpy"  # what received tensors decode into
@@ -57,7 +62,7 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if self.recv_timeout_s < 0 or self.send_timeout_s < 0:
             raise ValueError("timeouts must be >= 0")
-        if self.send_hwm < 1 or self.recv_hwm < 1:
+        if self.send_hwm < 1 or (self.recv_hwm is not None and self.recv_hwm < 1):
             raise ValueError("high-water marks must be >= 1 (0 would mean unbounded)")
         if self.tensor_lib not in ("numpy", "torch"):
             raise ValueError(f"tensor_lib must be 'numpy' or 'torch', not {self.tensor_lib!r}")
@@ -89,7 +94,8 @@ class _ChannelCore:
         self._rcvtimeo_ms = -2  # cache: setsockopt only when the timeout changes
         self._closed = False
         socket.sndhwm = config.send_hwm
-        socket.rcvhwm = config.recv_hwm
+        binds = socket.type == zmq.ROUTER
+        socket.rcvhwm = config.recv_hwm if config.recv_hwm is not None else (BINDING_RECV_HWM if binds else 64)
         socket.linger = int(config.linger_s * 1000)
         socket.sndtimeo = int(config.send_timeout_s * 1000)
         # send(copy=False) still copies frames under this size (cheaper than tracking them);

@@ -25,7 +25,7 @@ from actors.drafters.remote_heads import RemoteHeadsDrafter
 from cluster.batching.engine import BatchEngine
 from cluster.engine import EngineConfig, LocalEngine, heads_dir
 from cluster.models import ModelPool
-from protocol import ChannelConfig, DealerChannel, SharedSecret, model_fingerprint
+from protocol import ChannelConfig, DealerChannel, link_auth, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
             served = serve()
             watch[:] = [actor.watch.remote()]
             endpoint = served["endpoint"]
-            auth = SharedSecret(bytes.fromhex(secret)) if endpoint.startswith("tcp://") else None
+            auth = link_auth(endpoint, secret, binds=False)
             return DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth)), served
 
         def alive() -> bool:

@@ -4,7 +4,9 @@ target's distribution (and the check fails when the acceptance rule is broken)."
 
 from __future__ import annotations
 
+import dataclasses
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from cluster.engine import EngineConfig, LocalEngine
 from decoding.acceptance import Verdict
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
-from protocol import ChannelConfig, DealerChannel, Role, RouterChannel, ipc_endpoint, model_fingerprint
+from protocol import ChannelConfig, DealerChannel, Role, RouterChannel, ipc_endpoint, link_auth, model_fingerprint
 
 from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
 from test_batching import NO_EOS, collect, mixed_requests
@@ -34,9 +36,11 @@ class Served:
     """A round server (draft model or heads) on its own thread behind a ROUTER socket, as
     its actor runs it."""
 
-    def __init__(self, server, fingerprint):
-        self.server, self.fingerprint = server, fingerprint
-        self.router = RouterChannel(ipc_endpoint(), config=FAST)
+    def __init__(self, server, fingerprint, secret: str | None = None):
+        """`secret`: over tcp, authenticated as actors on two nodes are (CURVE keys from it)."""
+        self.server, self.fingerprint, self.secret = server, fingerprint, secret
+        endpoint = "tcp://127.0.0.1:*" if secret else ipc_endpoint()
+        self.router = RouterChannel(endpoint, config=self.config(binds=True))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.router.serve, args=(self.server.handle,), daemon=True,
                                        kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint,
@@ -44,8 +48,12 @@ class Served:
                                                    after_replies=server.after_replies))
         self.thread.start()
 
+    def config(self, binds: bool) -> ChannelConfig:
+        return dataclasses.replace(FAST, auth=link_auth("tcp://" if self.secret else "ipc://", self.secret,
+                                                        binds=binds))
+
     def channel(self) -> DealerChannel:
-        return DealerChannel(self.router.endpoint, config=FAST)
+        return DealerChannel(self.router.endpoint, config=self.config(binds=False))
 
     def close(self) -> None:
         self.stop.set()
@@ -54,28 +62,33 @@ class Served:
 
 
 class ServedDraft(Served):
-    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4, ahead: bool = False):
+    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4, ahead: bool = False,
+                 secret: str | None = None):
         runner = draft.target_runner
         server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s, ahead=ahead)
-        super().__init__(server, model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab()))
+        super().__init__(server, model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab()), secret)
         self.max_draft = max_draft
 
     def drafter(self, timeout_s: float = 60.0) -> RemoteDrafter:
         return RemoteDrafter(self.channel(), self.fingerprint, self.max_draft, timeout_s=timeout_s)
 
 
-def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256, ahead: bool = False):
+def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256, ahead: bool = False,
+                             secret: str | None = None):
     local = LocalEngine(EngineConfig(target, max_len=max_len), False)
-    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs, ahead=ahead)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs, ahead=ahead,
+                         secret=secret)
     return local, served, BatchEngine(local, cfg, drafter=served.drafter())
 
 
-@pytest.mark.parametrize("draft_length,ahead", [(None, False), (3, False), (None, True), (2, True)])
-def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, ahead):
-    """`ahead`: the server drafts each next round while this side verifies (`pipeline: async`)."""
+@pytest.mark.parametrize("draft_length,ahead,tcp", [(None, False, False), (3, False, False), (None, True, False),
+                                                    (2, True, False), (3, True, True)])
+def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, ahead, tcp):
+    """`ahead`: the server drafts each next round while this side verifies (`pipeline: async`).
+    `tcp`: the link two nodes use, authenticated by keys derived from the pipeline's secret."""
     cfg = BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length)
     local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg,
-                                                    ahead=ahead)
+                                                    ahead=ahead, secret=secrets.token_hex(32) if tcp else None)
     try:
         reqs = mixed_requests(7, 8)
         cancel = {reqs[4].id: 3}

@@ -1,6 +1,7 @@
 """Channels in one process: handshake, admission, bad input, back-pressure, auth."""
 
 import gc
+import secrets
 import threading
 import time
 
@@ -36,6 +37,7 @@ from protocol import (
     decode,
     ipc_endpoint,
     is_zero_copy,
+    link_auth,
     owning_frame,
 )
 
@@ -404,3 +406,51 @@ def test_curve_allow_any_server_next_to_an_allow_list_server():
             server.join(5)
         listed.close()
         open_to_all.close()
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_actor_links_refuse_a_peer_without_the_secret_before_reading_it():
+    """link_auth: both ends derive CURVE keys from the pipeline's secret; a peer with another
+    secret, or none, never completes the handshake, so nothing of it is buffered or decoded."""
+    secret = secrets.token_hex(32)
+    server = link_auth("tcp://127.0.0.1:*", secret, binds=True)
+    assert isinstance(server, CurveServer) and len(server.allowed_clients) == 1
+    with RouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(recv_timeout_s=2, linger_s=0, auth=server)) as router:
+        stop = threading.Event()
+        thread = threading.Thread(target=router.serve, args=(lambda peer, m: verdict_for(m),),
+                                  kwargs=dict(role=Role.VERIFIER, fingerprint=FP, should_stop=stop.is_set, poll_s=0.02))
+        thread.start()
+        try:
+            client = link_auth(router.endpoint, secret, binds=False)
+            with DealerChannel(router.endpoint, config=ChannelConfig(recv_timeout_s=2, linger_s=0, auth=client)) as ok:
+                ok.handshake(hello())
+                assert ok.request(tree(step=1)).bonus_token_id == 18
+            received = router.stats.bytes_received
+            knows_public_key = CurveClient(CurveKeypair.generate(), server.keypair.public)  # public keys leak
+            for auth in (link_auth(router.endpoint, secrets.token_hex(32), binds=False), knows_public_key, None):
+                config = ChannelConfig(recv_timeout_s=0.3, send_timeout_s=0.3, linger_s=0, auth=auth)
+                with DealerChannel(router.endpoint, config=config) as stranger:
+                    with pytest.raises((ReceiveTimeout, Backpressure)):
+                        stranger.handshake(hello(session="stranger"))
+            assert router.stats.bytes_received == received and router.stats.protocol_errors == 0
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+def test_actor_links_sign_messages_where_libzmq_has_no_curve(monkeypatch):
+    secret = secrets.token_hex(32)
+    assert link_auth("ipc:///tmp/x", secret, binds=True) is None  # same node: a private directory
+    assert link_auth("tcp://127.0.0.1:5555", None, binds=True) is None
+    monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve")
+    signed = link_auth("tcp://127.0.0.1:5555", secret, binds=True)
+    assert signed == link_auth("tcp://127.0.0.1:5555", secret, binds=False) == SharedSecret(bytes.fromhex(secret))
+
+
+def test_a_binding_socket_queues_fewer_messages_per_peer():
+    """A binding socket's memory is shared by all its peers: its receive queue is shorter."""
+    with RouterChannel("tcp://127.0.0.1:*", config=FAST) as router:
+        with DealerChannel(router.endpoint, config=FAST) as dealer:
+            assert router._socket.rcvhwm == 16 and dealer._socket.rcvhwm == 64
+    with RouterChannel("tcp://127.0.0.1:*", config=ChannelConfig(recv_hwm=4, linger_s=0)) as router:
+        assert router._socket.rcvhwm == 4
