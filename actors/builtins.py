@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from actors.paths import cache_root, file_lock
+from actors.paths import cache_root, durable_replace, file_lock, fsync_dir, safetensors_whole
 
 DOWNLOAD_ENV = "SPECRAY_ALLOW_DOWNLOAD"  # "1": hub ids missing from the local HF cache are downloaded
 
@@ -150,21 +150,22 @@ def _check_builtin_installed(b: Builtin) -> None:
 def ensure_converted(alias: str, progress: bool = True, dense: bool = True) -> Path:
     """The built-in's cache directory: its GGUF file (the quantized form, as shipped),
     config and tokenizer; with `dense`, also the fp32 safetensors conversion (once, with
-    progress). Each step writes under a temporary name and renames: a half-done step is
-    never mistaken for a done one."""
-    out = builtin_dir(alias)
-    done = (out / GGUF_NAME).is_file() and (out / "config.json").is_file()
-    if done and (not dense or _has_dense_weights(out)):
-        return out
+    progress). Each step writes under a temporary name, flushes it to disk and renames, and
+    a step counts as done only if its files check out (the GGUF as long as its chunks, config
+    JSON that parses, safetensors as long as their headers say): a file cut short by a crash
+    is redone, not trusted."""
     b = BUILTINS[alias]
+    out = builtin_dir(alias)
+    if _gguf_ok(b, out) and _config_ok(out) and (not dense or _dense_ok(out)):
+        return out
     _check_builtin_installed(b)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{alias}.lock"):  # another process may be converting it
-        if not (out / GGUF_NAME).is_file():
+        if not _gguf_ok(b, out):
             _join_gguf(b, out, progress)
-        if not (out / "config.json").is_file():
+        if not _config_ok(out):
             _write_config_and_tokenizer(out)
-        if dense and not _has_dense_weights(out):
+        if dense and not _dense_ok(out):
             _convert_dense(b, out, progress)
     return out
 
@@ -172,8 +173,34 @@ def ensure_converted(alias: str, progress: bool = True, dense: bool = True) -> P
 GGUF_NAME = "model.gguf"
 
 
-def _has_dense_weights(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+def _gguf_ok(b: Builtin, out: Path) -> bool:
+    """The joined GGUF is there and exactly as long as its chunks (when they are installed)."""
+    path = out / GGUF_NAME
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        chunks = _chunk_paths(b)
+    except (ImportError, OSError):
+        return True  # the extra was uninstalled after the join: nothing to compare with
+    return path.stat().st_size == sum(p.stat().st_size for p in chunks)
+
+
+def _config_ok(out: Path) -> bool:
+    try:
+        return isinstance(json.loads((out / "config.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _dense_ok(out: Path) -> bool:
+    """The fp32 weights are whole: the single file, or every shard its index names."""
+    if (out / "model.safetensors").is_file():
+        return safetensors_whole(out / "model.safetensors")
+    try:
+        shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all(safetensors_whole(out / name) for name in shards)
 
 
 def _chunk_paths(b: Builtin) -> list[Path]:
@@ -194,7 +221,7 @@ def _join_gguf(b: Builtin, out: Path, progress: bool) -> None:
                 while block := src.read(16 << 20):
                     dst.write(block)
                     bar.update(len(block))
-    tmp.rename(out / GGUF_NAME)
+    durable_replace(tmp, out / GGUF_NAME)
 
 
 def _write_config_and_tokenizer(out: Path) -> None:
@@ -202,13 +229,17 @@ def _write_config_and_tokenizer(out: Path) -> None:
     config.json last, as the marker that the directory is usable."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    AutoTokenizer.from_pretrained(out, gguf_file=GGUF_NAME).save_pretrained(out)
+    written = AutoTokenizer.from_pretrained(out, gguf_file=GGUF_NAME).save_pretrained(out)
     config = AutoConfig.from_pretrained(out, gguf_file=GGUF_NAME)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+    for name in {*map(str, written), str(out / "generation_config.json")}:  # on disk before the marker
+        if os.path.isfile(name):
+            with open(name, "rb") as f:
+                os.fsync(f.fileno())
     tmp = out / "config.partial"
     tmp.mkdir(exist_ok=True)
     config.save_pretrained(tmp)
-    (tmp / "config.json").rename(out / "config.json")
+    durable_replace(tmp / "config.json", out / "config.json")
     tmp.rmdir()
 
 
@@ -230,8 +261,9 @@ def _convert_dense(b: Builtin, out: Path, progress: bool) -> None:
     model.save_pretrained(work)
     del model
     for f in sorted(work.iterdir(), key=lambda f: f.name == "config.json"):  # weights first
-        f.replace(out / f.name)
+        durable_replace(f, out / f.name)
     work.rmdir()
+    fsync_dir(out)
     (out / "specray.json").write_text(json.dumps({"alias": b.alias, "source": "gguf",
                                                   "convert_s": time.time() - start}))
     steps.update()

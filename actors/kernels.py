@@ -207,14 +207,14 @@ def read_cache(path: Path) -> dict[str, list[str]]:
 
 
 def write_cache(path: Path, caps: hardware.Capabilities, threads: int, measured: dict[str, list[str]]) -> None:
-    from actors.paths import file_lock
+    from actors.paths import durable_replace, file_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock")):
         choices = {**read_cache(path), **measured}  # another process may have added shapes
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": cache_key(caps, threads), "choices": choices}, indent=1))
-        tmp.replace(path)
+        durable_replace(tmp, path)
 
 
 def summarize(choices: dict[str, list[str]]) -> dict[str, str]:

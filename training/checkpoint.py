@@ -1,11 +1,14 @@
 """Training states on disk: trained tensors with their AdamW moments, in one safetensors
-file written under a temporary name and renamed (a crash never leaves half a state)."""
+file written under a temporary name, flushed and renamed (a crash never leaves half a
+state under the final name)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from actors.paths import durable_replace
 
 
 def save_state(path: Path, named: dict[str, torch.Tensor], opt: torch.optim.Optimizer, step: int,
@@ -22,7 +25,7 @@ def save_state(path: Path, named: dict[str, torch.Tensor], opt: torch.optim.Opti
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={**(metadata or {}), "step": str(step)})
-    tmp.replace(path)
+    durable_replace(tmp, path)
 
 
 def load_state(path: Path, named: dict[str, torch.Tensor],

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from actors import linear_attention as lin
+from actors.paths import durable_replace, safetensors_whole
 from training.checkpoint import load_state, save_state
 from training.medusa import _add_time, _atomic_json, _stdlib_files
 
@@ -162,7 +163,7 @@ def capture(model, chunks: dict, work: Path) -> dict[str, list[Path]]:
 
     plan = [(split, j) for split in ("train", "heldout") for j in range(len(chunks[split]))]
     out: dict[str, list[Path]] = {"train": [], "heldout": []}
-    todo = [(s, j) for s, j in plan if not (work / f"cap-{s}-{j:04d}.safetensors").is_file()]
+    todo = [(s, j) for s, j in plan if not safetensors_whole(work / f"cap-{s}-{j:04d}.safetensors")]
     for s, j in plan:
         out[s].append(work / f"cap-{s}-{j:04d}.safetensors")
     if not todo:
@@ -202,7 +203,7 @@ def capture(model, chunks: dict, work: Path) -> dict[str, list[Path]]:
             path = work / f"cap-{s}-{j:04d}.safetensors"
             tmp = path.with_suffix(".tmp")
             save_file(tensors, str(tmp))
-            tmp.replace(path)
+            durable_replace(tmp, path)
             bar.update(N)
     finally:
         for h in handles:
@@ -268,7 +269,7 @@ def train(cfg: LinearizeConfig, params: list[lin.LinearParams], shards: list[Pat
     state = cfg.work / f"train-state-{tag}.safetensors"
     total = len(shards) * cfg.epochs
     step, losses = 0, []
-    if state.is_file():
+    if safetensors_whole(state):
         step, meta = load_state(state, named(params), opt)
         losses = json.loads(meta["losses"])
     bar = tqdm(total=total, initial=step, desc="train (all layers, one chunk a step)", unit="step")
@@ -345,7 +346,7 @@ def run(cfg: LinearizeConfig) -> dict:
     lap("chunks")
     if not chunks["train"] or not chunks["heldout"]:
         raise ValueError(f"not enough text for one --seq {cfg.seq} chunk of each split")
-    done = all((cfg.work / f"cap-{s}-{j:04d}.safetensors").is_file()
+    done = all(safetensors_whole(cfg.work / f"cap-{s}-{j:04d}.safetensors")
                for s in ("train", "heldout") for j in range(len(chunks[s])))
     shards = {s: [cfg.work / f"cap-{s}-{j:04d}.safetensors" for j in range(len(chunks[s]))]
               for s in ("train", "heldout")}
@@ -383,7 +384,7 @@ def run(cfg: LinearizeConfig) -> dict:
     tmp = cfg.out / (lin.LINEAR_FILE + ".tmp")
     save_file({k: t.detach().to(torch.bfloat16).contiguous() for k, t in named(params).items()}, str(tmp),
               metadata={"base": meta["base"]})
-    tmp.replace(cfg.out / lin.LINEAR_FILE)
+    durable_replace(tmp, cfg.out / lin.LINEAR_FILE)
     _atomic_json(cfg.out / lin.LINEAR_CONFIG, meta)
     for i in range(mc.n_layers):
         print(f"layer {i:2d}: held-out mse {initial['mse'][i]:.3g} -> {final['mse'][i]:.3g}, "

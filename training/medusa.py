@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from actors.head_kinds import make_heads
 from actors.heads import KINDS, DraftHeads, HeadsConfig, check_width, embedding_rows, output_rows
+from actors.paths import durable_replace, safetensors_whole
 from training.checkpoint import load_state, save_state
 
 CHECKPOINT_EVERY = 50  # steps between saved training states
@@ -89,7 +90,7 @@ def _add_time(work: Path, stage: str, seconds: float) -> dict:
 def _atomic_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    durable_replace(tmp, path)
 
 
 # ---- 1. answers ----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def extract_features(model, chunks: dict, work: Path) -> dict[str, list[Path]]:
         path = work / f"feat-{split}-{i:04d}.safetensors"
         out.setdefault(split, []).append(path)
         n_tok = sum(len(chunks[split][j]) for j in idx)
-        if path.is_file():
+        if safetensors_whole(path):
             bar.update(n_tok)
             continue
         hidden, top_ids, top_p, lengths = [], [], [], []
@@ -240,7 +241,7 @@ def extract_features(model, chunks: dict, work: Path) -> dict[str, list[Path]]:
         tmp = path.with_suffix(".tmp")
         save_file({"hidden": torch.cat(hidden), "top_ids": torch.cat(top_ids), "top_p": torch.cat(top_p),
                    "lengths": torch.tensor(lengths, dtype=torch.int64)}, str(tmp))
-        tmp.replace(path)
+        durable_replace(tmp, path)
     bar.close()
     return out
 
@@ -334,7 +335,7 @@ def train(cfg: TrainConfig, heads: DraftHeads, data: dict) -> None:
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(list(heads.trained().values()), lr=cfg.lr, weight_decay=0.0)
     state = cfg.work / f"train-state-{heads.cfg.kind}.safetensors"
-    step = load_state(state, heads.trained(), opt)[0] if state.is_file() else 0
+    step = load_state(state, heads.trained(), opt)[0] if safetensors_whole(state) else 0
     bar = tqdm(total=total, initial=step, desc=f"train {heads.cfg.kind} heads", unit="step")
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)

@@ -130,7 +130,9 @@ def _build(cc: list[str], out: Path, flags: list[str], name: str) -> bool:
             log.warning("could not build the %s GGUF kernels with %s: %s", name, " ".join(cc), proc.stderr[-500:])
         tmp.unlink(missing_ok=True)
         return False
-    tmp.replace(out)
+    from actors.paths import durable_replace
+
+    durable_replace(tmp, out)
     return True
 
 
