@@ -45,6 +45,9 @@ from protocol.messages import MAX_TENSOR_NDIM, MESSAGE_TYPES, PROTOCOL_VERSION, 
 INLINE_TENSOR_LIMIT = 64 * 1024  # below: inline bytes in the header; at/above: own frame, no copy
 MAX_TENSOR_BYTES = 1 << 40  # any one tensor's shape, zero dimensions counted as one: a bound numpy can allocate
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# header, one frame per out-of-band tensor, signature: far fewer than this. libzmq bounds each
+# frame's size, not their number; a flood of frames is refused before any is looked at.
+MAX_FRAMES = 8
 
 # Explicit little-endian dtypes: the wire format does not depend on the host.
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -177,6 +180,8 @@ def decode(
 ) -> Message:
     """The message in `frames` (zmq.Frame, bytes or memoryview). Tensors of 64 KiB and more
     are views on the received frames, not copies. Raises only `ProtocolError` subclasses."""
+    if len(frames) > MAX_FRAMES:
+        raise MessageTooLarge(f"message of {len(frames)} frames; a message has at most {MAX_FRAMES}")
     try:
         views = [_frame_view(frame) for frame in frames]
     except TypeError:

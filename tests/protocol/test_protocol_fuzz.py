@@ -12,6 +12,9 @@ import numpy as np
 from protocol import (
     CandidateTree,
     ContextUpdate,
+    DraftCall,
+    EnsembleCall,
+    EnsembleRows,
     Error,
     Handshake,
     Message,
@@ -48,6 +51,16 @@ def corpus() -> list[Message]:
                 hidden=rng.random(1536, dtype=np.float32)),
         ContextUpdate(session_id="sess", step=9, token_ids=[3], position=77,
                       hidden=rng.random(40_000).astype(np.float16)),
+        # the batched draft server's call (protocol 4), with and without the heads' hidden state
+        DraftCall(session_id="sess", step=5, token_ids=[7, 8, 9], position=40, depth=4, remaining=60, batch=3),
+        DraftCall(session_id="sess", step=5, token_ids=[7], position=40, depth=8, remaining=2, batch=1, alone=True,
+                  temperature=0.7, top_p=0.9, top_k=40, seed=3, hidden=rng.random(896, dtype=np.float32)),
+        # the ensemble's calls and rows, logits inline and in their own frame
+        EnsembleCall(session_id="sess", step=6, kind="score", token_ids=[1, 2, 3], position=10, count=4),
+        EnsembleCall(session_id="sess", step=6, kind="draft", token_ids=[], position=10, count=3),
+        EnsembleRows(session_id="sess", step=6, token_ids=[4, 5], logits=rng.random((2, 50), dtype=np.float32),
+                     seconds=0.01),
+        EnsembleRows(session_id="sess", step=6, token_ids=[], logits=rng.random((4, 5000), dtype=np.float32)),
         Error(session_id="sess", step=3, code=8, detail="bad tree"),
         Shutdown(session_id="sess", step=4, reason="done"),
     ]
@@ -77,7 +90,8 @@ def mutate(frames: list[bytes], rng: random.Random) -> tuple[str, list[bytes]]:
     target = rng.randrange(len(frames))
     frame = frames[target]
     kind = rng.choice(["flip", "overwrite", "truncate", "extend", "drop", "duplicate", "swap",
-                       "add", "garbage_header", "structure", "structure", "structure", "empty_huge_tensor"])
+                       "add", "garbage_header", "structure", "structure", "structure", "empty_huge_tensor",
+                       "frame_flood", "oversize"])
     if kind == "flip" and frame:
         for _ in range(rng.randint(1, 8)):
             frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
@@ -99,6 +113,10 @@ def mutate(frames: list[bytes], rng: random.Random) -> tuple[str, list[bytes]]:
         frames.append(bytearray(rng.randbytes(rng.randint(0, 64))))
     elif kind == "garbage_header":
         frames[0] = bytearray(rng.randbytes(rng.randint(0, 40)))
+    elif kind == "frame_flood":  # thousands of empty frames after the message
+        frames.extend(bytearray() for _ in range(rng.choice([100, 5000])))
+    elif kind == "oversize":  # more bytes in all than the receiver accepts
+        frames.append(bytearray(1 << 20))
     elif kind == "empty_huge_tensor":  # zero bytes that match a shape numpy cannot hold
         try:
             header = msgpack.unpackb(bytes(frames[0]), strict_map_key=False)
@@ -132,6 +150,8 @@ def test_10k_mutated_messages_raise_only_typed_errors():
                              tensor_lib=tensor_lib)
         except ProtocolError as exc:
             outcomes[type(exc).__name__] += 1
+            if kind == "frame_flood":  # refused on the count alone, before any frame is read
+                assert type(exc).__name__ == "MessageTooLarge" and "frames" in str(exc), exc
             continue
         except Exception as exc:  # pragma: no cover - the failure we are looking for
             raise AssertionError(f"attempt {attempt}: mutation {kind!r} of {frames!r:.300} "
@@ -143,7 +163,7 @@ def test_10k_mutated_messages_raise_only_typed_errors():
 
     assert sum(outcomes.values()) == MUTATED_MESSAGES
     # The mutations reach every check, not just the msgpack parser.
-    for expected in ("MalformedMessage", "TensorMismatch", "InvalidTree", "InvalidMessage",
+    for expected in ("MalformedMessage", "TensorMismatch", "InvalidTree", "InvalidMessage", "MessageTooLarge",
                      "UnknownMessageType", "VersionMismatch", "AuthenticationError"):
         assert outcomes[expected] > 0, outcomes
     print(dict(outcomes))
