@@ -131,7 +131,7 @@ class RayPipeline:
         self.cfg = cfg
         self._verifier_restarting = False
         self.placement: Placement = place(cfg.placement)
-        secret = secrets.token_hex(32)  # signs the tcp link when the actors sit on two nodes
+        secret = secrets.token_hex(32)  # authenticates the tcp link (protocol.link_auth) across nodes
 
         def start(index: int, model: str, dtype: str, attention: str | None):
             options = self.placement.actor_options(index)

@@ -51,7 +51,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
     ensure_ray()
     placement = place(PlacementConfig(n_actors=1, accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
                                       spread=spec.spread))
-    secret = secrets.token_hex(32)  # signs the tcp link when the drafter sits on another node
+    secret = secrets.token_hex(32)  # authenticates the tcp link (protocol.link_auth) across nodes
     actor = None
     # one actor method blocks for the actor's life: its reference resolves (with an error)
     # once the actor's process is gone, which is how a crash is seen at once
