@@ -5,6 +5,8 @@ In one run, interleaved round by round so that load from other jobs hits every m
     to a verifier in another process; the same payload through a Ray actor method call;
   * throughput of 1 MiB and 16 MiB draft-probability tensors (a 64-node tree with a
     [64, V] float32 tensor), windowed, over tcp, ipc and Ray;
+  * the same over tcp with the authentication links between nodes use: HMAC signatures
+    (`tcp_hmac`) and CURVE keys derived from a shared secret (`tcp_curve`, protocol.link_auth);
   * evidence that a 16 MiB tensor frame is received without a copy: the verifier checks that
     every decoded tensor's memory lies inside the zmq.Frame it arrived in, and decoding a
     16 MiB message is timed against one 16 MiB memcpy.
@@ -35,12 +37,14 @@ from protocol import (
     ModelFingerprint,
     Role,
     RouterChannel,
+    SharedSecret,
     Shutdown,
     Verdict,
     decode,
     encode,
     ipc_endpoint,
     is_zero_copy,
+    link_auth,
     owning_frame,
 )
 from protocol.codec import buffer_address_range
@@ -84,8 +88,20 @@ def percentiles_us(seconds: list[float]) -> dict[str, float]:
 # verifier process (spawned; no Ray, no torch)
 
 
-def _verifier_main(bind: str, conn) -> None:
-    router = RouterChannel(bind, config=ChannelConfig(recv_timeout_s=60, send_timeout_s=60, linger_s=2))
+def link_config(auth: str, secret: str, binds: bool, **kw) -> ChannelConfig:
+    """`auth`: "none", "hmac" (SharedSecret) or "curve" (link_auth's derived keys)."""
+    if auth == "hmac":
+        return ChannelConfig(auth=SharedSecret(bytes.fromhex(secret)), **kw)
+    if auth == "curve":
+        if not zmq.has("curve"):
+            raise RuntimeError("this libzmq has no CURVE")
+        return ChannelConfig(auth=link_auth("tcp://", secret, binds=binds), **kw)
+    return ChannelConfig(**kw)
+
+
+def _verifier_main(bind: str, conn, auth: str = "none", secret: str = "") -> None:
+    router = RouterChannel(bind, config=link_config(auth, secret, True, recv_timeout_s=60, send_timeout_s=60,
+                                                    linger_s=2))
     conn.send(router.endpoint)
     evidence = {"tensors_checked": 0, "tensors_zero_copy": 0, "example_16MiB": None}
     done = False
@@ -122,14 +138,16 @@ def _verifier_main(bind: str, conn) -> None:
 class ZmqPeer:
     """A verifier process and this process's DealerChannel to it."""
 
-    def __init__(self, transport: str) -> None:
+    def __init__(self, transport: str, auth: str = "none") -> None:
         bind = "tcp://127.0.0.1:*" if transport == "tcp" else ipc_endpoint(f"bench-{os.getpid()}")
+        secret = os.urandom(32).hex()
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_verifier_main, args=(bind, child_conn), daemon=True)
+        self._process = context.Process(target=_verifier_main, args=(bind, child_conn, auth, secret), daemon=True)
         self._process.start()
         endpoint = self._conn.recv()
-        self.channel = DealerChannel(endpoint, config=ChannelConfig(recv_timeout_s=60, send_timeout_s=60))
+        self.channel = DealerChannel(endpoint, config=link_config(auth, secret, False, recv_timeout_s=60,
+                                                                  send_timeout_s=60))
         self.channel.handshake(Handshake(session_id=SESSION, step=0, role=Role.DRAFTER, fingerprint=FINGERPRINT))
 
     def tree_round_trip(self, step: int, token_ids: np.ndarray, parents: list[int]) -> int:
@@ -330,9 +348,13 @@ def run(rounds: int, tree_iterations: int, ray_iterations: int, skip_ray: bool) 
         for transport in ("tcp", "ipc"):
             progress(f"starting verifier process over {transport}")
             peers[transport] = ZmqPeer(transport)
+        for auth in ("hmac", "curve") if zmq.has("curve") else ("hmac",):
+            progress(f"starting verifier process over tcp, authenticated ({auth})")
+            peers[f"tcp_{auth}"] = ZmqPeer("tcp", auth)
         progress("starting bare pyzmq echo process (tcp) for the transport's floor")
         peers["raw_zmq"] = RawZmqPeer()
-        order = {name: peers[name] for name in ("tcp", "ipc", "raw_zmq", "ray") if name in peers}
+        order = {name: peers[name] for name in ("tcp", "tcp_hmac", "tcp_curve", "ipc", "raw_zmq", "ray")
+                 if name in peers}
         iterations = {name: ray_iterations if name == "ray" else tree_iterations for name in order}
         progress(f"64-node tree round trips: {rounds} interleaved rounds of {iterations}")
         trees = measure_tree_round_trips(order, rounds, iterations)
@@ -385,7 +407,7 @@ def run(rounds: int, tree_iterations: int, ray_iterations: int, skip_ray: bool) 
 
 
 def print_table(result: dict) -> None:
-    names = [name for name in ("tcp", "ipc", "ray") if name in result]
+    names = [name for name in ("tcp", "tcp_hmac", "tcp_curve", "ipc", "ray") if name in result]
     print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
           f"libzmq {result['machine']['libzmq']}, pyzmq {result['machine']['pyzmq']}")
     print(f"{'':34}" + "".join(f"{name:>12}" for name in names))

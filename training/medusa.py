@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sysconfig
 import time
@@ -107,9 +108,7 @@ def _questions(cfg: TrainConfig) -> list[dict]:
 def generate_answers(cfg: TrainConfig, hf_model, tokenizer, limit_tokens: int = 1024) -> Path:
     """The target's greedy answers, appended per batch to answers.jsonl (resumable)."""
     path = cfg.work / "answers.jsonl"
-    done = set()
-    if path.is_file():
-        done = {json.loads(line)["question_id"] for line in path.read_text().splitlines() if line.strip()}
+    done = {row["question_id"] for row in read_answers(path)}
     todo = []
     for q in _questions(cfg):
         if q["question_id"] in done:
@@ -140,9 +139,30 @@ def generate_answers(cfg: TrainConfig, hf_model, tokenizer, limit_tokens: int = 
                     if t in eos:
                         break
                 f.write(json.dumps({"question_id": qid, "prompt_ids": ids, "answer_ids": answer}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         bar.update(len(batch))
     bar.close()
     return path
+
+
+def read_answers(path: Path) -> list[dict]:
+    """The answers written so far. A last line cut short by a crash is cut off the file, so
+    the resumed run appends after the last whole answer and redoes the lost one."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    rows, end = [], 0
+    for line in data.split(b"\n")[:-1]:  # text after the last newline was never finished
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+        end += len(line) + 1
+    if end < len(data):
+        with path.open("r+b") as f:
+            f.truncate(end)
+    return rows
 
 
 # ---- 2. chunks ------------------------------------------------------------------------------
@@ -163,10 +183,8 @@ def build_chunks(cfg: TrainConfig, tokenizer) -> dict:
         return json.loads(path.read_text())
     docs: list[list[int]] = []
     answers = cfg.work / "answers.jsonl"
-    if answers.is_file():
-        for line in answers.read_text().splitlines():
-            row = json.loads(line)
-            docs.append(row["prompt_ids"] + row["answer_ids"])
+    for row in read_answers(answers):
+        docs.append(row["prompt_ids"] + row["answer_ids"])
     total = sum(len(d) for d in docs)
     sources = []
     for f in _stdlib_files(cfg.seed):

@@ -124,3 +124,17 @@ def test_a_bad_amphista_width_is_refused_before_the_target_loads(tmp_path, quest
     assert train(str(tmp_path / "no-such-model"), tmp_path / "h", tmp_path / "w", questions, "--kind", "amphista",
                  "--width", "100") == 2
     assert "width 100 must be a multiple of 64" in capsys.readouterr().err
+
+
+def test_answers_cut_short_by_a_crash_are_cut_off_and_redone(tmp_path):
+    from training.medusa import read_answers
+
+    path = tmp_path / "answers.jsonl"
+    whole = [{"question_id": i, "prompt_ids": [1, 2], "answer_ids": [3]} for i in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in whole)
+    path.write_text(text + '{"question_id": 3, "prompt_')  # the crash came mid-line
+    assert read_answers(path) == whole
+    assert path.read_text() == text  # the next append starts on a line of its own
+    path.write_text(text[:-1])  # the last line whole but its newline lost: redo it too
+    assert read_answers(path) == whole[:2] and path.read_text() == text[:text.rindex("{")]
+    assert read_answers(tmp_path / "none.jsonl") == []
