@@ -3,6 +3,7 @@
 - `Verifier`: own a request and verify what a drafter sends (the Ray pipelines);
 - `Proposer`: draft for a verifier's request (the Ray pipelines);
 - `DraftService`: draft for a batched engine's running sequences, many at once;
+- `MemberService`: score a batched ensemble leader's running sequences, many at once;
 - `EnsembleMember`: lead or follow an ensemble's request (CoS).
 
 The actor (`actors/model_actor.py`) answers Ray's calls by handing them to its roles. Each
@@ -21,7 +22,7 @@ from actors.proposing import propose_request
 from actors.verifying import Cancelled, PipelineOptions, verify_request
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, TokenSink
-from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, link_auth
+from protocol import ChannelConfig, DealerChannel, ModelFingerprint, Role, RouterChannel, link_auth
 
 
 @dataclass
@@ -125,6 +126,26 @@ class DraftService:
                              {int(k): float(v) for k, v in verify_s.items()}, ahead=ahead)
         router, thread = serve_rounds(server, home.node_ip, peer_node_ip, f"drafts-{os.getpid()}-{len(self.served)}",
                                       home.secret, home.fingerprint)
+        self.served.append((router, thread))
+        return router.endpoint
+
+
+class MemberService:
+    def __init__(self, home: ModelHome):
+        self.home = home
+        self.served: list[tuple[RouterChannel, threading.Thread]] = []
+
+    def serve(self, peer_node_ip: str, slots: int, max_len: int) -> str:
+        """Score a batched ensemble leader's rounds on `peer_node_ip` from now on, many
+        sequences in one forward (`actors/member_server.py`), on a thread of its own.
+        Returns where to connect."""
+        from actors.draft_server import serve_rounds
+        from actors.member_server import MemberServer
+
+        home = self.home
+        server = MemberServer(home.runner.model, slots, max_len)
+        router, thread = serve_rounds(server, home.node_ip, peer_node_ip, f"member-{os.getpid()}-{len(self.served)}",
+                                      home.secret, home.fingerprint, role=Role.PEER)
         self.served.append((router, thread))
         return router.endpoint
 

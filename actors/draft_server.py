@@ -69,34 +69,36 @@ class _Mirror:
 
 class RoundServer:
     """Gathers a batched verifier's round: answers once all `batch` calls of a step are in.
-    A subclass drafts (`draft`) and forgets a session (`release`)."""
+    A subclass answers them (`answer`) and forgets a session (`release`)."""
+
+    CALL: type[Message] = DraftCall  # the calls a round is made of
 
     def __init__(self):
-        self.pending: dict[tuple[bytes, int], list[DraftCall]] = {}  # (peer, step) -> the round's calls so far
+        self.pending: dict[tuple[bytes, int], list] = {}  # (peer, step) -> the round's calls so far
 
     def handle(self, peer: bytes, message: Message) -> list[Message] | None:
         """`RouterChannel.serve`'s handler."""
         if isinstance(message, Shutdown):
             self.release(message.session_id)
             return None
-        if not isinstance(message, DraftCall):
-            raise DraftRefused(f"a draft server answers DraftCall and Shutdown, not {type(message).__name__}")
+        if not isinstance(message, self.CALL):
+            raise DraftRefused(f"this server answers {self.CALL.__name__} and Shutdown, not {type(message).__name__}")
         key = (peer, message.step)
         calls = self.pending.setdefault(key, [])
         calls.append(message)
         if len(calls) < message.batch:
             return None
         del self.pending[key]
-        return self.draft(calls)
+        return self.answer(calls)
 
-    def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
+    def answer(self, calls: list) -> list[Message]:
         raise NotImplementedError
 
     def after_replies(self) -> None:
         """Work once a round's answers are sent, while the verifier verifies them."""
 
     @staticmethod
-    def check_position(call: DraftCall, known: int | None) -> None:
+    def check_position(call, known: int | None) -> None:
         """`known`: committed tokens held for the call's session (None: a new session)."""
         if known is None and call.position != 0:
             raise DraftRefused(f"session {call.session_id}: its first call must start at position 0, "
@@ -110,14 +112,14 @@ class RoundServer:
 
 
 def serve_rounds(server: RoundServer, node_ip: str, peer_node_ip: str, name: str, secret: str | None,
-                 fingerprint: ModelFingerprint) -> tuple[RouterChannel, threading.Thread]:
+                 fingerprint: ModelFingerprint, role: Role = Role.DRAFTER) -> tuple[RouterChannel, threading.Thread]:
     """Bind a socket for a verifier on `peer_node_ip` (ipc on this node, else tcp
     authenticated by `secret`: protocol.link_auth) and answer its rounds with `server` on a thread of its own."""
     endpoint = bind_endpoint(node_ip, peer_node_ip, name=name)
     auth = link_auth(endpoint, secret, binds=True)
     router = RouterChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
     thread = threading.Thread(target=router.serve, args=(server.handle,), name=name, daemon=True,
-                              kwargs=dict(role=Role.DRAFTER, fingerprint=fingerprint,
+                              kwargs=dict(role=role, fingerprint=fingerprint,
                                           after_replies=server.after_replies))
     thread.start()
     return router, thread
@@ -139,7 +141,7 @@ class DraftServer(RoundServer):
         self.answered: list[str] = []  # the sessions of the round just answered: to draft ahead for
         self.hits = self.misses = 0  # drafts ahead used, and thrown away
 
-    def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
+    def answer(self, calls: list[DraftCall]) -> list[CandidateTree]:
         drafts: dict[str, Draft] = {}
         by_kind: dict[tuple[int, bool], list[Sequence]] = {}
         for call in calls:

@@ -43,7 +43,7 @@ class HeadsServer(RoundServer):
         self.drafter = drafter
         self.sessions: dict[str, _Session] = {}
 
-    def draft(self, calls: list[DraftCall]) -> list[CandidateTree]:
+    def answer(self, calls: list[DraftCall]) -> list[CandidateTree]:
         out = []
         for call in calls:  # one small heads forward per sequence: the target's forward made the states
             if call.hidden is None:

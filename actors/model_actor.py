@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from actors import hardware, loading, threads
-from actors.actor_roles import DraftService, EnsembleMember, ModelHome, Proposer, Verifier
+from actors.actor_roles import DraftService, EnsembleMember, MemberService, ModelHome, Proposer, Verifier
 from actors.runner import ModelRunner
 from actors.tidal import TidalConfig, check_spec
 from decoding.request import TokenSink
@@ -76,6 +76,7 @@ class ModelActor:
                               loading.eos_token_ids(loaded), self.node_ip, self.spec.max_len, self.spec.secret)
         self.verifier, self.proposer = Verifier(self.home), Proposer(self.home)
         self.drafts, self.ensemble = DraftService(self.home), EnsembleMember(self.home)
+        self.members = MemberService(self.home)
 
     # ---- control plane (Ray calls) --------------------------------------------------
     def ping(self) -> bool:
@@ -89,6 +90,7 @@ class ModelActor:
     def info(self) -> dict:
         return {"pid": os.getpid(), "node_ip": self.node_ip, "node_id": self.node_id, "device": self.device,
                 "gpu_ids": self.gpu_ids, "threads": self.threads, "model": self.spec.model,
+                "eos_token_ids": list(self.home.eos_token_ids),
                 "capabilities": hardware.probe(self.device).to_dict(), "threading": threads.describe(),
                 **self.home.runner.runtime_info()}
 
@@ -132,6 +134,10 @@ class ModelActor:
         """`verify_s`: the target's verify seconds by tokens; `ahead`: draft each sequence's
         next round while the verifier verifies (`pipeline: async`)."""
         return self.drafts.serve(peer_node_ip, slots, max_draft, verify_s, ahead)
+
+    def serve_member(self, peer_node_ip: str, slots: int, max_len: int) -> str:
+        """Score for a batched ensemble leader on `peer_node_ip` (CoS in actors, batched)."""
+        return self.members.serve(peer_node_ip, slots, max_len)
 
     def ensemble_lead(self, session: str, endpoint: str, prompt: list[int], decode: dict, spec: dict,
                       followers: list, on_tokens: TokenSink | None = None) -> dict:

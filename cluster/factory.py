@@ -29,6 +29,10 @@ def _ensemble(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
         from cluster.batching.ensemble import ensemble_engine
 
         return ensemble_engine(cfg, spec.batch, progress)
+    if spec.batch is not None:  # CoS batched: the proposer here, every other member in its own actor
+        from cluster.batching.ensemble_actors import placed_ensemble_engine
+
+        return placed_ensemble_engine(cfg, spec.batch, placement, progress)
     ens = LocalEnsemble(cfg, progress=progress) if spec.pipeline == "local" else RayEnsemble(cfg)
 
     def ensemble_generate(prompt_ids, cfg, speculative, on_tokens):

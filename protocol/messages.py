@@ -460,16 +460,19 @@ class EnsembleCall(Message):
     """Ensemble leader -> member: make your context `position` committed-or-proposed tokens
     followed by `token_ids` (the leader sends only what changed), then `kind`:
     "score": logits after each of the last `count` context tokens;
+    "prefill": the same for a prompt chunk (read as one block, as a prompt is);
     "draft": draw `count` tokens from your own distribution after the context.
-    Answered by one `EnsembleRows` of the same step."""
+    Answered by one `EnsembleRows` of the same step. `batch`: calls of other sessions that
+    share this step; a member serving a batched leader answers them after one forward."""
 
     kind: str
     token_ids: tuple[int, ...]
     position: int
     count: int
+    batch: int = 1
 
     TYPE_ID: ClassVar[int] = 9
-    KINDS: ClassVar[tuple[str, ...]] = ("score", "draft")
+    KINDS: ClassVar[tuple[str, ...]] = ("score", "prefill", "draft")
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -478,7 +481,8 @@ class EnsembleCall(Message):
         self.token_ids = _as_int_tuple("token_ids", self.token_ids, 0, MAX_TOKEN_ID)
         self.position = _as_int("position", self.position, 0, MAX_STEP)
         self.count = _as_int("count", self.count, 1, 2**16)
-        if self.kind == "score" and self.count > self.position + len(self.token_ids):
+        self.batch = _as_int("batch", self.batch, 1, 4096)
+        if self.kind != "draft" and self.count > self.position + len(self.token_ids):
             raise InvalidMessage(f"cannot score {self.count} rows of a "
                                  f"{self.position + len(self.token_ids)}-token context")
 

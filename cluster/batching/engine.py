@@ -121,6 +121,8 @@ class BatchEngine(Decoder):
     def health(self) -> str | None:
         if not self._thread.is_alive() and not self._closed:
             return "the batch engine's thread is not running"
+        if (lost := getattr(self.verifier, "lost", None)) is not None:  # an ensemble member in another process
+            return f"lost {lost}"
         began = self._step_began
         if began is not None and time.monotonic() - began > STALL_S:
             return f"a batch step has run for {time.monotonic() - began:.0f} s"
@@ -131,9 +133,10 @@ class BatchEngine(Decoder):
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
-        close = getattr(self.drafter, "close", None)  # a drafter in another process: stop it too
-        if close is not None:
-            close()
+        for part in (self.drafter, self.verifier):  # a drafter or members in other processes: stop them too
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
     # ---- the loop thread ------------------------------------------------------------
     def _loop(self) -> None:

@@ -144,3 +144,31 @@ def test_a_draft_actor_that_hangs_is_replaced_and_the_requests_finish(local_ray,
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped[0], signal.SIGKILL)  # never leave a stopped process behind
         decoder.close()
+
+
+def test_an_ensemble_with_members_in_actors_decodes_batched_as_the_ensemble(local_ray, tiny_dir):
+    """CoS across actors, batched: the proposer here, the other member scoring every round's
+    batch from its own actor; each greedy output is the ensemble's own."""
+    from cluster.ensemble import EnsembleConfig, LocalEnsemble
+
+    members = (tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3))
+    spec = DecoderSpec(ensemble=members, combine="we:0.5", pipeline="sync", max_len=256,
+                       batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=3))
+    decoder = make_decoder(spec)
+    try:
+        assert isinstance(decoder, BatchEngine) and type(decoder.verifier).__name__ == "EnsembleVerifier"
+        assert list(decoder.verifier.remote) == [1]  # member 0 proposes here, member 1 scores in its actor
+        info = decoder.runtime_info()
+        assert info["ensemble"]["batched"] and info["members"][members[1]]["model"] == members[1]
+        reqs = mixed_requests(13, 6)
+        got, last = collect(decoder, reqs)
+        alone = LocalEnsemble(EnsembleConfig(models=members, combine="we:0.5", max_len=256), progress=False)
+        for r in reqs:
+            assert got[r.id] == alone.generate(r.prompt_ids, r.cfg, method="ensemble").token_ids, r
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # the ensemble kept proposals
+    finally:
+        decoder.close()
+    deadline = time.monotonic() + 30  # the member's actor and its bundle went with the engine
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2

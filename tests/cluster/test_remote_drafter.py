@@ -36,14 +36,14 @@ class Served:
     """A round server (draft model or heads) on its own thread behind a ROUTER socket, as
     its actor runs it."""
 
-    def __init__(self, server, fingerprint, secret: str | None = None):
+    def __init__(self, server, fingerprint, secret: str | None = None, role: Role = Role.DRAFTER):
         """`secret`: over tcp, authenticated as actors on two nodes are (CURVE keys from it)."""
         self.server, self.fingerprint, self.secret = server, fingerprint, secret
         endpoint = "tcp://127.0.0.1:*" if secret else ipc_endpoint()
         self.router = RouterChannel(endpoint, config=self.config(binds=True))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.router.serve, args=(self.server.handle,), daemon=True,
-                                       kwargs=dict(role=Role.DRAFTER, fingerprint=self.fingerprint,
+                                       kwargs=dict(role=role, fingerprint=self.fingerprint,
                                                    should_stop=self.stop.is_set, poll_s=0.02,
                                                    after_replies=server.after_replies))
         self.thread.start()
@@ -160,8 +160,8 @@ def test_a_lost_draft_server_is_replaced_and_running_requests_draft_again(tiny_d
 
     def reconnect() -> DealerChannel:
         served = ServedDraft(draft, local.verify_costs)
-        answer = served.server.draft
-        served.server.draft = lambda cs: calls.extend((c.session_id, c.position, len(c.token_ids)) for c in cs) \
+        answer = served.server.answer
+        served.server.answer = lambda cs: calls.extend((c.session_id, c.position, len(c.token_ids)) for c in cs) \
             or answer(cs)
         second.append(served)
         return served.channel()
@@ -204,7 +204,7 @@ def test_a_bad_tree_from_the_server_loses_the_drafter_not_the_requests(tiny_dir,
     local = LocalEngine(EngineConfig(tiny_dir("qwen2"), max_len=256), False)
     served = ServedDraft(LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False),
                          local.verify_costs)
-    answer, vocab = served.server.draft, served.fingerprint.vocab_size
+    answer, vocab = served.server.answer, served.fingerprint.vocab_size
 
     def bad(calls):
         trees = answer(calls)
@@ -215,7 +215,7 @@ def test_a_bad_tree_from_the_server_loses_the_drafter_not_the_requests(tiny_dir,
             t.draft_probs = torch.full((len(t.token_ids), vocab - 1), 1.0 / (vocab - 1))
         return trees
 
-    served.server.draft = bad
+    served.server.answer = bad
     drafter = served.drafter()
     batch = BatchEngine(local, BatchConfig(max_seqs=3, draft_length=3), drafter=drafter)
     try:

@@ -105,8 +105,9 @@ def context_updates(draw):
 def ensemble_calls(draw):
     tokens = draw(token_lists)
     position = draw(st.integers(1, 10_000))  # a context of at least one token
-    return EnsembleCall(**draw(common()), kind=draw(st.sampled_from(["score", "draft"])), token_ids=tokens,
-                        position=position, count=draw(st.integers(1, min(2**16, position + len(tokens)))))
+    return EnsembleCall(**draw(common()), kind=draw(st.sampled_from(["score", "prefill", "draft"])),
+                        token_ids=tokens, position=position, batch=draw(st.integers(1, 4096)),
+                        count=draw(st.integers(1, min(2**16, position + len(tokens)))))
 
 
 @st.composite

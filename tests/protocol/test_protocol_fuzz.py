@@ -58,6 +58,7 @@ def corpus() -> list[Message]:
         # the ensemble's calls and rows, logits inline and in their own frame
         EnsembleCall(session_id="sess", step=6, kind="score", token_ids=[1, 2, 3], position=10, count=4),
         EnsembleCall(session_id="sess", step=6, kind="draft", token_ids=[], position=10, count=3),
+        EnsembleCall(session_id="sess", step=7, kind="prefill", token_ids=[4, 5], position=0, count=1, batch=12),
         EnsembleRows(session_id="sess", step=6, token_ids=[4, 5], logits=rng.random((2, 50), dtype=np.float32),
                      seconds=0.01),
         EnsembleRows(session_id="sess", step=6, token_ids=[], logits=rng.random((4, 5000), dtype=np.float32)),
