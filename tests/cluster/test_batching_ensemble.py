@@ -33,6 +33,25 @@ from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_combined_probs
 from test_batching import NO_EOS, collect, mixed_requests
 
 
+def decode_and_compare(batch, ensemble, reqs, cancelled: int, draft_length) -> None:
+    """Every output (the `cancelled`-th request's up to where it was cut) is the ensemble's
+    own, decoded alone one token at a time."""
+    cancel = {reqs[cancelled].id: 3}
+    got, last = collect(batch, reqs, cancel)
+    wait_idle(batch)
+    drafted = accepted = 0
+    for r in reqs:
+        alone = ensemble.generate(r.prompt_ids, r.cfg, method="ensemble").token_ids
+        if r.id in cancel:
+            assert got[r.id] == alone[:len(got[r.id])]
+            continue
+        assert got[r.id] == alone, r
+        drafted += last[r.id].result.stats.drafted_tokens
+        accepted += last[r.id].result.stats.accepted_tokens
+    if draft_length:
+        assert 0 < accepted < drafted  # the proposer's drafts were judged by the ensemble: kept and refused
+
+
 @pytest.mark.parametrize("combine,draft_length", [("we:0.5", None), ("cd:0.3", 3)])
 def test_cos_batched_greedy_equals_the_ensemble_alone(tiny_dir, combine, draft_length):
     members = (tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3))
@@ -42,22 +61,7 @@ def test_cos_batched_greedy_equals_the_ensemble_alone(tiny_dir, combine, draft_l
     try:
         assert isinstance(batch, BatchEngine) and isinstance(batch.verifier, EnsembleVerifier)
         assert isinstance(batch.drafter, DraftModelDrafter)
-        reqs = mixed_requests(31, 8)
-        cancel = {reqs[3].id: 4}
-        got, last = collect(batch, reqs, cancel)
-        wait_idle(batch)
-        ensemble = batch.engine.ensemble
-        drafted = accepted = 0
-        for r in reqs:
-            alone = ensemble.generate(r.prompt_ids, r.cfg, method="ensemble").token_ids
-            if r.id in cancel:
-                assert got[r.id] == alone[:len(got[r.id])]
-                continue
-            assert got[r.id] == alone, r
-            drafted += last[r.id].result.stats.drafted_tokens
-            accepted += last[r.id].result.stats.accepted_tokens
-        if draft_length:
-            assert 0 < accepted < drafted  # the proposer's drafts were judged by the ensemble: kept and refused
+        decode_and_compare(batch, batch.engine.ensemble, mixed_requests(31, 8), 3, draft_length)
         assert all(pool.available == 3 for pool in batch.verifier.pools.values()) and not batch.verifier.slots
         assert batch.runtime_info()["ensemble"]["batched"]
     finally:
@@ -131,21 +135,7 @@ def test_cos_with_a_member_elsewhere_greedy_equals_the_ensemble_alone(loaded_pai
                                                                    draft_length=draft_length),
                                           secret=secrets.token_hex(32) if tcp else None)
     try:
-        reqs = mixed_requests(37, 8)
-        cancel = {reqs[5].id: 3}
-        got, last = collect(batch, reqs, cancel)
-        wait_idle(batch)
-        drafted = accepted = 0
-        for r in reqs:
-            alone = loaded_pair.ensemble.generate(r.prompt_ids, r.cfg, method="ensemble").token_ids
-            if r.id in cancel:
-                assert got[r.id] == alone[:len(got[r.id])]
-                continue
-            assert got[r.id] == alone, r
-            drafted += last[r.id].result.stats.drafted_tokens
-            accepted += last[r.id].result.stats.accepted_tokens
-        if draft_length:
-            assert 0 < accepted < drafted
+        decode_and_compare(batch, loaded_pair.ensemble, mixed_requests(37, 8), 5, draft_length)
         assert served.server.rounds > 0 and not served.server.held  # it scored, and every sequence was let go
         assert served.server.pool.available == 3 and batch.verifier.pool.available == 3
         assert batch.health() is None
