@@ -5,13 +5,14 @@ model code. See docs/protocol.md.
 """
 
 from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret, link_auth
+from protocol.batch_messages import DraftCall, EnsembleCall, EnsembleRows
 from protocol.channel import (
     ChannelConfig,
     ChannelStats,
     DealerChannel,
     RouterChannel,
 )
-from protocol.codec import INLINE_TENSOR_LIMIT, decode, encode, is_zero_copy, owning_frame
+from protocol.codec import INLINE_TENSOR_LIMIT, MESSAGE_TYPES, decode, encode, is_zero_copy, owning_frame
 from protocol.endpoints import bind_endpoint, ipc_endpoint, tcp_endpoint
 from protocol.errors import (
     AuthenticationError,
@@ -31,24 +32,16 @@ from protocol.errors import (
     UnknownMessageType,
     VersionMismatch,
 )
+from protocol.fields import NO_SESSION, PROTOCOL_VERSION
+from protocol.identity import ModelFingerprint, Role, model_fingerprint, new_session_id
 from protocol.messages import (
-    MESSAGE_TYPES,
-    NO_SESSION,
-    PROTOCOL_VERSION,
     CandidateTree,
     ContextUpdate,
-    DraftCall,
-    EnsembleCall,
-    EnsembleRows,
     Error,
     Handshake,
     Message,
-    ModelFingerprint,
-    Role,
     Shutdown,
     Verdict,
-    model_fingerprint,
-    new_session_id,
 )
 from protocol.sessions import DropReason, SessionTable
 

@@ -33,7 +33,8 @@ from protocol.errors import (
     ProtocolError,
     ReceiveTimeout,
 )
-from protocol.messages import Error, Handshake, Message, ModelFingerprint, Role
+from protocol.identity import ModelFingerprint, Role
+from protocol.messages import Error, Handshake, Message
 from protocol.sessions import DropReason, SessionTable
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from protocol.auth import SharedSecret
+from protocol.batch_messages import DraftCall, EnsembleCall, EnsembleRows
 from protocol.errors import (
     AuthenticationError,
     InvalidMessage,
@@ -40,7 +41,14 @@ from protocol.errors import (
     UnknownMessageType,
     VersionMismatch,
 )
-from protocol.messages import MAX_TENSOR_NDIM, MESSAGE_TYPES, PROTOCOL_VERSION, Message
+from protocol.fields import MAX_TENSOR_NDIM, PROTOCOL_VERSION
+from protocol.messages import CandidateTree, ContextUpdate, Error, Handshake, Message, Shutdown, Verdict
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE_ID: cls
+    for cls in (Handshake, ContextUpdate, CandidateTree, Verdict, Error, Shutdown, EnsembleCall, EnsembleRows,
+                DraftCall)
+}
 
 INLINE_TENSOR_LIMIT = 64 * 1024  # below: inline bytes in the header; at/above: own frame, no copy
 MAX_TENSOR_BYTES = 1 << 40  # any one tensor's shape, zero dimensions counted as one: a bound numpy can allocate

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 
-from protocol.messages import NO_SESSION, Error, Handshake, Message, Shutdown
+from protocol.fields import NO_SESSION
+from protocol.messages import Error, Handshake, Message, Shutdown
 
 
 class DropReason(str, enum.Enum):

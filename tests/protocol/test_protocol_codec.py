@@ -38,7 +38,7 @@ from protocol import (
     is_zero_copy,
     owning_frame,
 )
-from protocol.messages import MAX_STEP, MAX_TOKEN_ID
+from protocol.fields import MAX_STEP, MAX_TOKEN_ID
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from protocol import (
+    PROTOCOL_VERSION,
     CandidateTree,
     ChannelConfig,
     ContextUpdate,
@@ -94,7 +95,9 @@ def test_two_processes(transport, tmp_path):
             raw = zmq.Context.instance().socket(zmq.DEALER)
             raw.linger = 0
             raw.connect(endpoint)
-            raw.send_multipart([b"\x96\x03\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"])  # v3, parents (0, 5)
+            # a CandidateTree of this version whose parents (0, 5) are no tree
+            body = b"\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"
+            raw.send_multipart([bytes([0x96, PROTOCOL_VERSION]) + body])
             assert raw.poll(20_000)
             error = decode(raw.recv_multipart())
             assert isinstance(error, Error) and error.code == ErrorCode.INVALID_TREE
