@@ -28,10 +28,12 @@ from decoding.tree import TokenTree
 
 
 class EnsembleVerifier:
-    def __init__(self, members: list[Transformer | RemoteMember], rule: CombineRule, slots: int, max_len: int):
+    def __init__(self, members: list[Transformer | RemoteMember], rule: CombineRule, slots: int, max_len: int,
+                 on_close=None):
+        """`on_close`: what stops the members elsewhere (their actors), once their links are closed."""
         if len(members) != rule.n_models:
             raise ValueError(f"{rule.describe()} combines {rule.n_models} models, got {len(members)}")
-        self.rule = rule
+        self.rule, self.on_close = rule, on_close
         self.local = {i: m for i, m in enumerate(members) if isinstance(m, Transformer)}
         self.remote = {i: m for i, m in enumerate(members) if not isinstance(m, Transformer)}
         if not self.local:
@@ -109,3 +111,5 @@ class EnsembleVerifier:
     def close(self) -> None:
         for member in self.remote.values():
             member.close()
+        if self.on_close is not None:
+            self.on_close()

@@ -105,11 +105,10 @@ def placed_ensemble_engine(cfg: EnsembleConfig, batch: BatchConfig, placement: P
                 ray.kill(actor, no_restart=True)
             release(group)
 
-        members[others[-1]].on_close = stop  # once every channel is closed (the verifier closes them in order)
         drafter = DraftModelDrafter(runner.model, batch.max_seqs, max_len + batch.max_draft + 2, batch.max_draft)
         drafter.measure(runner, here.verify_costs)
         return BatchEngine(here, batch, drafter=drafter,
-                           verifier=lambda r: EnsembleVerifier(members, cfg.rule, batch.max_seqs, r))
+                           verifier=lambda r: EnsembleVerifier(members, cfg.rule, batch.max_seqs, r, on_close=stop))
     except BaseException:
         for actor in actors:
             ray.kill(actor, no_restart=True)
