@@ -38,6 +38,7 @@ class BatchItem(NamedTuple):
     positions: Tensor | None = None
     tree_mask: Tensor | None = None
     prefill: bool = False  # a prompt chunk (attended as one batch, as ``forward_hidden`` does)
+    sparse: TidalConfig | None = None  # TidalDecode attention for this sequence's forward (``forward_hidden``)
 
 
 @dataclass

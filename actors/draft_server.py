@@ -134,7 +134,7 @@ class DraftServer(RoundServer):
         verifies, betting that every draft is accepted and the bonus is the draft's own next
         token (AMUSD); the next call that commits exactly that is answered at once."""
         super().__init__()
-        self.drafter = DraftModelDrafter(runner.model, slots, max_len, max_draft)
+        self.drafter = DraftModelDrafter(runner.model, slots, max_len, max_draft, sparse=runner.attention)
         self.drafter.measure(runner, verify_s)
         self.max_len, self.ahead = max_len, ahead
         self.mirrors: dict[str, _Mirror] = {}

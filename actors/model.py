@@ -252,21 +252,23 @@ class Transformer(nn.Module):
         """Several sequences in one forward: each item as ``forward_hidden`` takes it. The
         linears run once over all rows; each sequence attends over its own cache. Returns
         each sequence's final normed hidden states [T_i, hidden]. On a row-exact model every row equals the same
-        sequence run alone, bitwise."""
+        sequence run alone, bitwise. A linearized model's sums and a sparse step's selection
+        are each sequence's own (planned per segment), so they batch like the rest."""
         if not batch:
             raise ValueError("forward_batch needs at least one sequence")
-        if self.config.linear is not None:
-            raise ValueError("forward_batch does not run linearized models (their state folds per sequence)")
         segs, lo = [], 0
         for it in batch:
             n = it.tokens.numel()
-            segs.append(self._segment(it.tokens, it.cache, it.positions, it.tree_mask, None, it.prefill,
+            segs.append(self._segment(it.tokens, it.cache, it.positions, it.tree_mask, it.sparse, it.prefill,
                                       slice(lo, lo + n)))
             lo += n
         x = self._run(torch.cat([it.tokens.reshape(-1) for it in batch]), segs)
         hidden = self.norm(x)
+        group = self.config.linear.group if self.config.linear else 0
         for it, seg in zip(batch, segs):
             it.cache.length = seg.start + it.tokens.numel()
+            if group and it.prefill:  # as `forward_hidden`: a committed prompt chunk folds its whole groups
+                self._linear_sums(it.cache, group * (it.cache.length // group))
         return [hidden[seg.rows] for seg in segs]
 
     def _segment(self, tokens: Tensor, cache: KVCache, positions: Tensor | None, tree_mask: Tensor | None,

@@ -10,6 +10,7 @@ import torch
 
 from actors.attention_plan import BatchItem
 from actors.model import Transformer
+from actors.tidal import TidalConfig
 from decoding.draft_length import CostModel
 from decoding.kv_cache import KVCache
 from decoding.sequence import Sequence
@@ -61,11 +62,11 @@ class VerifyCosts:
         self.trees.verify_s.update({k: 1.3 * v for k, v in measured.items()})
 
 
-def tree_item(tree: TokenTree, cache: KVCache) -> BatchItem:
+def tree_item(tree: TokenTree, cache: KVCache, sparse: TidalConfig | None = None) -> BatchItem:
     """One sequence's tree in a batched forward: a chain reads causally, a tree with its mask."""
     if tree.is_chain():
-        return BatchItem(tree.tokens, cache)
-    return BatchItem(tree.tokens, cache, tree.positions(cache.length), tree.attention_mask())
+        return BatchItem(tree.tokens, cache, sparse=sparse)
+    return BatchItem(tree.tokens, cache, tree.positions(cache.length), tree.attention_mask(), sparse=sparse)
 
 
 def commit_path(cache: KVCache, tree: TokenTree, accepted: list[int]) -> None:
@@ -78,8 +79,12 @@ def commit_path(cache: KVCache, tree: TokenTree, accepted: list[int]) -> None:
 
 
 class TargetVerifier:
-    def __init__(self, model: Transformer, pool: SlotPool):
-        self.model, self.pool = model, pool
+    def __init__(self, model: Transformer, pool: SlotPool, sparse: TidalConfig | None = None):
+        """`sparse`: the target itself attends sparsely when scoring (`--attention tidal`, an
+        approximation, labelled so); prompts are always prefilled with full attention."""
+        if sparse is not None:
+            model.check_sparse(sparse)
+        self.model, self.pool, self.sparse = model, pool, sparse
         self.costs = VerifyCosts()
 
     def attach(self, seq: Sequence) -> None:
@@ -103,7 +108,7 @@ class TargetVerifier:
 
     def score(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         start = time.perf_counter()
-        hidden = self.model.forward_batch([tree_item(tree, seq.cache) for seq, tree in zip(seqs, trees)])
+        hidden = self.model.forward_batch([tree_item(tree, seq.cache, self.sparse) for seq, tree in zip(seqs, trees)])
         logits = self.model.logits(torch.cat(hidden)).split([t.size for t in trees])
         rows = sum(t.size for t in trees)
         (self.costs.plain if rows == len(trees) else self.costs.trees).observe_verify(time.perf_counter() - start, rows)

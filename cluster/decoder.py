@@ -3,15 +3,15 @@ cancel it. The Serve endpoint, the CLI and the job entry get their decoder from
 `cluster.factory.make_decoder` and never ask which kind it is.
 
 How a request flows: the endpoint parses and tokenizes it (`cluster/serve/app.py`) and
-calls `Decoder.submit`. With `pipeline: local` and a draft model, draft heads,
-self-drafting or the target alone, the decoder is a `BatchEngine` (`cluster/batching/engine.py`): its
+calls `Decoder.submit`. With `batch` set (Serve always sets it) and any way of
+drafting, the decoder is a `BatchEngine` (`cluster/batching/engine.py`): its
 scheduler admits the request when a cache slot and KV budget are free, prefills its
 prompt in chunks, and from then on every round (`decoding/round.py`) drafts a tree for
 each running sequence (`actors/drafters/`), verifies all of them in one target forward
 (`actors/verifier.py`), accepts per sequence and sends each request its committed tokens
-as a `TokenEvent`. Every other way of decoding (the Ray pipelines, ensembles, sparse
-or linearized targets) runs behind a `SerialDecoder`: the same interface, one request
-at a time.
+as a `TokenEvent`. Without `batch` (the CLI's `generate` and `bench`) the same engines
+and the single-request Ray pipelines run behind a `SerialDecoder`: the same interface,
+one request at a time.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ class SerialDecoder(Decoder):
 
     def submit(self, request: Request, on_event: EventSink) -> None:
         if request.logprobs is not None:
-            raise ValueError("logprobs are returned by the batched local engine (pipeline local: a draft model, "
-                             "heads, self-drafting or the target alone); this server decodes another way")
+            raise ValueError("logprobs are returned by the batched engine (any server with batching); this "
+                             "decoder runs one request at a time")
         with self._wake:
             self._queue.append((request, on_event))
             self._wake.notify()

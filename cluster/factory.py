@@ -1,8 +1,8 @@
 """The one factory: the decoder a `DecoderSpec` describes.
 
-Each way of decoding is one entry of `BUILDERS`, chosen by `spec.kind`; the batched
-engine is taken wherever `batch_refusal` finds nothing against it, else the same engine
-serves one request at a time behind a `SerialDecoder`. Decoders built with one
+Each way of decoding is one entry of `BUILDERS`, chosen by `spec.kind`; a spec with
+`batch` gets the batched engine, else the same engine serves one request at a time
+behind a `SerialDecoder`. Decoders built with one
 `ModelPool` share the weights they load in this process (a bench builds one per method).
 """
 
@@ -43,13 +43,13 @@ def _ensemble(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
 
 
 def _local(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
-    from cluster.batching.engine import BatchEngine, batch_refusal
+    from cluster.batching.engine import BatchEngine
     from cluster.engine import EngineConfig, LocalEngine
 
     local = LocalEngine(EngineConfig(spec.target, spec.draft, spec.dtype, spec.draft_dtype, spec.max_len,
                                      heads=spec.heads, tree=spec.tree, attention=spec.attention,
                                      draft_attention=spec.draft_attention), progress=progress, models=models)
-    if spec.batch is not None and batch_refusal(local) is None:
+    if spec.batch is not None:
         return BatchEngine(local, spec.batch)
     return SerialDecoder(local, local.generate, local.tokenizer, local.context_length, local.eos_token_ids)
 

@@ -197,9 +197,7 @@ class DecoderSpec:
         if self.pipeline == "local":
             return "local"
         # batched, the draft model or heads in an actor of their own, async: drafting ahead
-        # (sparse attention runs one request at a time)
         drafter = self.draft is not None or self.heads is not None
-        if (self.pipeline in ("sync", "async") and self.batch is not None and drafter
-                and not (self.attention or self.draft_attention)):
+        if self.pipeline in ("sync", "async") and self.batch is not None and drafter:
             return "remote-drafter"
         return "ray-pipeline"

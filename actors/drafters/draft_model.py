@@ -16,22 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.attention_plan import BatchItem
+from actors.drafters.chains import draft_chains, expected_tokens
 from actors.model import Transformer
 from actors.runner import PREFILL_CHUNK
+from actors.tidal import TidalConfig
 from actors.verifier import SlotPool, long_tensor
 from decoding.acceptance import Verdict
 from decoding.draft_length import CostModel, DraftLengthPolicy
 from decoding.kv_cache import KVCache
 from decoding.round import Draft
-from decoding.sampling import logits_to_probs, sample
 from decoding.sequence import Sequence
-from decoding.tree import TokenTree
-
-
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one round commits when drafting k with per-token acceptance `acceptance`."""
-    a = min(acceptance, 0.999)
-    return (1 - a ** (k + 1)) / (1 - a)
 
 
 @dataclass
@@ -43,8 +37,13 @@ class DraftState:
 
 
 class DraftModelDrafter:
-    def __init__(self, model: Transformer, slots: int, max_len: int, max_draft: int):
-        self.model = model
+    def __init__(self, model: Transformer, slots: int, max_len: int, max_draft: int,
+                 sparse: TidalConfig | None = None):
+        """`sparse`: the draft's steps attend sparsely (`--draft-attention tidal`): cheaper
+        at long context; the target's verify keeps the output exact."""
+        if sparse is not None:
+            model.check_sparse(sparse)
+        self.model, self.sparse = model, sparse
         self.pool = SlotPool(model, slots, max_len)
         self.tree_room = max_draft + 1
         self.step = CostModel()  # one draft step, by sequences (one token each)
@@ -83,50 +82,15 @@ class DraftModelDrafter:
                 s.draft.verified = len(s.draft.tokens)
 
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
-        alone = k is None  # one sequence: its drafts stop where the policy says
-        depth = {s.id: min(self.policy.max_len if alone else k, s.remaining - 1) for s in seqs}
-        seqs = [s for s in seqs if depth[s.id] > 0]
-        self._catch_up(seqs)
-        drafts: dict[str, list[int]] = {s.id: [] for s in seqs}
-        q_rows: dict[str, list[torch.Tensor]] = {s.id: [] for s in seqs}
-        confidence: dict[str, list[float]] = {s.id: [] for s in seqs}  # P(first j drafts all accepted)
-        feed = {s.id: s.tokens[-1] for s in seqs}
-        active, began = list(seqs), time.perf_counter()
-        while active:
-            start = time.perf_counter()
-            hidden = self.model.forward_batch([BatchItem(long_tensor([feed[s.id]]), s.draft.cache) for s in active])
-            logits = self.model.logits(torch.cat(hidden))
-            self.step.observe_verify(time.perf_counter() - start, len(active))
-            still = []
-            for s, lg in zip(active, logits):
-                s.draft.tokens.append(feed[s.id])
-                params = s.cfg.sampling
-                if params.greedy:
-                    token = int(lg.argmax())
-                    p = torch.softmax(lg.float(), -1)[token].item() if alone else 1.0
-                else:
-                    q = logits_to_probs(lg, params)
-                    token = int(sample(q, s.generator))
-                    q_rows[s.id].append(q)
-                    p = q.max().item() if alone else 1.0
-                drafts[s.id].append(token)
-                conf = confidence[s.id]
-                conf.append(p * (conf[-1] if conf else 1.0))
-                n = len(drafts[s.id])
-                if n < depth[s.id] and (not alone or self.policy.keep_drafting(n, conf)):
-                    feed[s.id] = token
-                    still.append(s)
-            active = still
-        out = {}
-        for s in seqs:
-            q = None
-            if q_rows[s.id]:  # row i: what node i's child was drawn from; the leaf's row is never read
-                q = torch.cat([torch.stack(q_rows[s.id]), torch.zeros_like(q_rows[s.id][0])[None]])
-            out[s.id] = Draft(TokenTree.chain(s.tokens[-1], drafts[s.id]), q, sum(confidence[s.id]) if alone else 0.0)
-            s.stats.draft_s += time.perf_counter() - began
-        if alone and seqs:
-            self.policy.costs.observe_draft(time.perf_counter() - began, len(drafts[seqs[0].id]))
-        return out
+        self._catch_up([s for s in seqs if min(self.policy.max_len if k is None else k, s.remaining - 1) > 0])
+        return draft_chains(seqs, k, self.policy, self._step, self.step)
+
+    def _step(self, seqs: list[Sequence], feed: list[int]) -> torch.Tensor:
+        hidden = self.model.forward_batch([BatchItem(long_tensor([t]), s.draft.cache, sparse=self.sparse)
+                                           for s, t in zip(seqs, feed)])
+        for s, t in zip(seqs, feed):
+            s.draft.tokens.append(t)
+        return self.model.logits(torch.cat(hidden))
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
         """Keep the draft's entries that match what was committed (a rejected draft's go)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.drafters.draft_model import expected_tokens
+from actors.drafters.chains import expected_tokens
 from decoding.acceptance import Verdict
 from decoding.draft_length import CostModel
 from decoding.round import Draft

@@ -15,7 +15,8 @@ def make_drafter(engine, slots: int, max_len: int, max_draft: int) -> Drafter:
     if engine.self_draft is not None:
         return SelfDrafter(engine.target_runner.model, engine.self_draft, max_draft, engine.verify_costs)
     if engine.draft_runner is not None:
-        drafter = DraftModelDrafter(engine.draft_runner.model, slots, max_len, max_draft)
+        drafter = DraftModelDrafter(engine.draft_runner.model, slots, max_len, max_draft,
+                                   sparse=engine.draft_runner.attention)
         drafter.measure(engine.draft_runner, engine.verify_costs)
         return drafter
     if engine.heads is not None:

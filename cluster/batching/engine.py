@@ -26,16 +26,6 @@ from decoding.sequence import Sequence, Status
 log = logging.getLogger(__name__)
 
 
-def batch_refusal(engine) -> str | None:
-    """Why a loaded `LocalEngine` cannot decode batched (None: it can)."""
-    if engine.target_runner.attention is not None or engine.target_runner.model.config.linear is not None:
-        return "the batched engine needs a target with full softmax attention"
-    draft = engine.draft_runner
-    if draft is not None and (draft.attention is not None or draft.model.config.linear is not None):
-        return "the batched engine needs a draft with full softmax attention"
-    return None
-
-
 class BatchEngine(Decoder):
     """Continuous batching over a `LocalEngine`'s loaded target, with its draft model or
     heads: each round is `decoding.round.speculative_round` over every running sequence."""
@@ -45,8 +35,6 @@ class BatchEngine(Decoder):
         """`drafter`: how to draft (default: what the engine loaded: its draft model, else
         its heads, else none). `verifier`: given the KV room a sequence needs, what scores
         the trees (default: the engine's target; an ensemble: `EnsembleVerifier`)."""
-        if (why := batch_refusal(engine)) is not None:
-            raise ValueError(why)
         target = engine.target_runner
         self.engine, self.cfg = engine, cfg or BatchConfig()
         self.tokenizer, self.context_length = engine.tokenizer, engine.context_length
@@ -56,13 +44,16 @@ class BatchEngine(Decoder):
         self.drafter = drafter or make_drafter(engine, self.cfg.max_seqs, room, self.cfg.max_draft)
         room += self.drafter.tree_room
         self.verifier = verifier(room) if verifier is not None else \
-            TargetVerifier(target.model, SlotPool(target.model, self.cfg.max_seqs, room))
+            TargetVerifier(target.model, SlotPool(target.model, self.cfg.max_seqs, room), target.attention)
         self.pool = self.verifier.pool
         if not isinstance(self.drafter, NoDrafter):  # seed the choice of k with this machine's costs
             sizes = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k not in engine.verify_costs)
             self.verifier.costs.seed({**engine.verify_costs, **(target.measure_verify_costs(sizes) if sizes else {})})
         self.scheduler = Scheduler(self.cfg, self.drafter, self.verifier.costs)
         self.rounds = 0
+        # (target's attention, draft, draft's attention) for the output's labels; a drafter
+        # elsewhere sets its own
+        self.attends = (engine.cfg.attention, engine.cfg.draft, engine.cfg.draft_attention)
         self.draft_lengths: dict[str, int] = {}  # chosen k ("auto": the drafter's policy) -> rounds, since start
         self._sinks: dict[str, EventSink] = {}
         self._seqs: dict[str, Sequence] = {}
@@ -208,8 +199,8 @@ class BatchEngine(Decoder):
         st = seq.stats
         st.new_tokens = len(seq.output)
         st.wall_s = time.perf_counter() - seq.started_at if seq.started_at else 0.0
-        c = self.engine.cfg  # say how the models attended, as the serial loops do
-        st.labels.update(attention_label(c.attention, c.draft, c.draft_attention if seq.speculative else None))
+        attention, draft, draft_attention = self.attends  # say how the models attended, as the serial loops do
+        st.labels.update(attention_label(attention, draft, draft_attention if seq.speculative else None))
         result = None if error else GenerationResult(list(seq.output), st)
         self._send(seq.id, TokenEvent(seq.id, [], finish_reason="error" if error else seq.finish_reason,
                                       result=result, error=error), last=True)

@@ -42,8 +42,8 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
     from cluster.pipeline import ensure_ray
     from cluster.placement import PlacementConfig, place, release
 
-    local = LocalEngine(EngineConfig(spec.target, dtype=spec.dtype, max_len=spec.max_len), progress=progress,
-                        models=models)
+    local = LocalEngine(EngineConfig(spec.target, dtype=spec.dtype, max_len=spec.max_len, attention=spec.attention),
+                        progress=progress, models=models)
     sizes = HEADS_TREE_SIZES if spec.draft is None else (1, 2, 4, 8, 16)
     if any(k not in local.verify_costs for k in sizes):  # a target loaded alone has not measured them all
         local.verify_costs = {**local.verify_costs, **local.target_runner.measure_verify_costs(sizes)}
@@ -62,7 +62,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
         if spec.draft is not None:
             actor = ray.remote(ModelActor).options(**options).remote(
                 {"model": spec.draft, "dtype": spec.draft_dtype, "max_len": max_len + cfg.max_draft + 2,
-                 "secret": secret})
+                 "attention": spec.draft_attention, "secret": secret})
 
             def serve() -> dict:
                 return {"endpoint": ray.get(actor.serve_drafts.remote(
@@ -108,7 +108,9 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
         info = ray.get(actor.info.remote(), timeout=60)
         kind = RemoteDrafter if spec.draft is not None else RemoteHeadsDrafter
         drafter = kind(channel, fingerprint, on_close=stop, info=info, reconnect=reconnect, alive=alive, **sizing)
-        return BatchEngine(local, cfg, drafter=drafter)
+        engine = BatchEngine(local, cfg, drafter=drafter)
+        engine.attends = (spec.attention, spec.draft, spec.draft_attention)
+        return engine
     except BaseException:
         if actor is not None:
             ray.kill(actor, no_restart=True)

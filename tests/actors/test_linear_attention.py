@@ -248,3 +248,34 @@ def test_a_snapshot_keeps_the_state_and_decodes_as_a_fresh_prefill(tiny_linear, 
         target.restore(snap)
         assert autoregressive_generate(target, prompt, cfg).token_ids == fresh
     assert len(folds) == 2 * 3 * target.model.config.n_layers  # the 3 groups decoding adds, not the prompt's 17
+
+
+def test_a_batched_forward_gives_each_sequence_its_own_state_and_logits(tiny_linear):
+    """Prompts of different lengths prefilled together, then chains and a tree verified
+    together: each sequence's folded sums and logits are those of running it alone."""
+    from actors.attention_plan import BatchItem
+
+    model = model_of(tiny_linear("qwen2"))
+    prompts = [tokens_of(n, seed=n) for n in (5, 11, 18)]
+    tree = TokenTree(torch.tensor([3, 9, 12, 7]), torch.tensor([-1, 0, 0, 1]))
+    chain = torch.tensor([4, 6, 8])
+
+    def verify(cache, n: int) -> BatchItem:  # the middle sequence verifies a tree, the others a chain
+        if n == 11:
+            return BatchItem(tree.tokens, cache, tree.positions(cache.length), tree.attention_mask())
+        return BatchItem(chain, cache)
+
+    alone, together = [model.new_cache(64) for _ in prompts], [model.new_cache(64) for _ in prompts]
+    model.forward_batch([BatchItem(p, c, prefill=True) for p, c in zip(prompts, together)])
+    expected = []
+    for p, a, b in zip(prompts, alone, together):
+        model.forward_hidden(p, a, prefill=True)
+        assert b.length == a.length == len(p) and sorted(b.linear.points) == sorted(a.linear.points)
+        for at in a.linear.points:
+            for sa, sb in zip(a.linear.points[at], b.linear.points[at]):
+                torch.testing.assert_close(sb, sa, **TOL)
+        it = verify(a, len(p))
+        expected.append(model.forward(it.tokens, a, it.positions, it.tree_mask))
+    got = model.forward_batch([verify(c, len(p)) for p, c in zip(prompts, together)])
+    for h, e in zip(got, expected):
+        torch.testing.assert_close(model.logits(h), e, **TOL)

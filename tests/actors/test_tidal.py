@@ -209,3 +209,28 @@ def test_a_chunked_prefill_on_a_row_exact_quantized_target_keeps_speculation_ide
     selfspec = speculative_generate(target, target, prompt, cfg, DraftLengthPolicy(fixed=3),
                                     self_draft=TidalConfig(8, (), (0,)))
     assert selfspec.token_ids == expected
+
+
+def test_a_batched_sparse_step_gives_each_sequence_its_own_selection(tiny_dir):
+    """Sequences past the budget and one within it (read whole), stepped in one forward,
+    each sparse over its own cache: the logits of stepping each alone."""
+    from actors.attention_plan import BatchItem
+
+    model = runner(tiny_dir("qwen2")).model
+    sparse = TidalConfig(8, (), (0,))
+    prompts = [prompt_of(n, seed=n) for n in (40, 6, 90)]
+    caches = [model.new_cache(128) for _ in prompts]
+    for p, c in zip(prompts, caches):
+        model.forward_hidden(torch.tensor(p), c, prefill=True)
+    steps = [torch.tensor([5]), torch.tensor([7, 9]), torch.tensor([11])]
+    expected = []
+    for s, c in zip(steps, caches):
+        expected.append(model(s, c, sparse=sparse))
+        c.crop(c.length - len(s))
+    got = model.forward_batch([BatchItem(s, c, sparse=sparse) for s, c in zip(steps, caches)])
+    for h, e in zip(got, expected):
+        torch.testing.assert_close(model.logits(h), e, rtol=1e-4, atol=1e-4)
+    for s, c in zip(steps, caches):
+        c.crop(c.length - len(s))
+    dense = model.forward_batch([BatchItem(s, c) for s, c in zip(steps, caches)])
+    assert not torch.allclose(model.logits(dense[0]), expected[0])  # past the budget it really was sparse

@@ -63,6 +63,8 @@ def test_good_specs_pass_and_say_which_builder():
     assert DecoderSpec(target=T, heads="medusa", pipeline="sync", batch=object()).kind == "remote-drafter"
     assert DecoderSpec(target=T, draft="d", pipeline="async", batch=object()).kind == "remote-drafter"
     assert DecoderSpec(target=T, draft="self", draft_attention="tidal:8").kind == "local"
+    for sparse in ({"attention": "tidal"}, {"draft_attention": "tidal:8"}):  # long contexts batch too
+        assert DecoderSpec(target=T, draft="d", pipeline="async", batch=object(), **sparse).kind == "remote-drafter"
     assert DecoderSpec(ensemble=["a", "b"], combine="we:0.5").ensemble == ("a", "b")
     assert DecoderSpec(ensemble=("a", "b"), combine="we:0.5", pipeline="sync").kind == "ensemble"
     assert DecoderSpec(target=T, backend="hf", draft="d").kind == "hf"  # the peers: bench baselines
