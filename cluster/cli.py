@@ -26,8 +26,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--target", help="built-in alias, local directory or hub id")
     who.add_argument("--ensemble", help="comma-separated models decoding as one ensemble")
-    p.add_argument("--draft", help="draft model (same tokenizer as the target), or `self`: the target drafts for "
-                                   "itself with sparse attention over its own cache (--pipeline local)")
+    p.add_argument("--draft", help="draft model (same tokenizer as the target), `self`: the target drafts for "
+                                   "itself with sparse attention over its own cache, or `ngram`: drafts copied from "
+                                   "earlier tokens (prompt lookup, no model); both --pipeline local")
     add_attention_args(p)
     p.add_argument("--heads", help="draft heads instead of a draft model: built-in name (medusa, amphista) "
                                    "or directory")

@@ -16,7 +16,7 @@ from actors.runner import ModelRunner
 from actors.tidal import TidalConfig
 from cluster.local import DecodeConfig, GenerationResult, autoregressive_generate, heads_generate, speculative_generate
 from cluster.models import ModelPool
-from cluster.spec import SELF, check_drafting, check_long_context
+from cluster.spec import MODEL_FREE_DRAFTS, NGRAM, SELF, check_drafting, check_long_context
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import TokenSink
 
@@ -41,7 +41,7 @@ class EngineConfig:
             hardware.check_dtype_name(getattr(self, name), name)
         if self.tree not in TREES:
             raise ValueError(f"tree must be one of {', '.join(TREES)}, got {self.tree!r}")
-        if self.draft == SELF:  # heads beside a draft model may load (a bench compares them), not beside self
+        if self.draft in MODEL_FREE_DRAFTS:  # heads beside a draft model may load (a bench compares them)
             check_drafting(self.draft, self.heads, "local")
         check_long_context(self.draft, self.heads, self.attention, self.draft_attention, self.target)
         if self.draft == SELF and self.draft_attention is None:
@@ -52,6 +52,11 @@ class EngineConfig:
     @property
     def self_drafting(self) -> bool:
         return self.draft == SELF
+
+    @property
+    def draft_model(self) -> str | None:
+        """The draft model's name; None when drafts come from no model (self, ngram) or none."""
+        return None if self.draft in MODEL_FREE_DRAFTS else self.draft
 
 
 def attention_label(attention: str | None, draft: str | None, draft_attention: str | None) -> dict:
@@ -72,7 +77,7 @@ def check_models(cfg: EngineConfig):
     for spec in (cfg.attention, cfg.draft_attention if cfg.self_drafting else None):
         if spec is not None:
             TidalConfig.parse(spec, n_layers)
-    if cfg.draft is not None and not cfg.self_drafting:
+    if cfg.draft_model is not None:
         loading.resolve(cfg.draft)
         loading.check_gguf(cfg.draft, cfg.draft_dtype, "--draft-dtype")
         loading.check_same_vocab(
@@ -145,7 +150,8 @@ class LocalEngine:
         self.draft = self.draft_runner = None
         # `--draft self`: the target drafts for itself, sparsely, over its own cache
         self.self_draft = TidalConfig.parse(cfg.draft_attention, n_layers) if cfg.self_drafting else None
-        if cfg.draft is not None and not cfg.self_drafting:
+        self.ngram = cfg.draft == NGRAM  # prompt lookup: drafts from the tokens, in the batched engine
+        if cfg.draft_model is not None:
             self.draft = models.load(cfg.draft, cfg.draft_dtype, progress=progress)
             loading.check_same_vocab(
                 self.tokenizer, self.draft.tokenizer, self.target.vocab_size, self.draft.vocab_size,
@@ -164,7 +170,8 @@ class LocalEngine:
         # How verify cost grows with tokens on this target: seeds every draft-length policy,
         # and sizes the heads' trees (up to 64 nodes).
         sizes = (1, 2, 4, 8, 16, 32, 64) if self.heads_sets else (1, 2, 4, 8, 16)
-        speculates = self.draft_runner is not None or bool(self.heads_sets) or self.self_draft is not None
+        speculates = (self.draft_runner is not None or bool(self.heads_sets) or self.self_draft is not None
+                      or self.ngram)
         self.verify_costs = dict(models.measured(
             ("verify_costs", cfg.target, cfg.dtype, cfg.attention, sizes),
             lambda: self.target_runner.measure_verify_costs(sizes))) if speculates else {}
@@ -233,6 +240,8 @@ class LocalEngine:
                                   cfg, on_tokens)
         if tree is not None:
             raise ValueError(f"tree {tree!r} needs heads; this engine has none")
+        if speculative and self.ngram:
+            raise ValueError("--draft ngram decodes in the batched engine: build it with cluster.factory.make_decoder")
         if not speculative or (self.draft_runner is None and self.self_draft is None):
             return autoregressive_generate(self.target_runner, prompt_ids, cfg, on_tokens)
         key = (cfg.draft_length, cfg.max_draft_length, cfg.tree_width)

@@ -51,6 +51,10 @@ def _local(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
                                      draft_attention=spec.draft_attention), progress=progress, models=models)
     if spec.batch is not None:
         return BatchEngine(local, spec.batch)
+    if local.ngram:  # prompt lookup has no single-request loop: the batched engine, one slot
+        from cluster.batching.scheduler import BatchConfig
+
+        return BatchEngine(local, BatchConfig(max_seqs=1))
     return SerialDecoder(local, local.generate, local.tokenizer, local.context_length, local.eos_token_ids)
 
 

@@ -17,6 +17,8 @@ from actors.head_drafter import TREES
 from actors.tidal import check_spec
 
 SELF = "self"  # `--draft self`: the target drafts for itself with sparse attention
+NGRAM = "ngram"  # `--draft ngram`: prompt lookup, drafts copied from earlier tokens (no model)
+MODEL_FREE_DRAFTS = (SELF, NGRAM)  # `--draft` values that name no model
 PIPELINES = ("local", "sync", "async")
 # Who decodes: our engine, or a peer on the same model (the bench's baselines):
 # transformers' `generate` (with the draft as assistant model) or llama.cpp's binaries.
@@ -48,9 +50,13 @@ def check_long_context(draft: str | None, heads: str | None, attention: str | No
     for option, spec, model in (("attention", attention, target),
                                 ("draft_attention", self_spec if draft == SELF else draft_attention,
                                  target if draft == SELF else draft)):
-        if spec is not None and model is not None and model != SELF and loading.linear_dir(model) is not None:
+        if spec is not None and model is not None and model not in MODEL_FREE_DRAFTS \
+                and loading.linear_dir(model) is not None:
             raise ValueError(f"{n.value(option, spec)}: {model!r} is a linearized model; its linear layers already "
                              "read a state of fixed size, so sparse attention does not apply")
+    if draft == NGRAM and draft_attention is not None:
+        raise ValueError(f"{n.value('draft', NGRAM)} copies its drafts from earlier tokens, with no model to attend: "
+                         f"{n('draft_attention')} does not apply")
     if draft_attention is not None and draft is None:
         raise ValueError(f"{n('draft_attention')} sets how a draft attends: give {n.value('draft', 'D')} (a draft "
                          f"model) or {n.value('draft', SELF)} (the target drafts for itself)")
@@ -67,6 +73,9 @@ def check_drafting(draft: str | None, heads: str | None, pipeline: str, names: O
     if heads is not None and pipeline == "async":
         raise ValueError(f"{n('heads')} run with {n.value('pipeline', 'local')} (heads in the target's process) "
                          "or sync (heads in their own actor): each tree needs the hidden state of the previous verify")
+    if draft == NGRAM and pipeline != "local":
+        raise ValueError(f"{n.value('draft', NGRAM)} runs with {n.value('pipeline', 'local')}: a lookup in the "
+                         "tokens costs microseconds, far less than sending them to a drafter actor")
     if draft == SELF and pipeline != "local":
         raise ValueError(f"{n.value('draft', SELF)} runs with {n.value('pipeline', 'local')}: the target drafts "
                          "over its own KV cache, and a drafter actor would need a second copy of the target")
@@ -113,8 +122,8 @@ def check_backend(spec: DecoderSpec, names: OptionNames) -> None:
     ours = [n(o) for o in ("heads", "attention", "draft_attention") if getattr(spec, o) is not None]
     if spec.pipeline != "local":
         ours.append(n.value("pipeline", spec.pipeline))
-    if spec.draft == SELF:
-        ours.append(n.value("draft", SELF))
+    if spec.draft in MODEL_FREE_DRAFTS:
+        ours.append(n.value("draft", spec.draft))
     if ours:
         raise ValueError(f"{n.value('backend', backend)} decodes the target alone or with a draft model, in this "
                          f"process; {', '.join(ours)} is ours only")

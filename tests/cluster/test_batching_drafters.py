@@ -162,3 +162,90 @@ def test_self_draft_batched_sampling_follows_the_target(tiny_dir):
         batch.close()
     probs = exact_sequence_probs(local.target_runner, params, LONG_PROMPT)
     assert chi2_pvalue([tuple(got[r.id]) for r in reqs], probs) > 1e-3
+
+
+# ---- prompt lookup (drafts copied from earlier tokens, no model) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def ngram_engine(tiny_dir):
+    engine = LocalEngine(EngineConfig(tiny_dir("llama"), "ngram", max_len=256), False)
+    engine.verify_costs = {k: 0.05 for k in (1, 2, 4, 8, 16)}  # flat: drafting a match always pays
+    return engine
+
+
+@pytest.mark.parametrize("draft_length", [None, 3])
+def test_ngram_batched_greedy_equals_the_target_alone(ngram_engine, draft_length):
+    local = ngram_engine
+    batch = BatchEngine(local, BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
+    try:
+        assert type(batch.drafter).__name__ == "NgramDrafter"
+        gen = torch.Generator().manual_seed(12)
+        # repetitive prompts (a phrase said three times) and a tiny model that loops: matches happen
+        reqs = [Request(torch.randint(2, 64, (int(n),), generator=gen).tolist() * 3,
+                        DecodeConfig(max_new_tokens=int(m), eos_token_ids=NO_EOS))
+                for n, m in zip(torch.randint(2, 12, (6,), generator=gen), torch.randint(2, 40, (6,), generator=gen))]
+        got, last = collect(batch, reqs)
+        for r in reqs:
+            assert got[r.id] == local.generate(r.prompt_ids, r.cfg, speculative=False).token_ids, r
+        assert sum(last[r.id].result.stats.accepted_tokens for r in reqs) > 0  # it really drafted
+        wait_idle(batch)
+        assert batch.pool.available == 3
+    finally:
+        batch.close()
+
+
+def ngram_samples(local: LocalEngine, n: int, start: int = 0) -> tuple[list[tuple[int, ...]], int, int]:
+    from sampling_check import LONG_PROMPT, seeds
+
+    batch = BatchEngine(local, BatchConfig(max_seqs=8, draft_length=NEW - 1))
+    params = SamplingParams(temperature=1.0)
+    try:
+        reqs = [Request(LONG_PROMPT, DecodeConfig(max_new_tokens=NEW, sampling=params, seed=s, eos_token_ids=NO_EOS))
+                for s in seeds(n, start)]
+        got, last = collect(batch, reqs, timeout=600)
+    finally:
+        batch.close()
+    drafted = sum(last[r.id].result.stats.drafted_tokens for r in reqs)
+    accepted = sum(last[r.id].result.stats.accepted_tokens for r in reqs)
+    return [tuple(got[r.id]) for r in reqs], drafted, accepted
+
+
+@pytest.fixture(scope="module")
+def vocab4_ngram(tiny_dir):
+    local = LocalEngine(EngineConfig(tiny_dir("qwen2", **MODEL), "ngram", max_len=64), False)
+    local.verify_costs = {k: 0.05 for k in (1, 2, 4, 8, 16)}
+    return local
+
+
+def test_ngram_batched_sampling_follows_the_target(vocab4_ngram):
+    from sampling_check import LONG_PROMPT
+
+    samples, drafted, accepted = ngram_samples(vocab4_ngram, 10_000)
+    probs = exact_sequence_probs(vocab4_ngram.target_runner, SamplingParams(temperature=1.0), LONG_PROMPT)
+    assert chi2_pvalue(samples, probs) > 1e-3
+    assert 0.05 * drafted < accepted < 0.9 * drafted  # accepts and rejections both ran
+
+
+def test_ngram_batched_sampling_check_catches_a_broken_residual(vocab4_ngram, monkeypatch):
+    """Keeping p as the residual after a rejected lookup must show up."""
+    from sampling_check import LONG_PROMPT, caught_pvalue
+
+    monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p)
+    probs = exact_sequence_probs(vocab4_ngram.target_runner, SamplingParams(temperature=1.0), LONG_PROMPT)
+    assert caught_pvalue(lambda start, n: ngram_samples(vocab4_ngram, n, start)[0], probs) < 1e-6
+
+
+def test_ngram_decodes_through_the_factory_even_one_request_at_a_time(tiny_dir):
+    from cluster.factory import make_decoder
+    from cluster.spec import DecoderSpec
+
+    dec = make_decoder(DecoderSpec(target=tiny_dir("llama"), draft="ngram", max_len=128))
+    try:
+        assert isinstance(dec, BatchEngine) and dec.cfg.max_seqs == 1
+        cfg = DecodeConfig(max_new_tokens=12, eos_token_ids=NO_EOS)
+        assert dec.generate([5, 6, 7] * 4, cfg).token_ids == dec.engine.generate([5, 6, 7] * 4, cfg, False).token_ids
+        with pytest.raises(ValueError, match="batched engine"):
+            dec.engine.generate([5, 6, 7], cfg)  # no single-request loop to fall back to silently
+    finally:
+        dec.close()

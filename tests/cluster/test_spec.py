@@ -25,6 +25,10 @@ BAD = [
     (dict(target=T, heads="medusa", pipeline="async"), "each tree needs the hidden state"),
     (dict(target=T, draft="self", pipeline="sync"), "drafts over its own KV cache"),
     (dict(target=T, pipeline="async"), "needs"),
+    (dict(target=T, draft="ngram", pipeline="sync"), "costs microseconds"),
+    (dict(target=T, draft="ngram", draft_attention="tidal"), "no model to attend"),
+    (dict(target=T, heads="medusa", draft="ngram"), "two ways to draft"),
+    (dict(target=T, backend="hf", draft="ngram"), "is ours only"),
     (dict(target=T, draft_attention="tidal"), "sets how a draft attends"),
     (dict(target=T, draft="self", attention="tidal"), "give one of them"),
     (dict(target=T, attention="quest:4"), "attention must be 'tidal'"),
@@ -63,6 +67,7 @@ def test_good_specs_pass_and_say_which_builder():
     assert DecoderSpec(target=T, heads="medusa", pipeline="sync", batch=object()).kind == "remote-drafter"
     assert DecoderSpec(target=T, draft="d", pipeline="async", batch=object()).kind == "remote-drafter"
     assert DecoderSpec(target=T, draft="self", draft_attention="tidal:8").kind == "local"
+    assert DecoderSpec(target=T, draft="ngram").kind == "local"
     for sparse in ({"attention": "tidal"}, {"draft_attention": "tidal:8"}):  # long contexts batch too
         assert DecoderSpec(target=T, draft="d", pipeline="async", batch=object(), **sparse).kind == "remote-drafter"
     assert DecoderSpec(ensemble=["a", "b"], combine="we:0.5").ensemble == ("a", "b")

@@ -1,0 +1,109 @@
+"""Prompt lookup (`--draft ngram`): drafts that cost no model at all.
+
+The longest suffix of a sequence's tokens (up to `max_ngram`) that occurred before, in
+the prompt or the output so far, is looked up; what followed its latest occurrence is the
+draft. Code edits, quotes, repeated identifiers and boilerplate make such matches common,
+and a miss costs only the extra rows of the verify (vLLM's `ngram`, llama.cpp's lookup
+and Hugging Face's `prompt_lookup_num_tokens` draft the same way).
+
+The draft tokens are chosen, not sampled: sampling verifies them as point-mass proposals
+(`decoding.acceptance.verify_sampling_point_mass`), which is exact. How many to verify
+comes from the target's measured verify costs and the sequence's acceptance so far:
+drafting is free, but each verified token is not, least of all on a quantized target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.drafters.chains import expected_tokens
+from decoding.acceptance import Verdict
+from decoding.draft_length import CostModel
+from decoding.round import Draft
+from decoding.sequence import Sequence
+from decoding.tree import TokenTree
+
+MAX_NGRAM = 3  # longest suffix looked up (vLLM's and llama.cpp's defaults are 3-4)
+MIN_NGRAM = 1
+
+
+class NgramIndex:
+    """Where each n-gram of a token list last ended, kept up to date as tokens are appended."""
+
+    def __init__(self, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.last_end: dict[tuple[int, ...], int] = {}
+        self.indexed = 0  # n-grams ending before this position are in `last_end`
+
+    def update(self, tokens: list[int]) -> None:
+        """Index the n-grams ending at every position but the last (the suffix to look up
+        must not find itself)."""
+        for end in range(self.indexed, len(tokens) - 1):
+            for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
+                self.last_end[tuple(tokens[end - n + 1:end + 1])] = end
+        self.indexed = max(self.indexed, len(tokens) - 1)
+
+    def continuation(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the longest
+        matching suffix of `tokens`; [] when no suffix occurred before."""
+        self.update(tokens)
+        for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
+            end = self.last_end.get(tuple(tokens[-n:]))
+            if end is not None:
+                return tokens[end + 1:end + 1 + limit]
+        return []
+
+
+class NgramDrafter:
+    def __init__(self, max_draft: int, verify_s: dict[int, float], max_ngram: int = MAX_NGRAM):
+        self.max_draft, self.max_ngram = max_draft, max_ngram
+        self.tree_room = max_draft + 1
+        self.costs = CostModel(verify_s=dict(verify_s))  # the target's, by tokens: sizes a sequence alone
+        self._found: dict[str, tuple[int, list[int]]] = {}  # per sequence: (tokens seen, continuation)
+
+    def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        seq.draft = NgramIndex(self.max_ngram)
+
+    def release(self, seq: Sequence) -> None:
+        seq.draft = None
+        self._found.pop(seq.id, None)
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """The sequence's continuation, looked up once per committed length (the scheduler's
+        estimate and the proposal ask for the same one)."""
+        tokens = seq.tokens
+        found = self._found.get(seq.id)
+        if found is None or found[0] != len(tokens):
+            found = (len(tokens), seq.draft.continuation(tokens, self.max_draft))
+            self._found[seq.id] = found
+        return found[1][:max(0, seq.remaining - 1)]
+
+    def _alone(self, seq: Sequence, found: int) -> int:
+        """Depth for a sequence decoding alone: the most expected tokens per verify second."""
+        best, best_rate = 0, 1.0 / self.costs.verify(1)
+        for k in range(1, found + 1):
+            rate = expected_tokens(seq.acceptance, k) / self.costs.verify(k + 1)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+        out = {}
+        for s in seqs:
+            found = self._lookup(s)
+            depth = self._alone(s, len(found)) if k is None else min(k, len(found))
+            if depth > 0:
+                out[s.id] = Draft(TokenTree.chain(s.tokens[-1], found[:depth]))
+        return out
+
+    def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
+        pass  # the round has updated the sequence's acceptance; the index grows on the next lookup
+
+    def estimate(self, seqs: list[Sequence], k: int) -> tuple[float, float, int]:
+        ks = [min(k, len(self._lookup(s))) for s in seqs]
+        return sum(expected_tokens(s.acceptance, kk) for s, kk in zip(seqs, ks)), 0.0, sum(kk + 1 for kk in ks)
+
+    def depths(self, max_draft: int) -> list[int]:
+        return list(range(1, max_draft + 1))

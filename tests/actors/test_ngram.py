@@ -1,0 +1,36 @@
+"""Prompt lookup's index: the longest earlier suffix wins, its latest occurrence is used,
+the suffix never finds itself, and appending tokens keeps the index as a fresh one."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.drafters.ngram import NgramIndex
+
+
+def test_the_longest_suffix_that_occurred_before_gives_what_followed_it():
+    idx = NgramIndex(max_ngram=3)
+    # "7 8 9" occurred once (followed by 1 2); "9" alone last occurred before 5 5
+    tokens = [7, 8, 9, 1, 2, 3, 9, 5, 5, 4, 7, 8, 9]
+    assert idx.continuation(tokens, 4) == [1, 2, 3, 9]
+    assert idx.continuation(tokens, 2) == [1, 2]
+
+
+def test_the_latest_occurrence_wins_and_a_shorter_suffix_is_the_fallback():
+    idx = NgramIndex(max_ngram=3)
+    assert idx.continuation([4, 1, 2, 4, 3, 6, 4], 3) == [3, 6, 4]  # "4": latest earlier one is at 3
+    assert NgramIndex().continuation([1, 2, 3], 4) == []  # nothing repeats
+    assert NgramIndex().continuation([5], 4) == []
+    assert NgramIndex().continuation([5, 5], 4) == [5]  # the first 5 is followed by the second
+
+
+def test_growing_the_tokens_indexes_as_a_fresh_index_would():
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8]
+    grown = NgramIndex()
+    for n in range(1, len(tokens) + 1):
+        assert grown.continuation(tokens[:n], 5) == NgramIndex().continuation(tokens[:n], 5), n
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="1 <= min <= max"):
+        NgramIndex(max_ngram=0)
