@@ -27,6 +27,12 @@ DEFAULT_METHODS = "hf,hf-assisted,ar,spec-local"
 ENSEMBLE_METHODS = ("ensemble", "cos")  # with --ensemble: the baseline (every model, every token) and CoS
 
 
+def load_categories(path: str | Path, limit: int | None) -> list[str | None]:
+    """Each prompt's `category` (Spec-Bench's files have one), None where absent."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [row.get("category") if isinstance(row, dict) else None for row in rows][:limit or None]
+
+
 def load_prompts(path: str | Path, limit: int | None) -> list[str]:
     path = Path(path)
     if not path.is_file():
@@ -111,7 +117,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
             decoder.close()
 
     report = make_report(args, methods, prompts, totals, runtime,
-                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                         categories=load_categories(args.prompts, args.limit))
     write_report(report, out_dir)
     print(render_markdown(report))
     return report

@@ -78,11 +78,14 @@ class MethodTotals:
     drafted: int = 0
     build_s: float = 0.0
     verify_s: float = 0.0  # draft heads: target forwards over the trees
+    per_prompt: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds), in prompt order
 
     def add(self, result: GenerationResult, speculative: bool) -> None:
         s = result.stats
-        self.tokens += s.new_tokens or len(result.token_ids)
+        tokens = s.new_tokens or len(result.token_ids)
+        self.tokens += tokens
         self.seconds += s.wall_s
+        self.per_prompt.append((tokens, s.wall_s))
         self.outputs.append(result.token_ids)
         if speculative and s.verify_rounds:
             self.accepted_per_step.append(s.mean_accepted)

@@ -22,8 +22,21 @@ def same_as_reference(t: MethodTotals, ref_outputs: list[list[int]], decode) -> 
     return t.outputs == ref_outputs
 
 
+def by_category(methods: list[str], totals: dict[str, MethodTotals], categories: list[str | None]) -> dict:
+    """Tokens/s of each method over each category's prompts (the same prompts for every method)."""
+    out: dict[str, dict[str, float]] = {}
+    for cat in dict.fromkeys(c for c in categories if c is not None):
+        rows = [i for i, c in enumerate(categories) if c == cat]
+        out[cat] = {}
+        for m in methods:
+            done = [totals[m].per_prompt[i] for i in rows if i < len(totals[m].per_prompt)]
+            seconds = sum(s for _, s in done)
+            out[cat][m] = round(sum(t for t, _ in done) / seconds, 4) if seconds else 0.0
+    return out
+
+
 def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, MethodTotals],
-                runtime: dict | None = None, decode=None) -> dict:
+                runtime: dict | None = None, decode=None, categories: list[str | None] | None = None) -> dict:
     reference = "hf" if "hf" in totals else "ar" if "ar" in totals else methods[0]
     ref_outputs = totals[reference].outputs
     hf_rate = totals["hf"].tokens / totals["hf"].seconds if "hf" in totals else None
@@ -77,6 +90,7 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             "command": "specray " + " ".join(sys.argv[1:]),
         },
         "methods": rows,
+        "by_category": by_category(methods, totals, categories or []),
     }
 
 
@@ -104,6 +118,15 @@ def render_markdown(report: dict) -> str:
         verify_ms = f"{r['verify_ms_per_step']:.2f}" if "verify_ms_per_step" in r else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {sp} | {vs_ar} | {acc} | {waiting} | {nodes} | {build} | "
                      f"{head_ms} | {verify_ms} | {r['identical_to_target']} |")
+    cats = report.get("by_category") or {}
+    if cats:
+        names = list(report["methods"])
+        lines += ["", "Tokens/s by prompt category (the fastest in bold):", "",
+                  "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for cat, rates in cats.items():
+            best = max(rates.values())
+            lines.append(f"| {cat} | " + " | ".join(f"**{rates[n]:.2f}**" if rates[n] == best else f"{rates[n]:.2f}"
+                                                   for n in names) + " |")
     return "\n".join(lines + render_runtime(c.get("runtime") or {})) + "\n"
 
 
@@ -156,3 +179,16 @@ def write_report(report: dict, out_dir: Path, render: Callable[[dict], str] = re
     fig.tight_layout()
     fig.savefig(out_dir / "report.png", dpi=100)
     plt.close(fig)
+    cats = report.get("by_category") or {}
+    if cats:  # tokens/s per method per category: which method wins where
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) * len(names) / 3), 4))
+        width = 0.8 / len(names)
+        for j, n in enumerate(names):
+            ax.bar([i + j * width for i in range(len(cats))], [cats[c][n] for c in cats], width, label=n)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], list(cats), rotation=20)
+        ax.set_ylabel("tokens / s")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{c['target']}: tokens/s by prompt category")
+        fig.tight_layout()
+        fig.savefig(out_dir / "by_category.png", dpi=100)
+        plt.close(fig)

@@ -98,3 +98,21 @@ def test_async_bench_with_a_tree_is_refused_before_loading(tiny_dir, tmp_path, c
                      str(prompts), "--methods", "spec-async", "--tree-width", "2", "--out", str(tmp_path / "o")])
     assert code == 2 and "--tree-width" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_bench_reports_prompt_lookup_and_each_category(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [("coding", "def f(x): return x\ndef g(x): return"), ("writing", "a b c a b c a b"),
+            ("coding", "x = 1\ny = 2\nx = 1\ny =")]
+    prompts.write_text("\n".join(json.dumps({"category": c, "turns": [p]}) for c, p in rows))
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--target", tiny_dir("llama"), "--prompts", str(prompts), "--methods", "ar,ngram",
+                     "--max-new-tokens", "16", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"]["ngram"]["identical_to_target"] is True
+    cats = report["by_category"]
+    assert list(cats) == ["coding", "writing"] and set(cats["coding"]) == {"ar", "ngram"}
+    assert all(rate > 0 for rates in cats.values() for rate in rates.values())
+    assert (out / "by_category.png").stat().st_size > 0
+    assert "| coding |" in capsys.readouterr().out
