@@ -10,9 +10,13 @@ The draft tokens are chosen, not sampled: sampling verifies them as point-mass p
 (`decoding.acceptance.verify_sampling_point_mass`), which is exact. How many to verify
 comes from the target's measured verify costs and the sequence's acceptance so far:
 drafting is free, but each verified token is not, least of all on a quantized target.
+A match of one token is a far weaker guess than a match of three, so acceptance is learned
+per matched length, across requests.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -48,12 +52,31 @@ class NgramIndex:
     def continuation(self, tokens: list[int], limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the longest
         matching suffix of `tokens`; [] when no suffix occurred before."""
+        return self.match(tokens, limit)[1]
+
+    def match(self, tokens: list[int], limit: int) -> tuple[int, list[int]]:
+        """(length of the matched suffix, its continuation); (0, []) when nothing matched."""
         self.update(tokens)
         for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             end = self.last_end.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1:end + 1 + limit]
-        return []
+                return n, tokens[end + 1:end + 1 + limit]
+        return 0, []
+
+
+@dataclass
+class Acceptance:
+    """Decayed accepted / tried drafts: the geometric per-token acceptance (as `Sequence` keeps)."""
+    hits: float = 1.5  # a prior worth 3 tries at 0.5
+    tries: float = 3.0
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.tries
+
+    def observe(self, accepted: int, drafted: int) -> None:
+        self.hits = 0.9 * self.hits + accepted
+        self.tries = 0.9 * self.tries + accepted + (accepted < drafted)
 
 
 class NgramDrafter:
@@ -61,7 +84,9 @@ class NgramDrafter:
         self.max_draft, self.max_ngram = max_draft, max_ngram
         self.tree_room = max_draft + 1
         self.costs = CostModel(verify_s=dict(verify_s))  # the target's, by tokens: sizes a sequence alone
-        self._found: dict[str, tuple[int, list[int]]] = {}  # per sequence: (tokens seen, continuation)
+        self.acceptance = {n: Acceptance() for n in range(MIN_NGRAM, max_ngram + 1)}  # by matched length
+        self._found: dict[str, tuple[int, int, list[int]]] = {}  # per sequence: (tokens seen, n, continuation)
+        self._drafted: dict[str, int] = {}  # per sequence: the matched length of its draft in flight
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
         seq.draft = NgramIndex(self.max_ngram)
@@ -69,22 +94,24 @@ class NgramDrafter:
     def release(self, seq: Sequence) -> None:
         seq.draft = None
         self._found.pop(seq.id, None)
+        self._drafted.pop(seq.id, None)
 
-    def _lookup(self, seq: Sequence) -> list[int]:
-        """The sequence's continuation, looked up once per committed length (the scheduler's
-        estimate and the proposal ask for the same one)."""
+    def _lookup(self, seq: Sequence) -> tuple[float, list[int]]:
+        """(acceptance of a match this long, the continuation), looked up once per committed
+        length: the scheduler's estimate and the proposal ask for the same one."""
         tokens = seq.tokens
         found = self._found.get(seq.id)
         if found is None or found[0] != len(tokens):
-            found = (len(tokens), seq.draft.continuation(tokens, self.max_draft))
+            found = (len(tokens), *seq.draft.match(tokens, self.max_draft))
             self._found[seq.id] = found
-        return found[1][:max(0, seq.remaining - 1)]
+        n, cont = found[1], found[2]
+        return (self.acceptance[n].rate if n else 0.0), cont[:max(0, seq.remaining - 1)]
 
-    def _alone(self, seq: Sequence, found: int) -> int:
+    def _alone(self, acceptance: float, found: int) -> int:
         """Depth for a sequence decoding alone: the most expected tokens per verify second."""
         best, best_rate = 0, 1.0 / self.costs.verify(1)
         for k in range(1, found + 1):
-            rate = expected_tokens(seq.acceptance, k) / self.costs.verify(k + 1)
+            rate = expected_tokens(acceptance, k) / self.costs.verify(k + 1)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
@@ -92,18 +119,22 @@ class NgramDrafter:
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
         out = {}
         for s in seqs:
-            found = self._lookup(s)
-            depth = self._alone(s, len(found)) if k is None else min(k, len(found))
+            acceptance, found = self._lookup(s)
+            depth = self._alone(acceptance, len(found)) if k is None else min(k, len(found))
             if depth > 0:
                 out[s.id] = Draft(TokenTree.chain(s.tokens[-1], found[:depth]))
+                self._drafted[s.id] = self._found[s.id][1]
         return out
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
-        pass  # the round has updated the sequence's acceptance; the index grows on the next lookup
+        n = self._drafted.pop(seq.id, None)
+        if draft is not None and draft.drafted and n:
+            self.acceptance[n].observe(len(verdict.accepted), draft.drafted)
 
     def estimate(self, seqs: list[Sequence], k: int) -> tuple[float, float, int]:
-        ks = [min(k, len(self._lookup(s))) for s in seqs]
-        return sum(expected_tokens(s.acceptance, kk) for s, kk in zip(seqs, ks)), 0.0, sum(kk + 1 for kk in ks)
+        found = [self._lookup(s) for s in seqs]
+        ks = [min(k, len(cont)) for _, cont in found]
+        return (sum(expected_tokens(a, kk) for (a, _), kk in zip(found, ks)), 0.0, sum(kk + 1 for kk in ks))
 
     def depths(self, max_draft: int) -> list[int]:
         return list(range(1, max_draft + 1))

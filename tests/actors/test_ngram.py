@@ -34,3 +34,23 @@ def test_growing_the_tokens_indexes_as_a_fresh_index_would():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="1 <= min <= max"):
         NgramIndex(max_ngram=0)
+
+
+def test_acceptance_is_learned_per_matched_length_and_weak_matches_stop_being_drafted():
+    from actors.drafters.ngram import NgramDrafter
+    from decoding.acceptance import Verdict
+    from decoding.request import DecodeConfig
+    from decoding.sequence import Sequence
+
+    drafter = NgramDrafter(max_draft=4, verify_s={1: 1.0, 2: 1.3, 4: 1.6, 8: 2.2})  # a quantized target's curve
+    seq = Sequence("s", [9, 1, 2, 3, 4, 9], DecodeConfig(max_new_tokens=50), True, None)
+    drafter.start(seq, None)
+    assert drafter._lookup(seq)[1] == [1, 2, 3, 4]  # "9" matched: a 1-token match
+    assert drafter.propose([seq], None)["s"].drafted > 0  # the prior says try
+    for _ in range(10):  # every 1-token match rejected at once
+        draft = drafter.propose([seq], None).get("s")
+        if draft is None:
+            break
+        drafter.observe(seq, draft, Verdict([], 0), None)
+    assert drafter.acceptance[1].rate < 0.2 and drafter.propose([seq], None) == {}
+    assert drafter.acceptance[3].rate == 0.5  # longer matches keep their own estimate
