@@ -29,6 +29,9 @@ from decoding.tree import TokenTree
 
 MAX_NGRAM = 3  # longest suffix looked up (vLLM's and llama.cpp's defaults are 3-4)
 MIN_NGRAM = 1
+# A matched length judged not worth drafting is still tried once in this many matches,
+# so an estimate learned on other text can recover (else it would never be observed again).
+RETRY_EVERY = 16
 
 
 class NgramIndex:
@@ -87,6 +90,7 @@ class NgramDrafter:
         self.acceptance = {n: Acceptance() for n in range(MIN_NGRAM, max_ngram + 1)}  # by matched length
         self._found: dict[str, tuple[int, int, list[int]]] = {}  # per sequence: (tokens seen, n, continuation)
         self._drafted: dict[str, int] = {}  # per sequence: the matched length of its draft in flight
+        self._skipped = dict.fromkeys(self.acceptance, 0)  # matches not drafted since the last try, by length
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
         seq.draft = NgramIndex(self.max_ngram)
@@ -121,6 +125,11 @@ class NgramDrafter:
         for s in seqs:
             acceptance, found = self._lookup(s)
             depth = self._alone(acceptance, len(found)) if k is None else min(k, len(found))
+            n = self._found[s.id][1]
+            if n and found and depth == 0:
+                self._skipped[n] += 1
+                if self._skipped[n] >= RETRY_EVERY:
+                    self._skipped[n], depth = 0, 1
             if depth > 0:
                 out[s.id] = Draft(TokenTree.chain(s.tokens[-1], found[:depth]))
                 self._drafted[s.id] = self._found[s.id][1]

@@ -55,3 +55,5 @@ def test_acceptance_is_learned_per_matched_length_and_weak_matches_stop_being_dr
     # one more token pays only if accepted with p > 0.3 (verify of 2 costs 1.3x one)
     assert drafter.acceptance[1].rate < 0.3 and drafter.propose([seq], None) == {}
     assert drafter.acceptance[3].rate == 0.5  # longer matches keep their own estimate
+    retried = [bool(drafter.propose([seq], None)) for _ in range(16)]  # now and then, one token is tried again
+    assert retried.count(True) == 1
