@@ -93,8 +93,14 @@ def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         return out.scatter_(-1, idx, 1.0)
 
     # Division allocates a new tensor, so the masked_fill calls below never touch the
-    # caller's logits even when they are already float32.
-    x = logits.float() / params.temperature
+    # caller's logits even when they are already float32. The max is subtracted first: a
+    # tiny temperature (1e-300 is valid) then sends the rest to -inf, not everything to
+    # +inf (inf - inf is NaN), and the result is the greedy limit, the ties kept.
+    x = logits.float()
+    x = x - x.amax(dim=-1, keepdim=True)
+    # below 1e-30 the temperature would underflow in float32 (x / 0): scale by float32's
+    # largest instead, which already sends any real gap in the logits to -inf
+    x = x / params.temperature if params.temperature >= 1e-30 else x * 3.0e38
     vocab = x.shape[-1]
 
     # Descending logits of the candidate set, needed only by top-p. With top-k they come

@@ -93,6 +93,14 @@ def test_temperature_scales_logits(temperature):
     np.testing.assert_allclose(probs.numpy(), w / w.sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_tiny_temperature_is_the_greedy_limit_not_nan(temperature):
+    """Every positive temperature is valid; dividing first sent all logits to +inf (NaN)."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 2.0, float("-inf")]])
+    p = logits_to_probs(logits, SamplingParams(temperature=temperature, top_p=0.9))
+    assert torch.equal(p, torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+
+
 def test_top_k_keeps_k_largest_renormalised():
     logits = torch.tensor([1.0, 4.0, 2.0, 3.0, 0.0])
     probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=2))
