@@ -32,7 +32,7 @@ CHUNK = 512
 
 def documents(tokenizer, heldout: dict, contexts: list[int], docs: list[int]) -> dict[str, dict[int, list[list[int]]]]:
     """{kind: {context: [token ids]}}: consecutive windows of the held-out texts, concatenated."""
-    from training.linearize import heldout_texts
+    from training.linear_text import heldout_texts
 
     out: dict[str, dict[int, list[list[int]]]] = {}
     for kind, texts in heldout_texts(heldout).items():

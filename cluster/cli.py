@@ -211,7 +211,8 @@ def run_train_heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from actors.loading import cache_root
-    from training.medusa import DEFAULT_QUESTIONS, TrainConfig, run
+    from training.config import DEFAULT_QUESTIONS, TrainConfig
+    from training.medusa import run
 
     work = Path(args.work) if args.work else cache_root() / "train-heads" / f"{Path(args.target).name}-{args.seed}"
     run(TrainConfig(args.target, Path(args.out), work, kind=args.kind, heads=args.heads, tokens=args.tokens,
@@ -224,7 +225,8 @@ def run_linearize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from actors.loading import cache_root
-    from training.linearize import LinearizeConfig, run
+    from training.config import LinearizeConfig
+    from training.linearize import run
 
     work = Path(args.work) if args.work else cache_root() / "linearize" / f"{Path(args.model).name}-{args.seed}"
     run(LinearizeConfig(args.model, Path(args.out), work, tokens=args.tokens, seq=args.seq, epochs=args.epochs,

@@ -1,9 +1,12 @@
-"""Training states on disk: trained tensors with their AdamW moments, in one safetensors
-file written under a temporary name, flushed and renamed (a crash never leaves half a
-state under the final name)."""
+"""What a resumable training command keeps on disk: training states (trained tensors with
+their AdamW moments, in one safetensors file) and the work directory's small JSON records
+(stage timings, cached chunk lists). Everything is written under a temporary name, flushed
+and renamed, so a crash never leaves half a file under the final name and a rerun resumes
+from whatever is whole."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,3 +47,18 @@ def load_state(path: Path, named: dict[str, torch.Tensor],
                 opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": t[f"{name}.exp_avg"],
                                 "exp_avg_sq": t[f"{name}.exp_avg_sq"]}
     return step, meta
+
+
+def add_time(work: Path, stage: str, seconds: float) -> dict:
+    """Seconds spent per stage, summed over the runs that worked on it (timings.json)."""
+    path = work / "timings.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = round(times.get(stage, 0.0) + seconds, 1)
+    atomic_json(path, times)
+    return times
+
+
+def atomic_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    durable_replace(tmp, path)

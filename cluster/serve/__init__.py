@@ -9,5 +9,7 @@
 - `admission.py`: how many requests a replica holds; past `max_pending` -> 503 + Retry-After.
 - `text.py`: token ids to streamed text, with `stop` strings.
 - `metrics.py`: Prometheus metrics through Ray.
-- `app.py`: the FastAPI ingress deployment and the application builder.
+- `intake.py`: every check on a request before it takes a place (key, body, fields, prompt).
+- `responses.py`: an admitted request answered from the decoder's events (JSON or SSE).
+- `app.py`: the FastAPI ingress deployment (routes, admission slots) and the application builder.
 """

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-import training.linearize as linearize
+import training.linear_text as linear_text
+import training.linear_transfer as linear_transfer
 from actors import loading
 from cluster import cli
 
@@ -23,8 +24,8 @@ def small_text(monkeypatch, tmp_path):
         f.parent.mkdir(exist_ok=True)
         f.write_text(f"# module {i}\n" + CODE)
         files.append(f)
-    monkeypatch.setattr(linearize, "_stdlib_files", lambda seed: files)
-    monkeypatch.setattr(linearize, "stdlib_root", lambda: tmp_path / "lib")
+    monkeypatch.setattr(linear_text, "stdlib_files", lambda seed: files)
+    monkeypatch.setattr(linear_text, "stdlib_root", lambda: tmp_path / "lib")
     import pydoc_data.topics
 
     monkeypatch.setattr(pydoc_data.topics, "topics", {f"topic{i}": f"topic {i}. " + PROSE for i in range(20)})
@@ -60,7 +61,7 @@ def test_linearize_end_to_end_and_resume(tiny_dir, tmp_path, small_text, monkeyp
     shards = sorted(work.glob("cap-*.safetensors"))
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a resumed run must not load the model"))
-    monkeypatch.setattr(linearize, "layer_loss", _no_training(linearize.layer_loss))
+    monkeypatch.setattr(linear_transfer, "layer_loss", _no_training(linear_transfer.layer_loss))
     assert run(model, tmp_path / "out2", work) == 0
     assert {p: p.stat().st_mtime_ns for p in shards} == stamps
     again = json.loads((tmp_path / "out2" / "linear.json").read_text())

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.medusa as medusa
+import training.heads_features as heads_features
+import training.heads_fit as heads_fit
 from actors.head_kinds import load_heads
 from actors.heads import HeadsConfig
 from cluster import cli
@@ -63,18 +64,18 @@ def test_training_is_deterministic_and_reports_accuracy(tiny_dir, tmp_path, ques
 def test_an_interrupted_run_resumes_to_the_same_heads(tiny_dir, tmp_path, questions, monkeypatch, kind):
     target = tiny_dir("qwen2")
     assert train(target, tmp_path / "whole", tmp_path / "w1", questions, "--kind", kind) == 0
-    monkeypatch.setattr(medusa, "CHECKPOINT_EVERY", 2)
-    save = medusa.save_state
+    monkeypatch.setattr(heads_fit, "CHECKPOINT_EVERY", 2)
+    save = heads_fit.save_state
 
     def save_then_stop(path, named, opt, step):
         save(path, named, opt, step)
         if step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(medusa, "save_state", save_then_stop)
+    monkeypatch.setattr(heads_fit, "save_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind)
-    monkeypatch.setattr(medusa, "save_state", save)
+    monkeypatch.setattr(heads_fit, "save_state", save)
     assert train(target, tmp_path / "resumed", tmp_path / "w2", questions, "--kind", kind) == 0
     whole = load_file(str(tmp_path / "whole" / "heads.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "heads.safetensors"))
@@ -91,20 +92,20 @@ def test_trained_heads_beat_untrained_ones(tiny_dir, tmp_path, questions, kind):
 
     target = tiny_dir("qwen2")
     assert train(target, tmp_path / "h", tmp_path / "w", questions, "--epochs", "4", "--kind", kind) == 0
-    heldout = medusa._load_shards(sorted((tmp_path / "w").glob("feat-heldout-*.safetensors")))
+    heldout = heads_features.load_shards(sorted((tmp_path / "w").glob("feat-heldout-*.safetensors")))
     model = loading.load(target, "float32", progress=False).build()
     trained = load_heads(tmp_path / "h", model)
     zero = make_heads(trained.cfg, trained.hot_ids, trained.hot_head)  # the fresh start training began from
     if kind == "amphista":
         chunks = json.loads((tmp_path / "w" / "chunks.json").read_text())
-        medusa._attach_tokens(heldout, chunks["heldout"], model)
+        heads_features.attach_tokens(heldout, chunks["heldout"], model)
 
     def heldout_loss(heads):
         hot_index = torch.full((heads.cfg.vocab_size,), -1, dtype=torch.long)
         hot_index[heads.hot_ids] = torch.arange(heads.hot_ids.numel())
-        pos, ends = medusa._positions(heldout["lengths"])
+        pos, ends = heads_fit._positions(heldout["lengths"])
         with torch.no_grad():
-            return float(medusa._loss(heads, heldout, hot_index, pos, ends, bf16=False))
+            return float(heads_fit._loss(heads, heldout, hot_index, pos, ends, bf16=False))
 
     assert heldout_loss(trained) < heldout_loss(zero) - 0.01
 
@@ -127,7 +128,7 @@ def test_a_bad_amphista_width_is_refused_before_the_target_loads(tmp_path, quest
 
 
 def test_answers_cut_short_by_a_crash_are_cut_off_and_redone(tmp_path):
-    from training.medusa import read_answers
+    from training.heads_data import read_answers
 
     path = tmp_path / "answers.jsonl"
     whole = [{"question_id": i, "prompt_ids": [1, 2], "answer_ids": [3]} for i in range(3)]
