@@ -18,8 +18,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from actors.pipeline_options import Cancelled, PipelineOptions
 from actors.proposing import propose_request
-from actors.verifying import Cancelled, PipelineOptions, verify_request
+from actors.verifying import verify_request
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, TokenSink
 from protocol import ChannelConfig, DealerChannel, ModelFingerprint, Role, RouterChannel, link_auth
@@ -163,7 +164,8 @@ class EnsembleMember:
         `spec["followers"]` order, so a dead member is noticed within one poll."""
         import ray
 
-        from actors.ensemble import CosOptions, CosState, LocalMember, cos_generate, ensemble_generate
+        from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate
+        from actors.ensemble_member import LocalMember
         from actors.ensemble_peers import LeaderLink, PeerOptions, RemoteMember
         from decoding.ensemble import parse_combine
 

@@ -14,8 +14,8 @@ session id (`<session>.<index>`: a session belongs to one peer), and serves comm
 
 Each call carries only the context that changed since the previous one (`position` is
 where `token_ids` start), so per round the wire carries the new tokens one way and the
-logits rows the leader needs the other. Model math stays in `actors.ensemble`; this
-module moves messages and bounds every wait.
+logits rows the leader needs the other. Model math stays in `actors.ensemble_member`;
+this module moves messages and bounds every wait.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from actors.ensemble import Cancelled, MemberLost, Rows, member_seed, run_command
+from actors.ensemble_member import MemberLost, Rows, member_seed, run_command
+from actors.pipeline_options import Cancelled
 from actors.runner import ModelRunner
 from decoding.request import DecodeConfig, make_generator
 from decoding.sampling import SamplingParams
@@ -142,7 +143,7 @@ class LeaderLink:
 
 
 class RemoteMember:
-    """A member in another actor, seen from the leader (`actors.ensemble.Member`)."""
+    """A member in another actor, seen from the leader (`actors.ensemble_member.Member`)."""
 
     local = False
 

@@ -17,8 +17,8 @@ import torch
 from actors import hardware, loading
 from actors.head_drafter import HeadDrafter
 from actors.head_kinds import load_heads
+from actors.pipeline_options import Cancelled, PipelineOptions
 from actors.proposing import propose_with_heads
-from actors.verifying import Cancelled, PipelineOptions
 from decoding.request import DecodeConfig
 from protocol import ChannelConfig, DealerChannel, link_auth, model_fingerprint
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from actors.pipeline_options import Cancelled, PipelineOptions
 from actors.runner import ModelRunner
-from actors.verifying import Cancelled, PipelineOptions
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, make_generator
 from decoding.sampling import logits_to_probs, sample

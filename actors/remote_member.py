@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.ensemble import MemberLost
+from actors.ensemble_member import MemberLost
 from decoding.sequence import Sequence
 from protocol import (
     DealerChannel,

@@ -27,6 +27,9 @@ are valid proposals for the next verify. Otherwise both sides drop them (the dra
 "rolls back": it crops its KV cache to the committed length). Under greedy this is AMUSD.
 
 If the drafter dies or goes silent, the request continues target-only: same output.
+This file is that loop; the session with the drafter (bounded waits, the checks on every
+tree it sends) is `actors.drafter_link`, the options both sides share
+`actors.pipeline_options`.
 """
 
 from __future__ import annotations
@@ -34,10 +37,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
-import torch
-
+from actors.drafter_link import DrafterLink, DrafterLost, check_tree, next_tree, ready_chain
+from actors.pipeline_options import Cancelled, PipelineOptions
 from actors.runner import ModelRunner
 from decoding.acceptance import verify_greedy, verify_sampling, verify_sampling_point_mass
 from decoding.draft_stream import DraftStream
@@ -51,155 +53,9 @@ from decoding.request import (
     next_token,
 )
 from decoding.sampling import logits_to_probs
-from decoding.tree import TokenTree, draft_fault
-from protocol import (
-    CandidateTree,
-    ContextUpdate,
-    Handshake,
-    HandshakeRefused,
-    Message,
-    ModelFingerprint,
-    ProtocolError,
-    ReceiveTimeout,
-    Role,
-    RouterChannel,
-    Shutdown,
-    Verdict,
-)
+from protocol import ContextUpdate, ModelFingerprint, ProtocolError, RouterChannel, Verdict
 
 log = logging.getLogger(__name__)
-
-MODES = ("sync", "async")
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    mode: str = "sync"
-    lookahead: int = 8  # async: most unverified drafts the drafter holds, and per verify
-    handshake_timeout_s: float = 60.0  # longest wait for the drafter to join a request
-    draft_timeout_s: float = 60.0  # longest silence from a drafter before going target-only
-    verdict_timeout_s: float = 300.0  # drafter: longest wait for the verifier
-    poll_s: float = 0.02  # how often a waiting side checks liveness and cancellation
-    heads: bool = False  # the drafter is draft heads: send it the target's hidden states (sync only)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"pipeline mode must be one of {MODES}, got {self.mode!r}")
-        if self.heads and self.mode != "sync":
-            raise ValueError("draft heads run with the sync pipeline: each tree needs the verdict's hidden state")
-        if not isinstance(self.lookahead, int) or self.lookahead < 1:
-            raise ValueError(f"lookahead must be an int >= 1, got {self.lookahead!r}")
-        for name in ("handshake_timeout_s", "draft_timeout_s", "verdict_timeout_s", "poll_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class DrafterLost(Exception):
-    """The drafter died, left, or stopped answering; the request goes on without it."""
-
-
-class Cancelled(Exception):
-    """The caller gave up on this request."""
-
-
-class DrafterLink:
-    """The verifier's end of one session. Every wait is bounded: it returns a message, or
-    raises DrafterLost / Cancelled."""
-
-    def __init__(self, router: RouterChannel, fingerprint: ModelFingerprint, session: str,
-                 opts: PipelineOptions, drafter_alive: Callable[[], bool], cancelled: Callable[[], bool]):
-        self.router, self.fingerprint, self.session, self.opts = router, fingerprint, session, opts
-        self.drafter_alive, self.cancelled = drafter_alive, cancelled
-        self.peer: bytes | None = None
-        self.lost = False
-        self.wait_s = 0.0
-
-    def _recv(self, timeout_s: float) -> Message | None:
-        try:
-            peer, message = self.router.recv(timeout_s=timeout_s)
-        except ReceiveTimeout:
-            return None
-        except ProtocolError as exc:  # undecodable bytes: say so, keep serving
-            self.router.reply_error(exc.peer, exc)
-            return None
-        if message.session_id != self.session:
-            if isinstance(message, Handshake):  # a drafter for a request that is over
-                self.router.reply_error(peer, HandshakeRefused(f"no open request {message.session_id}"), message)
-            return None
-        if isinstance(message, Handshake):
-            self.router.answer_handshake(peer, message, role=Role.VERIFIER, fingerprint=self.fingerprint)
-            self.peer = peer
-            return None
-        if peer != self.peer:
-            return None
-        return message
-
-    def wait(self, timeout_s: float) -> Message:
-        """The next message of this session; blocks up to `timeout_s` while the drafter lives."""
-        start = time.perf_counter()
-        deadline = start + timeout_s
-        try:
-            while True:
-                if self.cancelled():
-                    raise Cancelled(self.session)
-                message = self._recv(self.opts.poll_s)
-                if message is not None:
-                    return message
-                if not self.drafter_alive():
-                    raise DrafterLost("the drafter process is gone")
-                if time.perf_counter() > deadline:
-                    raise DrafterLost(f"no word from the drafter for {timeout_s:.0f} s")
-        finally:
-            self.wait_s += time.perf_counter() - start
-
-    def poll(self) -> Message | None:
-        return self._recv(0)
-
-    def accept(self) -> None:
-        deadline = time.perf_counter() + self.opts.handshake_timeout_s
-        while self.peer is None:
-            if self.cancelled():
-                raise Cancelled(self.session)
-            self._recv(self.opts.poll_s)
-            if self.peer is None and (not self.drafter_alive() or time.perf_counter() > deadline):
-                raise DrafterLost("the drafter never joined the request")
-
-    def send(self, message: Message) -> None:
-        if self.peer is not None and not self.lost:
-            try:
-                self.router.send(self.peer, message)
-            except ProtocolError as exc:
-                raise DrafterLost(f"cannot reach the drafter: {exc}") from exc
-
-    def drop(self, step: int, reason: str) -> None:
-        """Go on without the drafter: tell it to stop, if it still listens (it may be alive
-        and merely wrong, as when it sent a bad tree), and read nothing more from it."""
-        if self.peer is not None and not self.lost:
-            try:
-                self.router.send(self.peer, Shutdown(session_id=self.session, step=step, reason=reason))
-            except ProtocolError:
-                pass
-        self.lost = True
-
-    def close(self, step: int, reason: str) -> None:
-        self.drop(step, reason)
-        self.router.sessions.close(self.session)
-
-
-def _check_tree(tree: TokenTree, q: torch.Tensor | None, vocab: int) -> None:
-    """Nothing from the drafter reaches the target unchecked (`draft_fault`): a bad tree
-    loses the drafter; the request goes on with the target alone."""
-    if (fault := draft_fault(tree.tokens.tolist(), None if q is None else tuple(q.shape), vocab)) is not None:
-        raise DrafterLost(f"the drafter's tree: {fault}")
-
-
-def _as_probs(draft_probs) -> torch.Tensor | None:
-    if draft_probs is None:
-        return None
-    return torch.as_tensor(draft_probs, dtype=torch.float32)
 
 
 def verify_request(
@@ -247,11 +103,11 @@ def verify_request(
                 continue
             try:
                 if opts.mode == "sync":
-                    tree, q = _next_tree(link, committed, step, opts)
+                    tree, q = next_tree(link, committed, step, opts)
                 else:
-                    tree, q = _ready_chain(link, stream, committed,
-                                           min(opts.lookahead, max(1, out.remaining - 1)), opts)
-                _check_tree(tree, q, runner.vocab_size)
+                    tree, q = ready_chain(link, stream, committed,
+                                          min(opts.lookahead, max(1, out.remaining - 1)), opts)
+                check_tree(tree, q, runner.vocab_size)
             except (DrafterLost, ProtocolError) as exc:
                 log.warning("session %s: %s; finishing with the target alone", session, exc)
                 link.drop(step, f"dropped: {exc}"[:200])
@@ -289,42 +145,3 @@ def verify_request(
     stats.wait_s = link.wait_s
     stats.new_tokens, stats.wall_s = len(out.tokens), time.perf_counter() - start
     return GenerationResult(out.tokens, stats)
-
-
-def _next_tree(link: DrafterLink, committed: list[int], step: int, opts: PipelineOptions):
-    """sync: the drafter's tree for this round, rooted at the newest committed token."""
-    while True:
-        message = link.wait(opts.draft_timeout_s)
-        if not isinstance(message, CandidateTree) or message.step < step:
-            continue
-        if message.position != len(committed) - 1 or message.token_ids[0] != committed[-1]:
-            raise DrafterLost(f"the drafter's tree at position {message.position} does not extend the "
-                              f"{len(committed)} committed tokens")
-        tree = TokenTree(torch.tensor(message.token_ids), torch.tensor(message.parents))
-        return tree, _as_probs(message.draft_probs)
-
-
-def _ready_chain(link: DrafterLink, stream: DraftStream, committed: list[int], most: int, opts: PipelineOptions):
-    """async: every draft that has arrived (at most `most`); waits only if there is none."""
-    def absorb(message: Message | None) -> None:
-        if isinstance(message, CandidateTree) and message.position is not None:
-            q = _as_probs(message.draft_probs)
-            if q is not None and (q.dim() != 2 or len(q) < len(message.token_ids) - 1):
-                raise DrafterLost(f"the drafter's probabilities have shape {tuple(q.shape)} for "
-                                  f"{len(message.token_ids)} tokens")
-            stream.absorb(committed, message.step, message.position, message.token_ids, q)
-
-    while (message := link.poll()) is not None:
-        absorb(message)
-    while len(stream) == 0:
-        absorb(link.wait(opts.draft_timeout_s))
-    tokens, q_rows = stream.take(most)
-    tree = TokenTree.chain(committed[-1], tokens)
-    q = None
-    if q_rows[0] is not None:
-        q = torch.zeros(len(tokens) + 1, q_rows[0].shape[-1])
-        for i, row in enumerate(q_rows):
-            if row is None or row.shape[-1] != q.shape[-1]:
-                raise DrafterLost(f"the drafter's probability rows differ in width ({row.shape[-1]}, {q.shape[-1]})")
-            q[i] = row
-    return tree, q

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from actors import loading
-from actors.verifying import PipelineOptions
+from actors.pipeline_options import PipelineOptions
 from cluster.bench import load_prompts
 from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from decoding.request import DecodeConfig, GenerationStats

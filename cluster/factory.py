@@ -17,8 +17,9 @@ from cluster.spec import DecoderSpec
 
 
 def _ensemble(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
-    from cluster.ensemble import EnsembleConfig, LocalEnsemble, RayEnsemble
+    from cluster.ensemble import EnsembleConfig, LocalEnsemble
     from cluster.placement import PlacementConfig
+    from cluster.ray_ensemble import RayEnsemble
 
     placement = None if spec.pipeline == "local" else PlacementConfig(
         n_actors=len(spec.ensemble), accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
@@ -60,7 +61,7 @@ def _local(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
 
 def _ray_pipeline(spec: DecoderSpec, progress: bool, models: ModelPool) -> Decoder:
     from actors import loading
-    from actors.verifying import PipelineOptions
+    from actors.pipeline_options import PipelineOptions
     from cluster.pipeline import PipelineConfig, RayPipeline
     from cluster.placement import PlacementConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from actors import loading
-from actors.verifying import PipelineOptions
+from actors.pipeline_options import PipelineOptions
 from cluster.engine import EngineConfig, check_models, check_prompt, encode_prompt
 from cluster.factory import make_decoder
 from cluster.local import DecodeConfig

@@ -27,7 +27,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from actors.verifying import PipelineOptions
+from actors.pipeline_options import PipelineOptions
 from cluster.engine import attention_label
 from cluster.placement import Placement, PlacementConfig, place, release
 from cluster.spec import check_drafting, check_long_context

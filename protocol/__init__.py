@@ -6,12 +6,8 @@ model code. See docs/protocol.md.
 
 from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret, link_auth
 from protocol.batch_messages import DraftCall, EnsembleCall, EnsembleRows
-from protocol.channel import (
-    ChannelConfig,
-    ChannelStats,
-    DealerChannel,
-    RouterChannel,
-)
+from protocol.channel import DealerChannel, RouterChannel
+from protocol.channel_core import ChannelConfig, ChannelStats
 from protocol.codec import INLINE_TENSOR_LIMIT, MESSAGE_TYPES, decode, encode, is_zero_copy, owning_frame
 from protocol.endpoints import bind_endpoint, ipc_endpoint, tcp_endpoint
 from protocol.errors import (
@@ -34,15 +30,8 @@ from protocol.errors import (
 )
 from protocol.fields import NO_SESSION, PROTOCOL_VERSION
 from protocol.identity import ModelFingerprint, Role, model_fingerprint, new_session_id
-from protocol.messages import (
-    CandidateTree,
-    ContextUpdate,
-    Error,
-    Handshake,
-    Message,
-    Shutdown,
-    Verdict,
-)
+from protocol.messages import Error, Handshake, Message, Shutdown
+from protocol.pipeline_messages import CandidateTree, ContextUpdate, Verdict
 from protocol.sessions import DropReason, SessionTable
 
 __all__ = [

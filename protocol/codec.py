@@ -42,7 +42,8 @@ from protocol.errors import (
     VersionMismatch,
 )
 from protocol.fields import MAX_TENSOR_NDIM, PROTOCOL_VERSION
-from protocol.messages import CandidateTree, ContextUpdate, Error, Handshake, Message, Shutdown, Verdict
+from protocol.messages import Error, Handshake, Message, Shutdown
+from protocol.pipeline_messages import CandidateTree, ContextUpdate, Verdict
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE_ID: cls

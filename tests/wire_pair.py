@@ -13,8 +13,9 @@ import queue
 import threading
 from typing import Callable
 
+from actors.pipeline_options import PipelineOptions
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions, verify_request
+from actors.verifying import verify_request
 from decoding.request import DecodeConfig, GenerationResult
 from protocol import ChannelConfig, DealerChannel, ModelFingerprint, RouterChannel, ipc_endpoint, new_session_id
 

@@ -11,7 +11,8 @@ import torch
 
 import decoding.acceptance as acceptance
 from actors import loading
-from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate, local_members
+from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate
+from actors.ensemble_member import local_members
 from actors.model import Transformer
 from actors.runner import ModelRunner
 from decoding.ensemble import parse_combine

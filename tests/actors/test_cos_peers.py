@@ -10,15 +10,8 @@ import time
 import pytest
 
 from actors import loading
-from actors.ensemble import (
-    CosOptions,
-    CosState,
-    LocalMember,
-    MemberLost,
-    cos_generate,
-    ensemble_generate,
-    local_members,
-)
+from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generate
+from actors.ensemble_member import LocalMember, MemberLost, local_members
 from actors.ensemble_peers import LeaderLink, PeerOptions, RemoteMember, serve_member
 from actors.model import Transformer
 from actors.runner import ModelRunner

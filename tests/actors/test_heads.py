@@ -10,9 +10,9 @@ from actors import loading
 from actors.head_drafter import HeadDrafter
 from actors.head_kinds import load_heads
 from actors.heads import HeadsConfig, check_heads, resolve_heads
+from actors.pipeline_options import PipelineOptions
 from actors.proposing import propose_with_heads
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions
 from cluster.local import DecodeConfig, autoregressive_generate, heads_generate
 from decoding.sampling import SamplingParams
 from tests import sampling_check as sc

@@ -12,9 +12,10 @@ import torch
 from actors import loading
 from actors.model import Transformer
 from actors.oracle import OracleRunner
+from actors.pipeline_options import PipelineOptions
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions, verify_request
+from actors.verifying import verify_request
 from cluster.local import autoregressive_generate
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig

@@ -10,9 +10,9 @@ import torch
 import decoding.acceptance as acceptance
 from actors import loading
 from actors.model import Transformer
+from actors.pipeline_options import PipelineOptions
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions
 from cluster.local import autoregressive_generate
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams

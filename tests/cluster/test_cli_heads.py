@@ -76,8 +76,8 @@ def test_bench_reports_tree_size_and_build_time_for_medusa_methods(tiny_dir, tmp
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])
 def test_heads_in_their_own_ray_actor_give_the_targets_output(local_ray, tiny_dir, tmp_path, kind):
     from actors import loading
+    from actors.pipeline_options import PipelineOptions
     from actors.runner import ModelRunner
-    from actors.verifying import PipelineOptions
     from cluster.local import DecodeConfig, autoregressive_generate
     from cluster.pipeline import PipelineConfig, RayPipeline
 

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from actors import hardware, native
-from actors.verifying import PipelineOptions
+from actors.pipeline_options import PipelineOptions
 from cluster.engine import EngineConfig, LocalEngine
 from cluster.local import DecodeConfig
 from cluster.pipeline import PipelineConfig, RayPipeline

@@ -13,10 +13,12 @@ import pytest
 import ray
 
 from actors import loading
-from actors.ensemble import CosOptions, cos_generate, ensemble_generate, local_members
+from actors.ensemble import CosOptions, cos_generate, ensemble_generate
+from actors.ensemble_member import local_members
 from actors.model import Transformer
 from actors.runner import ModelRunner
-from cluster.ensemble import EnsembleConfig, EnsembleMemberFailed, RayEnsemble
+from cluster.ensemble import EnsembleConfig
+from cluster.ray_ensemble import EnsembleMemberFailed, RayEnsemble
 from decoding.ensemble import parse_combine
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from actors import loading
+from actors.pipeline_options import PipelineOptions
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions
 from cluster.local import autoregressive_generate
 from cluster.pipeline import PipelineConfig, RayPipeline
 from decoding.request import DecodeConfig

@@ -16,8 +16,8 @@ import ray
 
 from actors import loading
 from actors.model import Transformer
+from actors.pipeline_options import PipelineOptions
 from actors.runner import ModelRunner
-from actors.verifying import PipelineOptions
 from cluster.local import autoregressive_generate
 from cluster.pipeline import PipelineConfig, RayPipeline, RequestTimeout, VerifierFailed
 from decoding.request import DecodeConfig
