@@ -7,7 +7,11 @@ combination alone, one token per round, so both give the ensemble's output.
 
 Unlike the one-request loop (`actors.ensemble.cos_generate`), the proposer does not rotate:
 one proposer drafts for the whole batch, and its KV is held twice (as a member and as the
-drafter), which costs the smallest member's cache only.
+drafter), which costs the smallest member's cache only. Nothing is lost by it: CoS rotates
+so that, after an all-accepted round, a verifier's own row at the next position becomes
+the next proposal (the loop there never has r at that position). Here every member scores
+the whole chain, its last draft included, so r is known at the next position and the
+bonus token is drawn from r itself, a committed token rather than a proposal to test.
 """
 
 from __future__ import annotations
