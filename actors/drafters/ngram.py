@@ -52,13 +52,9 @@ class NgramIndex:
                 self.last_end[tuple(tokens[end - n + 1:end + 1])] = end
         self.indexed = max(self.indexed, len(tokens) - 1)
 
-    def continuation(self, tokens: list[int], limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the latest earlier occurrence of the longest
-        matching suffix of `tokens`; [] when no suffix occurred before."""
-        return self.match(tokens, limit)[1]
-
     def match(self, tokens: list[int], limit: int) -> tuple[int, list[int]]:
-        """(length of the matched suffix, its continuation); (0, []) when nothing matched."""
+        """(length of the longest suffix of `tokens` that occurred before, up to `limit`
+        tokens that followed its latest earlier occurrence); (0, []) when none did."""
         self.update(tokens)
         for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             end = self.last_end.get(tuple(tokens[-n:]))
@@ -88,8 +84,9 @@ class NgramDrafter:
         self.tree_room = max_draft + 1
         self.costs = CostModel(verify_s=dict(verify_s))  # the target's, by tokens: sizes a sequence alone
         self.acceptance = {n: Acceptance() for n in range(MIN_NGRAM, max_ngram + 1)}  # by matched length
-        self._found: dict[str, tuple[int, int, list[int]]] = {}  # per sequence: (tokens seen, n, continuation)
-        self._drafted: dict[str, int] = {}  # per sequence: the matched length of its draft in flight
+        # per sequence: (tokens seen, matched length, continuation); until the next lookup it
+        # also says what the draft in flight was matched from
+        self._found: dict[str, tuple[int, int, list[int]]] = {}
         self._skipped = dict.fromkeys(self.acceptance, 0)  # matches not drafted since the last try, by length
 
     def start(self, seq: Sequence, hidden: torch.Tensor) -> None:
@@ -98,7 +95,6 @@ class NgramDrafter:
     def release(self, seq: Sequence) -> None:
         seq.draft = None
         self._found.pop(seq.id, None)
-        self._drafted.pop(seq.id, None)
 
     def _lookup(self, seq: Sequence) -> tuple[float, list[int]]:
         """(acceptance of a match this long, the continuation), looked up once per committed
@@ -132,13 +128,11 @@ class NgramDrafter:
                     self._skipped[n], depth = 0, 1
             if depth > 0:
                 out[s.id] = Draft(TokenTree.chain(s.tokens[-1], found[:depth]))
-                self._drafted[s.id] = self._found[s.id][1]
         return out
 
     def observe(self, seq: Sequence, draft: Draft | None, verdict: Verdict, hidden: torch.Tensor) -> None:
-        n = self._drafted.pop(seq.id, None)
-        if draft is not None and draft.drafted and n:
-            self.acceptance[n].observe(len(verdict.accepted), draft.drafted)
+        if draft is not None and draft.drafted:
+            self.acceptance[self._found[seq.id][1]].observe(len(verdict.accepted), draft.drafted)
 
     def estimate(self, seqs: list[Sequence], k: int) -> tuple[float, float, int]:
         found = [self._lookup(s) for s in seqs]

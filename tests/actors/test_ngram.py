@@ -12,23 +12,23 @@ def test_the_longest_suffix_that_occurred_before_gives_what_followed_it():
     idx = NgramIndex(max_ngram=3)
     # "7 8 9" occurred once (followed by 1 2); "9" alone last occurred before 5 5
     tokens = [7, 8, 9, 1, 2, 3, 9, 5, 5, 4, 7, 8, 9]
-    assert idx.continuation(tokens, 4) == [1, 2, 3, 9]
-    assert idx.continuation(tokens, 2) == [1, 2]
+    assert idx.match(tokens, 4) == (3, [1, 2, 3, 9])
+    assert idx.match(tokens, 2)[1] == [1, 2]
 
 
 def test_the_latest_occurrence_wins_and_a_shorter_suffix_is_the_fallback():
     idx = NgramIndex(max_ngram=3)
-    assert idx.continuation([4, 1, 2, 4, 3, 6, 4], 3) == [3, 6, 4]  # "4": latest earlier one is at 3
-    assert NgramIndex().continuation([1, 2, 3], 4) == []  # nothing repeats
-    assert NgramIndex().continuation([5], 4) == []
-    assert NgramIndex().continuation([5, 5], 4) == [5]  # the first 5 is followed by the second
+    assert idx.match([4, 1, 2, 4, 3, 6, 4], 3)[1] == [3, 6, 4]  # "4": latest earlier one is at 3
+    assert NgramIndex().match([1, 2, 3], 4)[1] == []  # nothing repeats
+    assert NgramIndex().match([5], 4)[1] == []
+    assert NgramIndex().match([5, 5], 4)[1] == [5]  # the first 5 is followed by the second
 
 
 def test_growing_the_tokens_indexes_as_a_fresh_index_would():
     tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8]
     grown = NgramIndex()
     for n in range(1, len(tokens) + 1):
-        assert grown.continuation(tokens[:n], 5) == NgramIndex().continuation(tokens[:n], 5), n
+        assert grown.match(tokens[:n], 5)[1] == NgramIndex().match(tokens[:n], 5)[1], n
 
 
 def test_bad_sizes_are_refused():
