@@ -29,6 +29,7 @@ class AttnPlan:
     # decoding step makes, so its result cannot depend on what else is in the forward.
     rows: list[slice | Tensor] | None = None
     linear: lin.LinearStep | None = None  # linear layers: slots read and masks (actors.linear_attention)
+    native_rows: tuple | None = None  # `rows` as the native attention reads them, built on first use (actors.fused)
 
 
 class BatchItem(NamedTuple):

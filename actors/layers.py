@@ -90,12 +90,18 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, start: int, plan: AttnPlan,
                 sparse: SparseStep | None, role: str, sums: Tensor | None) -> Tensor:
         """One sequence: q [H, T, D], k/v [Hkv, T, D] -> attention output [T, H * D]."""
-        T, D = q.shape[1], self.head_dim
+        T = q.shape[1]
         q = q * plan.cos + rotate_half(q) * plan.sin
         k = k * plan.cos + rotate_half(k) * plan.sin
-        end = start + T
-        kc[:, start:end] = k
-        vc[:, start:end] = v
+        kc[:, start:start + T] = k
+        vc[:, start:start + T] = v
+        return self.attend_cached(q, kc, vc, start + T, plan, sparse, role, sums)
+
+    def attend_cached(self, q: Tensor, kc: Tensor, vc: Tensor, end: int, plan: AttnPlan, sparse: SparseStep | None,
+                      role: str, sums: Tensor | None = None) -> Tensor:
+        """Rotated queries q [H, T, D] over the cache, whose new entries are written up to
+        slot `end`, as the plan says -> [T, H * D]."""
+        T, D = q.shape[1], self.head_dim
         if self.linear is not None:
             st = plan.linear
             o = lin.attend(self.linear, q, kc[:, st.lo:st.end], vc[:, st.lo:st.end], st, sums, self.scale)

@@ -43,6 +43,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         self.quant_embedding: nn.Module | None = None  # a GGUF model's embedding blocks (actors.gguf_model)
         self._row_exact: bool | None = None  # decided on first use, once the linears are final
+        self._fused: list | None = None  # native layers (actors.fused), likewise decided on first use
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -180,7 +181,7 @@ class Transformer(nn.Module):
         cache.length = seg.start + tokens.shape[0]
         if cfg.linear and prefill:  # a prompt is committed: fold its whole groups now (snapshots keep them)
             self._linear_sums(cache, cfg.linear.group * (cache.length // cfg.linear.group))
-        return self.norm(x)
+        return self.final_norm(x)
 
     @torch.inference_mode()
     def forward_batch(self, batch: list[BatchItem]) -> list[Tensor]:
@@ -198,7 +199,7 @@ class Transformer(nn.Module):
                                       slice(lo, lo + n)))
             lo += n
         x = self._run(torch.cat([it.tokens.reshape(-1) for it in batch]), segs)
-        hidden = self.norm(x)
+        hidden = self.final_norm(x)
         group = self.config.linear.group if self.config.linear else 0
         for it, seg in zip(batch, segs):
             it.cache.length = seg.start + it.tokens.numel()
@@ -235,9 +236,24 @@ class Transformer(nn.Module):
         x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
         if self.config.gemma:
             x = x * self.embed_scale
-        for i, blk in enumerate(self.layers):
+        for i, blk in enumerate(self.fused_layers() or self.layers):
             x = blk(x, i, segs)
         return x
+
+    def fused_layers(self) -> list | None:
+        """The layers as few native calls each (`actors.fused`) where this model allows, else None."""
+        if self._fused is None:
+            from actors import fused
+
+            self._fused = [fused.FusedBlock(blk) for blk in self.layers] if fused.applies(self) else []
+        return self._fused or None
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        if self.fused_layers():
+            from actors.native import layer as native_layer
+
+            return native_layer.rmsnorm(x, self.norm.weight, self.norm.eps)
+        return self.norm(x)
 
     def _linear_sums(self, cache: KVCache, boundary: int) -> list[Tensor | None]:
         """Each linear layer's S over the committed slots [0, boundary), from the cache's checkpoints."""

@@ -1,6 +1,8 @@
-"""Native kernels for GGUF weight blocks (`ggml_blocks.c`), built here, loaded with ctypes.
+"""Native kernels for GGUF weight blocks (`ggml_blocks.c`) and the float work around them
+in a decoder layer (`layer_ops.c`, used through `actors.native.layer`), built here, loaded
+with ctypes.
 
-The C source is compiled at first use with the machine's C compiler, once per
+The C sources are compiled at first use with the machine's C compiler, once per
 instruction-set variant, and cached under `~/.cache/specray/native/`:
 - `scalar`: plain C, any x86-64 (or other) CPU;
 - `avx2`: AVX2 + FMA + F16C integer dot products;
@@ -32,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ggml_blocks.c")
+SOURCES = (Path(__file__).with_name("ggml_blocks.c"), Path(__file__).with_name("layer_ops.c"))
 ISA_ENV = "SPECRAY_NATIVE_ISA"
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-lm"]
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {  # name -> (compiler flags, cpu flags it needs)
@@ -113,6 +115,19 @@ def _load(path: Path, name: str) -> ctypes.CDLL | None:
         lib.specray_scratch_bytes.argtypes = [i64, i64]
         lib.specray_scratch_bytes.restype = i64
         lib.specray_variant.restype = ctypes.c_int
+        lib.specray_matmul_many.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int,
+                                            ptr]
+        lib.specray_matmul_many.restype = ctypes.c_int
+        lib.specray_rmsnorm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+        lib.specray_rmsnorm.restype = None
+        lib.specray_rope_store.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr,
+                                           ptr, i64, i64]
+        lib.specray_rope_store.restype = None
+        lib.specray_attend_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, i64,
+                                            ptr, ptr, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
+        lib.specray_attend_rows.restype = ctypes.c_int
+        lib.specray_swiglu.argtypes = [ptr, i64, i64, ptr]
+        lib.specray_swiglu.restype = None
     except (OSError, AttributeError) as e:
         log.warning("GGUF kernels: the cached %s does not load (%s)", path, e)
         return None
@@ -124,7 +139,7 @@ def _load(path: Path, name: str) -> ctypes.CDLL | None:
 
 def _build(cc: list[str], out: Path, flags: list[str], name: str) -> bool:
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = _run([*cc, str(SOURCE), "-o", str(tmp), *flags], COMPILE_TIMEOUT_S)
+    proc = _run([*cc, *map(str, SOURCES), "-o", str(tmp), *flags], COMPILE_TIMEOUT_S)
     if proc is None or proc.returncode != 0:
         if proc is not None:
             log.warning("could not build the %s GGUF kernels with %s: %s", name, " ".join(cc), proc.stderr[-500:])
@@ -146,8 +161,8 @@ def library(name: str) -> ctypes.CDLL | None:
     if version is None:
         return None
     flags = COMMON_FLAGS + VARIANTS[name][0]
-    key = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(flags), *version.stdout.splitlines()[:1]])
-                       .encode()).hexdigest()[:16]
+    text = [*(src.read_text() for src in SOURCES), " ".join(flags), *version.stdout.splitlines()[:1]]
+    key = hashlib.sha1("\n".join(text).encode()).hexdigest()[:16]
     out = cache_root() / "native" / key / f"ggml_blocks_{name}.so"
     out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{name}.lock"):

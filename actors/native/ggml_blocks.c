@@ -347,6 +347,25 @@ static inline __m512i pairs_s8_512(__m512i w, __m512i x) {
 #endif
 
 #ifdef WIDE512
+/* int16 lane k of the scale vector for 64 codes c: Q4_K's group 2c + k / 16, Q6_K's 16-group 4c + k / 8. */
+#define IDX16(f) {f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), f(10), f(11), f(12), f(13), f(14), \
+                  f(15), f(16), f(17), f(18), f(19), f(20), f(21), f(22), f(23), f(24), f(25), f(26), f(27), f(28), \
+                  f(29), f(30), f(31)}
+#define Q4K_0(k) ((k) / 16)
+#define Q4K_1(k) (2 + (k) / 16)
+#define Q4K_2(k) (4 + (k) / 16)
+#define Q4K_3(k) (6 + (k) / 16)
+#define Q6K_0(k) ((k) / 8)
+#define Q6K_1(k) (4 + (k) / 8)
+#define Q6K_2(k) (8 + (k) / 8)
+#define Q6K_3(k) (12 + (k) / 8)
+static const int16_t Q4K_SCALE_IDX[4][32] __attribute__((aligned(64))) = {IDX16(Q4K_0), IDX16(Q4K_1), IDX16(Q4K_2),
+                                                                          IDX16(Q4K_3)};
+static const int16_t Q6K_SCALE_IDX[4][32] __attribute__((aligned(64))) = {IDX16(Q6K_0), IDX16(Q6K_1), IDX16(Q6K_2),
+                                                                          IDX16(Q6K_3)};
+#endif
+
+#ifdef WIDE512
 /* Signed codes of two consecutive 32-blocks (a in the low half, b in the high): the
  * nibbles and Q5_0's fifth bits unpacked for both blocks at once. */
 static inline __m512i signed_q32_pair(int t, const uint8_t *a, const uint8_t *b) {
@@ -436,48 +455,59 @@ static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, con
     }
 }
 
-/* The 8 six-bit scales and mins of a Q4_K block, as bytes sc[0..7], m[0..7]: the byte
- * loop of q4k_scale_min done four bytes at a time. */
-static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *m) {
+/* The 8 six-bit scales and the 8 mins of a Q4_K block, scale (min) j in byte j of a 64-bit
+ * word: the byte loop of q4k_scale_min done four bytes at a time, kept in registers (bytes
+ * stored and read back as one word would stall store forwarding, in every block). */
+static inline void q4k_scales(const uint8_t *s, uint64_t *sc, uint64_t *m) {
     uint32_t a, b, c, lo = 0x3f3f3f3f, nib = 0x0f0f0f0f, top = 0x03030303;
     memcpy(&a, s, 4);
     memcpy(&b, s + 4, 4);
     memcpy(&c, s + 8, 4);
     uint32_t sc0 = a & lo, sc1 = (c & nib) | (((a >> 6) & top) << 4);
     uint32_t m0 = b & lo, m1 = ((c >> 4) & nib) | (((b >> 6) & top) << 4);
-    memcpy(sc, &sc0, 4);
-    memcpy(sc + 4, &sc1, 4);
-    memcpy(m, &m0, 4);
-    memcpy(m + 4, &m1, 4);
+    *sc = sc0 | (uint64_t)sc1 << 32;
+    *m = m0 | (uint64_t)m1 << 32;
 }
 
 static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const int16_t *xs,
                     int64_t K, int64_t mc, float *lanes, float *macc) {
-    const __m256i nib = _mm256_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 144;
         _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
         _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
         _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
-        float d = rd_f16(blk), dmin = rd_f16(blk + 2);
-        uint8_t sc[8], mn[8];
-        q4k_scales(blk + 4, sc, mn);
-        int64_t mn8;
-        memcpy(&mn8, mn, 8);
-        __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn8));
+        int32_t dpair;
+        memcpy(&dpair, blk, 4);
+        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(dpair)); /* d, dmin: exact conversions */
+        const float d = _mm_cvtss_f32(dd), dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+        uint64_t sc8, mn8;
+        q4k_scales(blk + 4, &sc8, &mn8);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)mn8));
+        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)sc8));
+#ifdef WIDE512
+        /* codes2[c]: 32-group 2c's codes (low nibbles of bytes 32c..32c+31), then group
+         * 2c + 1's (their high nibbles); scale2[c]: sc[2c] in the low half, sc[2c + 1] in the
+         * high, as int16 */
+        __m512i codes2[4], scale2[4];
+        const __m512i nib = _mm512_set1_epi8(0x0f), sc512 = _mm512_broadcast_i32x4(sc16);
+        for (int c = 0; c < 4; c += 2) {
+            const __m512i q = _mm512_loadu_si512(blk + 16 + 32 * c);
+            const __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), nib);
+            codes2[c] = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));
+            codes2[c + 1] = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int c = 0; c < 4; c++) scale2[c] = _mm512_permutexvar_epi16(_mm512_load_si512(Q4K_SCALE_IDX[c]), sc512);
+#else
+        /* codes[j]: 32-group j's codes; scale[j]: sc[j] as int16 in every lane (one byte shuffle) */
         __m256i codes[8], scale[8];
+        const __m256i nib = _mm256_set1_epi8(0x0f), sc256 = _mm256_broadcastsi128_si256(sc16);
         for (int c = 0; c < 4; c++) {
             __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
             codes[2 * c] = _mm256_and_si256(q, nib);
             codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), nib);
         }
-        for (int j = 0; j < 8; j++) scale[j] = _mm256_set1_epi16(sc[j]);
-#ifdef WIDE512
-        __m512i codes2[4], scale2[4];
-        for (int c = 0; c < 4; c++) {
-            codes2[c] = pair512(codes[2 * c], codes[2 * c + 1]);
-            scale2[c] = pair512(scale[2 * c], scale[2 * c + 1]);
-        }
+        for (int j = 0; j < 8; j++)
+            scale[j] = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16((short)(((2 * j + 1) << 8) | (2 * j))));
 #endif
         for (int64_t i = 0; i < mc; i++) {
             const int8_t *x = xq + i * K + 256 * b;
@@ -510,7 +540,10 @@ static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
         for (int c = 0; c < 256; c += 64) _mm_prefetch((const char *)blk + PREFETCH + c, _MM_HINT_T0);
         const int8_t *sc = (const int8_t *)(blk + 192);
         float d = rd_f16(blk + 208);
-        __m256i codes[8], scale[8];
+        __m256i codes[8];
+#ifndef WIDE512
+        __m256i scale[8];
+#endif
         for (int h = 0; h < 2; h++) {
             __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
             __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
@@ -524,12 +557,22 @@ static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
             for (int r = 0; r < 4; r++)
                 codes[4 * h + r] = _mm256_sub_epi8(_mm256_or_si256(lo[r], _mm256_slli_epi16(hi[r], 4)), off);
         }
-        for (int j = 0; j < 8; j++) scale[j] = _mm256_setr_m128i(_mm_set1_epi16(sc[2 * j]), _mm_set1_epi16(sc[2 * j + 1]));
 #ifdef WIDE512
+        /* scale2[c]: sc[4c + i] in quarter i, as int16: one permute each */
         __m512i codes2[4], scale2[4];
+        const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
         for (int c = 0; c < 4; c++) {
             codes2[c] = pair512(codes[2 * c], codes[2 * c + 1]);
-            scale2[c] = pair512(scale[2 * c], scale[2 * c + 1]);
+            scale2[c] = _mm512_permutexvar_epi16(_mm512_load_si512(Q6K_SCALE_IDX[c]), sc16);
+        }
+#else
+        /* scale[j]: sc[2j] in the low 128 bits, sc[2j + 1] in the high, as int16: the byte
+         * shuffled into each int16's high byte, then shifted down with its sign */
+        const __m256i sc8 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)sc));
+        for (int j = 0; j < 8; j++) {
+            const __m256i pick = _mm256_setr_m128i(_mm_set1_epi16((short)((2 * j) << 8 | 0x80)),
+                                                   _mm_set1_epi16((short)((2 * j + 1) << 8 | 0x80)));
+            scale[j] = _mm256_srai_epi16(_mm256_shuffle_epi8(sc8, pick), 8);
         }
 #endif
         for (int64_t i = 0; i < mc; i++) {
@@ -554,6 +597,85 @@ static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
 
 #define MCHUNK 32
 
+int64_t specray_scratch_bytes(int64_t M, int64_t K);
+
+/* Rows x[M, K] -> int8 codes [M, K], scales [M, K/bs] and sums per 32 [M, K/32] in `scratch`. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int bs, void *scratch, int threads,
+                          int8_t **xq, float **xd, int16_t **xs) {
+    *xq = (int8_t *)scratch;
+    *xd = (float *)(*xq + ((M * K + 63) / 64) * 64);
+    *xs = (int16_t *)(*xd + M * (K / 32));
+    int8_t *q = *xq;
+    float *d = *xd;
+    int16_t *s = *xs;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
+    for (int64_t m = 0; m < M; m++) quantize_x(x + m * K, K, bs, q + m * K, d + m * (K / bs), s + m * (K / 32));
+}
+
+/* One weight row against every activation row: out[m * ldo] for m < M. */
+static void product_row(int t, const uint8_t *row, int64_t K, int64_t M, const int8_t *xq, const float *xd,
+                        const int16_t *xs, float *out, int64_t ldo) {
+    int64_t nb = K / specray_block_size(t);
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+        float lanes[8 * MCHUNK], macc[MCHUNK];
+        for (int64_t i = 0; i < 8 * mc; i++) lanes[i] = 0.0f;
+        for (int64_t i = 0; i < mc; i++) macc[i] = 0.0f;
+        const int8_t *xm = xq + m0 * K;
+        if (t == Q4_K) row_q4k(row, nb, xm, xd + m0 * nb, xs + m0 * (K / 32), K, mc, lanes, macc);
+        else if (t == Q6_K) row_q6k(row, nb, xm, xd + m0 * nb, K, mc, lanes);
+        else row_q32(t, row, nb, xm, xd + m0 * nb, K, mc, lanes);
+        for (int64_t i = 0; i < mc; i++) out[(m0 + i) * ldo] = hsum8(lanes + 8 * i) - macc[i];
+    }
+}
+
+/* Several weights w_i [N_i, K] (types t_i) against the same x [M, K], side by side in one
+ * output: out[M, sum N_i] = [x @ w_0.T + b_0 | x @ w_1.T + b_1 | ...] (+ residual, same
+ * shape, when given). x is quantized once per block size, and one parallel loop runs over
+ * every weight row, so a layer's q/k/v (or gate/up) cost one call. Each output element is
+ * computed exactly as a product with that weight alone (same row code, same arithmetic),
+ * and the bias and residual are single float adds, as torch's `y + b` would be. */
+int specray_matmul_many(int count, const int *types, const uint8_t *const *ws, const int64_t *ns,
+                        const float *const *bias, const float *x, int64_t M, int64_t K, const float *residual,
+                        float *out, int threads, void *scratch) {
+    if (count < 1 || count > 8) return -4;
+    int64_t first[9], total = 0;
+    int need32 = 0, need256 = 0;
+    for (int i = 0; i < count; i++) {
+        int bs = specray_block_size(types[i]);
+        if (specray_block_bytes(types[i]) < 0) return -1;
+        if (K % bs) return -2;
+        if (bs == 32) need32 = 1; else need256 = 1;
+        first[i] = total;
+        total += ns[i];
+    }
+    first[count] = total;
+    /* scratch: one quantization of x per block size in use */
+    int64_t one = specray_scratch_bytes(M, K);
+    int8_t *q32 = NULL, *q256 = NULL;
+    float *d32 = NULL, *d256 = NULL;
+    int16_t *s32 = NULL, *s256 = NULL;
+    if (need32) quantize_rows(x, M, K, 32, scratch, threads, &q32, &d32, &s32);
+    if (need256) quantize_rows(x, M, K, 256, (uint8_t *)scratch + one * need32, threads, &q256, &d256, &s256);
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < total; n++) {
+        int i = 0;
+        while (n >= first[i + 1]) i++;
+        int t = types[i], bs = specray_block_size(t);
+        int64_t r = n - first[i], rb = K / bs * specray_block_bytes(t);
+        if (bs == 32) product_row(t, ws[i] + r * rb, K, M, q32, d32, s32, out + n, total);
+        else product_row(t, ws[i] + r * rb, K, M, q256, d256, s256, out + n, total);
+        if (bias && bias[i]) {
+            float b = bias[i][r];
+            for (int64_t m = 0; m < M; m++) out[m * total + n] = out[m * total + n] + b;
+        }
+        if (residual)
+            for (int64_t m = 0; m < M; m++) out[m * total + n] = residual[m * total + n] + out[m * total + n];
+    }
+    return 0;
+}
+
 /* out[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N; w rows of row_bytes bytes. */
 int specray_matmul(int t, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                    int64_t row_bytes, float *out, int threads, void *scratch) {
@@ -561,31 +683,7 @@ int specray_matmul(int t, const float *x, int64_t M, int64_t K, const uint8_t *w
     if (bb < 0) return -1;
     if (K % bs) return -2;
     if (row_bytes != K / bs * bb) return -3;
-    /* scratch: int8 codes [M, K], float scales [M, K/32], int16 sums [M, K/32] */
-    int8_t *xq = (int8_t *)scratch;
-    float *xd = (float *)(xq + ((M * K + 63) / 64) * 64);
-    int16_t *xs = (int16_t *)(xd + M * (K / 32));
-#pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
-    for (int64_t m = 0; m < M; m++)
-        quantize_x(x + m * K, K, bs, xq + m * K, xd + m * (K / bs), xs + m * (K / 32));
-    int64_t nb = K / bs;
-
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
-            int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
-            float lanes[8 * MCHUNK], macc[MCHUNK];
-            for (int64_t i = 0; i < 8 * mc; i++) lanes[i] = 0.0f;
-            for (int64_t i = 0; i < mc; i++) macc[i] = 0.0f;
-            const int8_t *xm = xq + m0 * K;
-            if (t == Q4_K) row_q4k(row, nb, xm, xd + m0 * nb, xs + m0 * (K / 32), K, mc, lanes, macc);
-            else if (t == Q6_K) row_q6k(row, nb, xm, xd + m0 * nb, K, mc, lanes);
-            else row_q32(t, row, nb, xm, xd + m0 * nb, K, mc, lanes);
-            for (int64_t i = 0; i < mc; i++) out[(m0 + i) * N + n] = hsum8(lanes + 8 * i) - macc[i];
-        }
-    }
-    return 0;
+    return specray_matmul_many(1, &t, &w, &N, NULL, x, M, K, NULL, out, threads, scratch);
 }
 
 /* Bytes of scratch specray_matmul needs for M rows of K. */
