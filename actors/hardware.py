@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 FORCE_BF16_ENV = "SPECRAY_NATIVE_BF16"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dense
 QUANTIZED = ("int8", "int4", "gguf")  # GGUF blocks on the native kernels (actors/quantized.py)
-DTYPE_CHOICES = ("auto", *DTYPES, *QUANTIZED)
+DTYPE_CHOICES = ("file", "auto", *DTYPES, *QUANTIZED)
+# `file`: the model as its files store it (a GGUF file: its own blocks; else float32). The
+# target's default, so a built-in GGUF decodes as llama.cpp would run it.
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def check_dtype_name(name: str, what: str = "dtype") -> str:
 def resolve_dtype(name: str, device: str | torch.device = "cpu", has_gguf: bool = False) -> str:
     """The concrete precision `name` means on `device`.
 
+    `file`, the model as its files store it: a GGUF file (`has_gguf`) keeps its own blocks
+    where the native kernels run (CPUs that build them), anything else is float32.
     `auto`, the cheapest form the device runs fast: on a CPU where the native GGUF kernels
     build, the model's own GGUF quantization (`has_gguf`) or else int8; otherwise bf16
     where the device runs it natively, else fp32. An explicit bf16 on a device without
@@ -106,6 +110,8 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu", has_gguf: bool 
     check_dtype_name(name)
     caps = probe(device)
     on_cpu = caps.device == "cpu"
+    if name == "file":
+        return "gguf" if has_gguf and on_cpu and native.available() else "float32"
     if name == "auto":
         if on_cpu and native.available():
             return "gguf" if has_gguf else "int8"

@@ -130,6 +130,24 @@ def gguf_file(name: str) -> Path | None:
     return found[0] if found else None
 
 
+def dtype_choice(name: str, requested: str, device: str = "cpu") -> tuple[str, str]:
+    """What `--dtype requested` (`file` or `auto`: a choice made for the user) resolves to
+    for model `name`, and one line saying what was chosen and why."""
+    from actors import native
+    from actors.hardware import resolve_dtype
+
+    has_gguf = gguf_file(name) is not None
+    precision = resolve_dtype(requested, device, has_gguf=requested in ("file", "auto", "gguf") and has_gguf)
+    if precision == "gguf":
+        why = (f"its GGUF file as the file is quantized, on the native {native.variant()} kernels: the fastest "
+               "lossless form here, as llama.cpp runs it; --dtype float32 decodes its dense conversion")
+    elif has_gguf:
+        why = f"{precision} (dense conversion of its GGUF file: no native GGUF kernels here, or as asked)"
+    else:
+        why = f"{precision} (its weights are dense)"
+    return precision, f"{name}: --dtype {requested} -> {why}"
+
+
 def check_gguf(name: str, dtype: str, flag: str) -> None:
     """`gguf` keeps a GGUF file's own quantization: refuse it, before loading, for a model without one."""
     if dtype == "gguf" and gguf_file(name) is None:
@@ -148,7 +166,7 @@ def load(name: str, dtype: str = "float32", progress: bool = True, device: str =
         loaded = load(linear_base(name), dtype, progress, device)
         loaded.name, loaded.linear = name, linear_dir(name)
         return loaded
-    precision = resolve_dtype(dtype, device, has_gguf=dtype in ("auto", "gguf") and gguf_file(name) is not None)
+    precision = resolve_dtype(dtype, device, has_gguf=dtype in ("file", "auto", "gguf") and gguf_file(name) is not None)
     path = _local_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = read_config(name)

@@ -100,6 +100,7 @@ class ModelRunner:
                 "kernels": {**kernels.summarize(self.kernels), **quantized.summary(self.model)}}
         if self.attention is not None:
             info["attention"] = self.attention.describe()
+        info["layers"] = "fused native calls (actors/fused.py)" if self.model.fused_layers() else "torch modules"
         lin = self.model.config.linear
         if lin is not None:
             n = sum(t == "linear_attention" for t in self.model.config.layer_types)

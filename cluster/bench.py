@@ -20,10 +20,20 @@ from cluster.bench_report import make_report, render_markdown, write_report
 from cluster.decoder import Decoder
 from cluster.engine import EngineConfig, check_models, encode_prompt
 from cluster.factory import make_decoder
+from cluster.generate import resolve_target_dtype
 from cluster.local import DecodeConfig
 from cluster.models import ModelPool
 
 DEFAULT_METHODS = "hf,hf-assisted,ar,spec-local"
+# A GGUF target: transformers would run another model (its dense conversion), so the
+# baselines are our own AR and the drafters that pay on a quantized target.
+DEFAULT_GGUF_METHODS = "ar,spec-local,spec-ngram"
+
+
+def default_methods(args: argparse.Namespace) -> str:
+    if args.dtype != "gguf":
+        return DEFAULT_METHODS
+    return DEFAULT_GGUF_METHODS if args.draft else DEFAULT_GGUF_METHODS.replace("spec-local,", "")
 ENSEMBLE_METHODS = ("ensemble", "cos")  # with --ensemble: the baseline (every model, every token) and CoS
 
 
@@ -78,7 +88,8 @@ def bench_from_args(args: argparse.Namespace) -> dict:
         raise ValueError("bench needs --target (or --ensemble A,B --combine RULE)")
     if getattr(args, "temperature", 0.0) != 0:
         raise ValueError("--temperature applies to ensemble benches (--ensemble); the pair bench is greedy")
-    methods = parse_methods(args.methods or DEFAULT_METHODS)
+    resolve_target_dtype(args)
+    methods = parse_methods(args.methods or default_methods(args))
     drafting = [m for m in methods if METHODS[m].needs_draft]
     if args.draft is None and drafting:
         raise ValueError(f"bench methods {', '.join(drafting)} need --draft")

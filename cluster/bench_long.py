@@ -28,6 +28,7 @@ from actors import hardware, loading
 from actors.tidal import TidalConfig, check_spec
 from cluster.bench import parse_methods
 from cluster.engine import EngineConfig, LocalEngine, check_models, check_prompt, encode_prompt
+from cluster.generate import resolve_target_dtype
 from cluster.local import DecodeConfig, autoregressive_generate, speculative_generate
 from cluster.long_prompts import MIN_WINDOW, RESERVE, long_prompts, needle_found
 from decoding.draft_length import DraftLengthPolicy
@@ -110,6 +111,7 @@ def bench_long_from_args(args: argparse.Namespace) -> dict:
         raise ValueError(f"bench-long methods {', '.join(m for m in methods if m in DRAFT_METHODS)} need --draft")
     contexts = parse_contexts(args.context)
     check_spec(f"tidal:{args.budget}" if args.budget else None)
+    resolve_target_dtype(args)
     engine_cfg = EngineConfig(target=args.target, draft=args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
     tokenizer = check_models(engine_cfg)
     model_context = loading.context_length(loading.read_config(args.target))

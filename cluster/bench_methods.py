@@ -36,7 +36,7 @@ METHODS: dict[str, Method] = {
     "hf-assisted": Method({"backend": "hf", "draft": DRAFT}),
     "ar": Method({}, speculative=False),
     "spec-local": Method({"draft": DRAFT}),
-    "ngram": Method({"draft": "ngram"}),  # prompt lookup: no draft model
+    "spec-ngram": Method({"draft": "ngram"}),  # prompt lookup: no draft model
     **{name: Method({"heads": kind, "tree": tree}) for name, (kind, tree) in HEAD_METHODS.items()},
     "spec-sync": Method({"draft": DRAFT, "pipeline": "sync"}),
     "spec-async": Method({"draft": DRAFT, "pipeline": "async"}),

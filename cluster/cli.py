@@ -12,7 +12,10 @@ from typing import Sequence
 
 PIPELINES = ("local", "sync", "async")
 # actors.hardware.DTYPE_CHOICES, without importing torch
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4", "gguf")
+DTYPE_CHOICES = ("file", "auto", "float32", "bfloat16", "float16", "int8", "int4", "gguf")
+DTYPE_HELP = ("target precision, which defines the target; file (default): as its files store it, so a GGUF "
+              "model decodes its own quantized blocks (gguf) on CPUs with the native kernels, anything else "
+              "float32; float32 asks for a GGUF model's dense conversion")
 
 
 def _positive_int(text: str) -> int:
@@ -49,8 +52,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-length", type=_positive_int, default=None, help="fixed; default adaptive")
     p.add_argument("--tree-width", type=_positive_int, default=1, help="candidates per depth (1 = chain)")
     add_pipeline_args(p)
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
-                   help="target dtype: its precision defines the target (default float32)")
+    p.add_argument("--dtype", default="file", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES,
                    help="draft precision; auto (default): the cheapest form the device runs fast: on CPUs the "
                         "model's GGUF quantization (or int8), else bfloat16 where native, else float32 (the draft "
@@ -95,13 +97,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="ensembles only")
     p.add_argument("--seed", type=int, default=0, help="ensembles: prompt i samples with seed + i")
     p.add_argument("--draft-length", type=_positive_int, default=None, help="ensembles: fixed CoS draft length")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
-                   help="target (or every ensemble member's) dtype")
+    p.add_argument("--dtype", default="file", choices=DTYPE_CHOICES,
+                   help="target (or every ensemble member's) dtype; " + DTYPE_HELP)
     p.add_argument("--prompts", required=True, help="JSONL with a `prompt` string or a `turns` list")
     p.add_argument("--limit", type=_positive_int, default=20)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--methods", default=None,
-                   help="default hf,hf-assisted,ar,spec-local; with --ensemble: ensemble,cos")
+                   help="default hf,hf-assisted,ar,spec-local (a GGUF target: ar,spec-local,spec-ngram); with "
+                        "--ensemble: ensemble,cos")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     p.add_argument("--tree-width", type=_positive_int, default=1)
@@ -157,7 +160,7 @@ def add_bench_long_args(p: argparse.ArgumentParser) -> None:
                    help="TidalDecode: cached positions kept per KV head in sparse layers (default 256)")
     p.add_argument("--needles", type=int, default=3, help="needle-in-a-haystack prompts per context")
     p.add_argument("--codes", type=int, default=1, help="long code-file prompts per context")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    p.add_argument("--dtype", default="file", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--draft-dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--out", default="bench-out/long")
 

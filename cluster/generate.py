@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from actors import loading
 from actors.pipeline_options import PipelineOptions
@@ -47,6 +48,16 @@ def spec_from_args(args: argparse.Namespace) -> DecoderSpec:
                        accelerator=args.accelerator, cpus_per_actor=args.cpus_per_actor, spread=args.spread)
 
 
+def resolve_target_dtype(args: argparse.Namespace) -> None:
+    """`--dtype file` (the default) or `auto`: a precision chosen for the user. Resolve it
+    here, once, to what it means for this target (`loading.dtype_choice`), and say so in one
+    line, so every method and actor then loads the same, named precision. (An ensemble's
+    members each resolve their own.)"""
+    if args.dtype in ("file", "auto") and args.target is not None and getattr(args, "ensemble", None) is None:
+        args.dtype, line = loading.dtype_choice(args.target, args.dtype)
+        print(f"specray: target {line}", file=sys.stderr)
+
+
 def run(spec: DecoderSpec, prompt_ids: list[int], cfg: DecodeConfig, speculative: bool = True) -> dict:
     """Load (with progress), decode one request through the `Decoder` interface, report."""
     with make_decoder(spec, progress=True) as decoder:
@@ -57,6 +68,7 @@ def run(spec: DecoderSpec, prompt_ids: list[int], cfg: DecodeConfig, speculative
 
 
 def generate_from_args(args: argparse.Namespace) -> dict:
+    resolve_target_dtype(args)
     spec = spec_from_args(args)
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
     if spec.ensemble is not None:

@@ -27,7 +27,7 @@ class ServeArgs(BaseModel):
     # at a time. Default: local for a target (+ draft or heads), sync for an ensemble.
     pipeline: Literal["local", "sync", "async"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
-    dtype: str = "float32"
+    dtype: str = "file"  # the target as its files store it (a GGUF file: its own blocks), resolved where it loads
     draft_dtype: str = "auto"  # resolved in each actor: bf16 where its device runs it natively
     # Long contexts (TidalDecode, actors/tidal.py): draft `self` = the target drafts for itself
     # (pipeline local); draft_attention tidal[:BUDGET] = the draft attends sparsely (exact output);

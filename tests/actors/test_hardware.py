@@ -34,6 +34,18 @@ def test_auto_picks_the_cheapest_form_where_native_kernels_run(monkeypatch, forc
     assert hardware.resolve_dtype("auto", has_gguf=True) == "gguf"  # the file's own quantization
 
 
+@pytest.mark.parametrize("isa", ["best", "none"])
+def test_file_keeps_a_gguf_files_blocks_where_the_kernels_run_else_float32(monkeypatch, isa):
+    if isa == "none":
+        monkeypatch.setenv(native.ISA_ENV, "none")  # as on a machine without a C compiler
+    gguf = "gguf" if native.available() else "float32"
+    assert hardware.resolve_dtype("file", has_gguf=True) == gguf
+    assert hardware.resolve_dtype("file") == "float32"  # dense weights stay dense: never int8 behind one's back
+    monkeypatch.setattr(hardware, "probe", lambda device="cpu": hardware.Capabilities(
+        "cuda:0", "a GPU", "sm_90", True, False))
+    assert hardware.resolve_dtype("file", "cuda:0", has_gguf=True) == "float32"
+
+
 def test_quantized_names_on_a_gpu_load_dense(monkeypatch):
     monkeypatch.setattr(hardware, "probe", lambda device="cpu": hardware.Capabilities(
         "cuda:0", "a GPU", "sm_90", True, False))
@@ -53,7 +65,7 @@ def test_explicit_bf16_without_native_support_warns_once(monkeypatch, caplog):
 
 
 def test_bad_names_are_refused(monkeypatch):
-    with pytest.raises(ValueError, match="draft_dtype must be one of auto, float32"):
+    with pytest.raises(ValueError, match="draft_dtype must be one of file, auto, float32"):
         hardware.check_dtype_name("bf16", "draft_dtype")
     monkeypatch.setenv(hardware.FORCE_BF16_ENV, "yes")
     with pytest.raises(ValueError, match=hardware.FORCE_BF16_ENV):

@@ -106,13 +106,13 @@ def test_bench_reports_prompt_lookup_and_each_category(tiny_dir, tmp_path, capsy
             ("coding", "x = 1\ny = 2\nx = 1\ny =")]
     prompts.write_text("\n".join(json.dumps({"category": c, "turns": [p]}) for c, p in rows))
     out = tmp_path / "bench"
-    code = cli.main(["bench", "--target", tiny_dir("llama"), "--prompts", str(prompts), "--methods", "ar,ngram",
+    code = cli.main(["bench", "--target", tiny_dir("llama"), "--prompts", str(prompts), "--methods", "ar,spec-ngram",
                      "--max-new-tokens", "16", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["methods"]["ngram"]["identical_to_target"] is True
+    assert report["methods"]["spec-ngram"]["identical_to_target"] is True
     cats = report["by_category"]
-    assert list(cats) == ["coding", "writing"] and set(cats["coding"]) == {"ar", "ngram"}
+    assert list(cats) == ["coding", "writing"] and set(cats["coding"]) == {"ar", "spec-ngram"}
     assert all(rate > 0 for rates in cats.values() for rate in rates.values())
     assert (out / "by_category.png").stat().st_size > 0
     assert "| coding |" in capsys.readouterr().out

@@ -38,6 +38,9 @@ def test_demo_commands_run_where_bf16_is_not_native(tmp_path):
     out = json.loads(gen.stdout.strip().splitlines()[-1])
     runtime = out["stats"]["runtime"]
     assert runtime["cpu"]["native_bf16"] is False and runtime["cpu"]["isa"] == "AVX2"
+    # the default --dtype file: the target's own GGUF blocks, said in one line
+    assert "--dtype file -> its GGUF file" in gen.stderr and "avx2" in gen.stderr
+    assert runtime["target"]["dtype"] == "Q4_K+Q6_K"
     # auto: the draft's own GGUF blocks, on the AVX2 kernels (no bf16 needed anywhere)
     assert runtime["draft"]["dtype"] == "Q4_K+Q5_0+Q6_K+Q8_0"
     kinds = runtime["draft"]["kernels"].values()
@@ -47,7 +50,7 @@ def test_demo_commands_run_where_bf16_is_not_native(tmp_path):
     specray("bench", *PAIR, "--prompts", "benchmarks/prompts/spec_bench_20.jsonl", "--limit", "1",
             "--max-new-tokens", "24", "--out", str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["methods"]) == ["hf", "hf-assisted", "ar", "spec-local"]
+    assert list(report["methods"]) == ["ar", "spec-local", "spec-ngram"]  # a GGUF target's defaults
     assert all(row["identical_to_target"] for row in report["methods"].values()), report["methods"]
     assert report["config"]["runtime"]["draft"]["dtype"] == "Q4_K+Q5_0+Q6_K+Q8_0"
     assert "draft: Q4_K+Q5_0+Q6_K+Q8_0" in (tmp_path / "report.md").read_text()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from actors import native
 from cluster import cli
 
 
@@ -89,6 +90,19 @@ def test_generate_json_contract(tiny_dir):
     assert runtime["target"]["dtype"] == "float32" and runtime["draft"]["dtype"] == "float32"
     assert "64x64 float32" in runtime["target"]["kernels"]  # tiny: hidden 64 -> q_proj 64x64
     assert runtime["cpu"]["native_bf16"] in (True, False) and runtime["threading"]["threads"] >= 1
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler for the native kernels")
+def test_the_default_dtype_decodes_a_gguf_models_own_blocks_and_says_so(tmp_path):
+    import tiny
+
+    path = tiny.make_tiny_gguf(tmp_path / "q", "qwen2", "Q8_0", "Q8_0")
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--target", str(path), "--prompt", "hello",
+                           "--max-new-tokens", "6", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runtime = json.loads(proc.stdout.strip().splitlines()[-1])["stats"]["runtime"]
+    assert runtime["target"]["dtype"] == "Q8_0" and runtime["target"]["layers"].startswith("fused")
+    assert f"{path}: --dtype file -> its GGUF file as the file is quantized" in proc.stderr
 
 
 def test_gguf_dtype_for_a_model_without_a_gguf_file_is_refused_first(capsys, no_model_loads, tiny_dir):
