@@ -107,13 +107,14 @@ def profile_form(model, fused_on: bool, context: int, steps: int, cache) -> dict
     finally:
         timer.remove()
     per_step = {k: v / steps * 1e3 for k, v in timer.seconds.items()}
-    aten = defaultdict(float)
+    aten, calls = defaultdict(float), 0
     for ev in prof.key_averages():
         if ev.key.startswith("aten::"):
             aten[ev.key] += ev.self_cpu_time_total / 1e3 / steps  # us -> ms, per step
+            calls += ev.count
     return {"calls_ms": dict(sorted(per_step.items(), key=lambda kv: -kv[1])),
             "aten_self_ms": dict(sorted(aten.items(), key=lambda kv: -kv[1])[:12]),
-            "aten_self_total_ms": sum(aten.values())}
+            "aten_self_total_ms": sum(aten.values()), "aten_calls_per_step": calls / steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     cache = model.new_cache(args.context + 8)
     forms = {"torch layers": False, "fused layers": True}
     steps = {name: [] for name in forms}
-    for r in range(args.rounds):  # interleaved, so drift hits both forms alike
-        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        for name, on in forms.items():
-            prefill(model, on, args.context, cache)
-            steps[name] += decode_steps(model, args.context, args.steps, cache)
     rows = {}
-    for name, on in forms.items():
-        ts = sorted(steps[name])
-        rows[name] = {"step_ms_min": round(ts[0] * 1e3, 2), "step_ms_median": round(statistics.median(ts) * 1e3, 2),
-                      **profile_form(model, on, args.context, args.steps, cache)}
+    try:
+        for r in range(args.rounds):  # interleaved, so drift hits both forms alike
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            for name, on in forms.items():
+                prefill(model, on, args.context, cache)
+                steps[name] += decode_steps(model, args.context, args.steps, cache)
+        for name, on in forms.items():
+            ts = sorted(steps[name])
+            rows[name] = {"step_ms_min": round(ts[0] * 1e3, 2),
+                          "step_ms_median": round(statistics.median(ts) * 1e3, 2),
+                          **profile_form(model, on, args.context, args.steps, cache)}
+    finally:
+        os.environ.pop("SPECRAY_FUSED_LAYERS", None)
     nbytes = sum(m.qweight.nbytes for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "bias"))
     report = {"config": {"model": args.model, "context": args.context, "steps": args.steps, "rounds": args.rounds,
                          "cpu": hardware.probe("cpu").to_dict(), "native_kernels": native.variant(),
@@ -152,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
                          "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2),
                          "command": "python -m benchmarks.step_profile " + " ".join(sys.argv[1:])},
               "forms": rows}
-    os.environ.pop("SPECRAY_FUSED_LAYERS", None)
     save_report(args.out, report, render, plot)
     return 0
 
@@ -167,7 +171,8 @@ def render(report: dict) -> str:
         products = sum(v for k, v in r["calls_ms"].items() if k.startswith("product"))
         lines += [f"## {name}: step {r['step_ms_min']:.1f} ms min, {r['step_ms_median']:.1f} ms median", "",
                   f"products {products:.1f} ms ({c['product_bytes_per_step'] / products / 1e6:.1f} GB/s); "
-                  f"ATen self time {r['aten_self_total_ms']:.1f} ms (the call times come from profiled steps, "
+                  f"ATen self time {r['aten_self_total_ms']:.1f} ms over {r.get('aten_calls_per_step', 0):.0f} calls "
+                  "(the call times come from profiled steps, "
                   "a little slower than the step times above)", "",
                   "| call | ms per step |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in r["calls_ms"].items()]

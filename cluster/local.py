@@ -79,14 +79,6 @@ def speculative_generate(
     stats.target_forwards = 1
     while not out.done:
         context = prompt + out.tokens
-        if not policy.draft_now():  # drafting measured slower than the target alone here
-            step_start = time.perf_counter()
-            logits = target.feed(context[-1:])
-            policy.costs.observe_verify(time.perf_counter() - step_start, 1)
-            out.extend([next_token(logits, cfg.sampling, gen)])
-            stats.target_forwards += 1
-            continue
-        round_start = time.perf_counter()
         # Never draft past the requested length: those tokens would be thrown away.
         proposal = draft.propose(
             context, cfg.sampling, policy, max_depth=max(1, out.remaining - 1), width=cfg.tree_width, generator=gen,
@@ -106,7 +98,6 @@ def speculative_generate(
         policy.costs.observe_verify(verify_s, proposal.tree.size)
         policy.observe_acceptance(len(verdict.accepted), proposal.predicted)
         out.extend(proposal.tree.tokens[verdict.accepted].tolist() + [verdict.next_token])
-        policy.observe_round(len(verdict.accepted) + 1, time.perf_counter() - round_start)
         stats.target_forwards += 1
         stats.verify_rounds += 1
         stats.drafted_tokens += proposal.depth

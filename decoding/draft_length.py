@@ -77,22 +77,12 @@ class DraftLengthPolicy:
     costs: CostModel = field(default_factory=CostModel)
     calibration: float = 1.0  # accepted / predicted, smoothed
     min_confidence: float = 0.05
-    # Whole rounds against the target alone: tokens and seconds per drafting round, smoothed.
-    # A round is called worth drafting token by token (`keep_drafting`), but that estimate can
-    # be off on text where the draft is confidently wrong; the measured round rate cannot.
-    round_tokens: float | None = field(default=None, init=False)
-    round_s: float | None = field(default=None, init=False)
-    margin: float = 0.05  # drafting must measure this much above the target alone to go on
-    pause_rounds: int = 16  # target-alone steps before drafting is tried again
-    _paused: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         if self.fixed is not None and not 1 <= self.fixed:
             raise ValueError(f"fixed draft length must be >= 1, got {self.fixed}")
-        if self.pause_rounds < 1 or not 0 <= self.margin < 1:
-            raise ValueError(f"pause_rounds must be >= 1 and margin in [0, 1), got {self.pause_rounds}, {self.margin}")
 
     def keep_drafting(self, drafted: int, accept_probs: list[float]) -> bool:
         """accept_probs[j] = estimated P(first j+1 drafts all accepted), for j < drafted."""
@@ -116,31 +106,6 @@ class DraftLengthPolicy:
             1 + drafted * width
         )
         return p_next * cost > expected * extra_cost
-
-    def draft_now(self) -> bool:
-        """Whether this round drafts at all. No, for `pause_rounds` steps, once drafting rounds
-        measure slower than the target alone (tokens per second: the rounds' own against one
-        verified token per t_v(1)); then a drafting round is tried again, and its measurement
-        alone decides the next."""
-        if self.fixed is not None:
-            return True
-        measured = self.round_tokens is not None and 1 in self.costs.verify_s
-        alone = 1 / self.costs.verify(1) if measured else 0.0  # tokens/s of the target alone
-        if not self._paused and measured and self.round_tokens / self.round_s < (1 - self.margin) * alone:
-            self._paused = self.pause_rounds
-        if self._paused:
-            self._paused -= 1
-            if not self._paused:
-                self.round_tokens = self.round_s = None  # the next drafting round is a fresh trial
-            return False
-        return True
-
-    def observe_round(self, tokens: int, seconds: float) -> None:
-        """A drafting round committed `tokens` in `seconds` (drafting and verifying)."""
-        first = self.round_tokens is None
-        self.round_tokens = tokens if first else (1 - self.costs.smoothing) * self.round_tokens + \
-            self.costs.smoothing * tokens
-        self.round_s = seconds if first else (1 - self.costs.smoothing) * self.round_s + self.costs.smoothing * seconds
 
     def observe_acceptance(self, accepted: int, predicted: float) -> None:
         """Calibrate confidence: how many drafts the target accepted vs how many we predicted."""

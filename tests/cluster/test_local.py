@@ -44,60 +44,6 @@ def test_speculation_accepts_drafts_and_saves_target_forwards(tiny_dir):
     assert result.stats.target_forwards == 1 + 30 // 5
 
 
-def test_steps_taken_without_drafting_keep_the_output_the_targets(tiny_dir):
-    """When drafting rounds measure slower than the target alone, the loop steps with the
-    target alone for a while (`DraftLengthPolicy.draft_now`): greedy output is unchanged."""
-    from cluster.local import speculative_generate
-    from decoding.draft_length import DraftLengthPolicy
-
-    target, draft = runners(tiny_dir)
-    cfg = DecodeConfig(max_new_tokens=30, eos_token_ids=(-1,))
-    want = autoregressive_generate(target, PROMPT, cfg).token_ids
-    policy = DraftLengthPolicy(pause_rounds=5)
-    policy.costs.observe_verify(0.01, 1)
-    policy.observe_round(1, 1.0)  # a drafting round "measured" far slower than one target step
-    result = speculative_generate(target, draft, PROMPT, cfg, policy)
-    assert result.token_ids == want
-    assert result.stats.target_forwards > result.stats.verify_rounds + 1  # it really stepped alone
-
-
-class EveryOtherRound:
-    """A policy that drafts (NEW - 1 tokens) only on every other round: plain target steps and
-    speculative rounds mixed in one sequence."""
-
-    def __init__(self) -> None:
-        from decoding.draft_length import DraftLengthPolicy
-
-        self.inner, self.rounds = DraftLengthPolicy(fixed=NEW - 1), 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def draft_now(self) -> bool:
-        self.rounds += 1
-        return self.rounds % 2 == 0
-
-
-def test_sampling_stays_exact_when_plain_steps_and_drafting_rounds_mix(tiny_dir, monkeypatch):
-    from cluster.local import speculative_generate
-
-    target, draft = runners(tiny_dir)
-    params = SamplingParams(temperature=1.0)
-    probs = exact_sequence_probs(target, params)
-
-    def samples(n: int) -> list[tuple[int, ...]]:
-        out = []
-        for seed in range(n):
-            cfg = DecodeConfig(max_new_tokens=NEW, sampling=params, seed=seed, eos_token_ids=(-1,))
-            out.append(tuple(speculative_generate(target, draft, PROMPT, cfg, EveryOtherRound()).token_ids))
-        return out
-
-    assert chi2_pvalue(samples(10_000), probs) > 1e-3
-    # power: the drafting rounds are really there, so a broken residual is caught
-    monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
-    assert chi2_pvalue(samples(3_000), probs) < 1e-6
-
-
 def test_eos_stops_generation(tiny_dir):
     engine = LocalEngine(EngineConfig(tiny_dir("llama"), tiny_dir("llama", noise=0.3), draft_dtype="float32"), False)
     full = engine.generate([3, 4], DecodeConfig(max_new_tokens=30))

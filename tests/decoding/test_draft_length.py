@@ -77,16 +77,3 @@ def test_verify_cost_beyond_the_measured_sizes_follows_their_slope():
     steep.costs.observe_verify(0.139, 8)
     measured = policy(0.037, {1: 0.066, 2: 0.085, 4: 0.098, 8: 0.139, 16: 0.221})
     assert drafted_until_stop(steep, 0.95) == drafted_until_stop(measured, 0.95)
-
-
-def test_rounds_measured_slower_than_the_target_alone_pause_drafting_then_try_again():
-    p = policy(0.05, {1: 0.1, 2: 0.12}, pause_rounds=3)
-    assert p.draft_now()  # nothing measured yet
-    p.observe_round(2, 0.3)  # 6.7 tokens/s against 10 alone
-    assert [p.draft_now() for _ in range(4)] == [False, False, False, True]
-    assert p.round_tokens is None  # the trial round decides afresh
-    p.observe_round(4, 0.2)  # 20 tokens/s: drafting pays
-    assert all(p.draft_now() for _ in range(5))
-    p.observe_round(1, 0.5)  # one bad round is smoothed, not obeyed at once
-    assert p.draft_now()
-    assert DraftLengthPolicy(fixed=2).draft_now()  # a fixed length always drafts
