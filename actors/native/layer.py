@@ -46,7 +46,8 @@ class Products:
         biases = [None if lin.bias is None else lin.bias.data_ptr() for lin in linears]
         self._bias = (ctypes.c_void_p * count)(*biases) if any(b is not None for b in biases) else None
         self._sizes32 = {native.BLOCKS[lin.qweight.qtype][0] for lin in linears}
-        self._fn = _lib().specray_matmul_many
+        lib = _lib()
+        self._fn, self._scratch_bytes = lib.specray_matmul_many, lib.specray_scratch_bytes
 
     def __call__(self, x: Tensor, residual: Tensor | None = None, threads: int | None = None) -> Tensor:
         """x [M, k] -> [M, n] (+ residual [M, n], added last, as `residual + y` would)."""
@@ -59,7 +60,7 @@ class Products:
             if residual.shape != (m, self.n):
                 raise ValueError(f"residual must be [{m}, {self.n}], got {list(residual.shape)}")
         out = torch.empty(m, self.n, dtype=torch.float32)
-        scratch = torch.empty(len(self._sizes32) * _lib().specray_scratch_bytes(m, self.k), dtype=torch.uint8)
+        scratch = torch.empty(len(self._sizes32) * self._scratch_bytes(m, self.k), dtype=torch.uint8)
         code = self._fn(len(self.sizes), self._types, self._ws, self._ns, self._bias, x.data_ptr(), m, self.k,
                         None if residual is None else residual.data_ptr(), out.data_ptr(),
                         threads or torch.get_num_threads(), scratch.data_ptr())
