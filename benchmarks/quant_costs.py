@@ -32,6 +32,17 @@ def read_bandwidth_gbs() -> float:
     return data.numel() * 4 / best / 1e9
 
 
+def machine() -> dict:
+    """What a kernel figure depends on: the CPU, the native kernel variant, threads, and the
+    machine's own streaming read bandwidth."""
+    import torch
+
+    from actors import hardware, native
+
+    return {"cpu": hardware.probe("cpu").to_dict(), "native_kernels": native.variant(),
+            "threads": torch.get_num_threads(), "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2)}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -71,9 +82,8 @@ def measure(model_name: str, precision: str, context: int, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from actors import hardware, native
+    from actors import hardware
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -91,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in precisions:
         print(f"measuring {args.model} as {name} ...", file=sys.stderr, flush=True)
         rows[name] = measure(args.model, name, args.context, args.reps)
-    report = {"config": {"model": args.model, "context": args.context, "sizes": list(SIZES), "cpu": caps.to_dict(),
-                         "native_kernels": native.variant(), "threads": torch.get_num_threads(),
-                         "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2),
+    report = {"config": {"model": args.model, "context": args.context, "sizes": list(SIZES), **machine(),
                          "command": "python -m benchmarks.quant_costs " + " ".join(sys.argv[1:])},
               "precisions": rows}
     save_report(args.out, report, render, plot)

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.quant_costs import read_bandwidth_gbs
+from benchmarks.quant_costs import machine
 from cluster.reporting import save_report
 
 NATIVE_OPS = ("rmsnorm", "rope_store", "attend_rows", "swiglu")
@@ -118,9 +118,8 @@ def profile_form(model, fused_on: bool, context: int, steps: int, cache) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from actors import fused, hardware, loading, native
+    from actors import fused, loading, native
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -152,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("SPECRAY_FUSED_LAYERS", None)
     nbytes = sum(m.qweight.nbytes for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "bias"))
     report = {"config": {"model": args.model, "context": args.context, "steps": args.steps, "rounds": args.rounds,
-                         "cpu": hardware.probe("cpu").to_dict(), "native_kernels": native.variant(),
-                         "threads": torch.get_num_threads(), "product_bytes_per_step": nbytes,
-                         "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2),
+                         **machine(), "product_bytes_per_step": nbytes,
                          "command": "python -m benchmarks.step_profile " + " ".join(sys.argv[1:])},
               "forms": rows}
     save_report(args.out, report, render, plot)
