@@ -139,6 +139,7 @@ class CosState:
     passed: float = 0.6  # decayed counts: acceptance = passed / tested
     tested: float = 1.0
     baseline_streak: int = 0  # baseline steps since the last CoS round (across requests)
+    round_streak: int = 0  # CoS rounds since the last baseline step (across requests)
     round_rate: float | None = None  # tokens/s CoS rounds really delivered, all costs included
 
     @property
@@ -154,6 +155,16 @@ class CosState:
     def observe_rate(self, tokens: int, seconds: float) -> None:
         rate = tokens / max(seconds, 1e-9)
         self.round_rate = rate if self.round_rate is None else 0.7 * self.round_rate + 0.3 * rate
+
+    def prefers_baseline(self, probe_every: int, rounds_done: int) -> bool:
+        """Fallback: take a baseline step now? Whichever mode measured faster wins, and the
+        loser is measured again every `probe_every` steps, so that one stale measurement (a
+        step slowed by another process) cannot lock the loop into either mode."""
+        if self.baseline_s is None:
+            return rounds_done > 0  # one baseline step after the first round measures it
+        if self.round_rate is not None and self.round_rate * self.baseline_s < 1:
+            return self.baseline_streak < probe_every
+        return self.round_streak >= probe_every
 
     def plan(self, max_len: int) -> tuple[int, float | None]:
         """(draft length, expected tokens/s) from the measurements; (3, None) before any."""
@@ -195,22 +206,16 @@ def cos_generate(members: Sequence[Member], rule: CombineRule, prompt: list[int]
         # Baseline steps while they beat the rate CoS rounds really delivered (both measured
         # end to end, transport included: a cost model misses what overlaps and what does
         # not, e.g. members that score in parallel in a baseline step but take turns in
-        # CoS). One baseline step after the first round measures it; every `probe_every`
-        # baseline steps one round refreshes the CoS rate.
-        if carry is None and adaptive and opts.fallback:
-            if state.baseline_s is None:
-                use_baseline = stats.verify_rounds > 0
-            else:
-                use_baseline = (state.round_rate is not None and state.round_rate * state.baseline_s < 1
-                                and state.baseline_streak < opts.probe_every)
-            if use_baseline:
-                step_start = time.perf_counter()
-                out.extend([_combined_step(members, rule, context, cfg, gen)])
-                state.observe_baseline(time.perf_counter() - step_start)
-                stats.target_forwards += 1
-                state.baseline_streak += 1
-                continue
-        state.baseline_streak = 0
+        # CoS).
+        fallback = carry is None and adaptive and opts.fallback
+        if fallback and state.prefers_baseline(opts.probe_every, stats.verify_rounds):
+            step_start = time.perf_counter()
+            out.extend([_combined_step(members, rule, context, cfg, gen)])
+            state.observe_baseline(time.perf_counter() - step_start)
+            stats.target_forwards += 1
+            state.baseline_streak, state.round_streak = state.baseline_streak + 1, 0
+            continue
+        state.baseline_streak, state.round_streak = 0, state.round_streak + 1
         round_start = time.perf_counter()
         k = max(1, min(k, out.remaining))
         # 1. proposals

@@ -105,12 +105,35 @@ def test_adaptive_cos_falls_back_when_speculation_does_not_pay(trio):
     """With drafting made slow, CoS rounds deliver fewer tokens/s than baseline steps: the
     loop measures both and takes baseline steps, probing now and then; same output."""
     fast = local_members(trio[:2])
-    members = [SlowDrafts(fast[0], 0.05), fast[1]]
+    # 0.15 s a draft: a baseline step would have to take > ~0.1 s (a loaded CI box) to look
+    # slower than a round
+    members = [SlowDrafts(fast[0], 0.15), fast[1]]
     rule = parse_combine("we:0.5", 2)
     cfg = DecodeConfig(max_new_tokens=40, eos_token_ids=(-1,))
     got = cos_generate(members, rule, [3, 4], cfg, CosOptions(default_proposer=0, probe_every=16), state=CosState())
     assert got.token_ids == ensemble_generate(fast, rule, [3, 4], cfg).token_ids
     assert got.stats.verify_rounds <= 6  # the first round and probes (and the carried bonus they may leave)
+
+
+def test_fallback_measures_the_losing_mode_again():
+    """One stale measurement must not lock the loop into a mode: after `probe_every` steps
+    of the winner, one step of the loser is taken to measure it again."""
+    state = CosState()
+    assert not state.prefers_baseline(4, rounds_done=0)  # the first step is a CoS round
+    assert state.prefers_baseline(4, rounds_done=1)  # then one baseline step measures it
+    state.observe_rate(2, 0.1)  # rounds: 20 tokens/s
+    state.observe_baseline(0.2)  # a baseline step that looked slow (5 tokens/s): CoS wins
+    assert not state.prefers_baseline(4, rounds_done=1)
+    state.round_streak = 4
+    assert state.prefers_baseline(4, rounds_done=5)  # ... until it is time to measure again
+    state.observe_baseline(0.001)
+    state.observe_baseline(0.001)
+    state.observe_baseline(0.001)
+    state.observe_baseline(0.001)  # baseline now wins (about 50 ms a step, decayed)
+    state.round_streak = 0
+    assert state.prefers_baseline(4, rounds_done=5)
+    state.baseline_streak = 4
+    assert not state.prefers_baseline(4, rounds_done=5)  # a probe round
 
 
 # ---- sampling: the exact combined distribution -------------------------------------------
