@@ -14,7 +14,12 @@ arithmetic, row by row, and speculation stays bitwise equal to decoding alone. R
 per-row slot plans (decoding steps, verifies) attend natively; a prompt chunk attends as
 one batch through torch (`Attention.attend_cached`), as do sparse (TidalDecode) layers.
 
-`SPECRAY_FUSED_LAYERS=0` turns it off (for measuring what it saves, and for tests).
+A forward whose every sequence attends row by row runs all layers in one native call
+(`FusedStack`, `stack_ops.c`): the same calls in the same order, without the Python between
+them, which cost a decoding step of the 1.5B several milliseconds.
+
+`SPECRAY_FUSED_LAYERS=0` turns it off, `=layers` keeps the per-layer calls without the
+stack (for measuring what each saves, and for tests).
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from actors.native import layer as native_layer
 from actors.quantized import QuantLinear
 
 ENV = "SPECRAY_FUSED_LAYERS"
+
+
+def stacked() -> bool:
+    """Whether fused models run row-by-row forwards through `FusedStack`."""
+    return os.environ.get(ENV, "1").strip() != "layers"
 
 
 def applies(model) -> bool:
@@ -80,3 +90,38 @@ class FusedBlock:
         x = self.wo(o, residual=x)
         gu = self.gate_up(native_layer.rmsnorm(x, blk.mlp_norm.weight, blk.mlp_norm.eps))
         return self.down(native_layer.swiglu(gu), residual=x)
+
+
+class FusedStack:
+    """Every `FusedBlock` of a model in one native call, for forwards it `covers`."""
+
+    def __init__(self, blocks: list[FusedBlock], inter: int) -> None:
+        specs, keep = [], []
+        for fb in blocks:
+            a, m = fb.blk.attn_norm, fb.blk.mlp_norm
+            specs.append(native_layer.LayerSpec(
+                attn_norm=a.weight.data_ptr(), mlp_norm=m.weight.data_ptr(), attn_eps=a.eps, mlp_eps=m.eps,
+                qkv=fb.qkv.spec(), wo=fb.wo.spec(), gate_up=fb.gate_up.spec(), down=fb.down.spec()))
+            keep += [a.weight, m.weight, fb]
+            if a.weight.dtype != torch.float32 or not a.weight.is_contiguous():
+                raise ValueError("fused layers need float32 norm weights")
+        b = blocks[0]
+        dims = native_layer.Dims(hidden=b.qkv.k, heads=b.heads, kv_heads=b.kv_heads, head_dim=b.head_dim,
+                                 inter=inter, scale=b.scale)
+        self.stack = native_layer.Stack(specs, dims, keep)
+
+    @staticmethod
+    def covers(segments: list[Segment]) -> bool:
+        """Every sequence attends row by row, densely (decoding steps and verifies)."""
+        return all(seg.step is None and seg.plans["full_attention"].rows is not None for seg in segments)
+
+    def __call__(self, x: Tensor, segments: list[Segment]) -> Tensor:
+        seqs, row = [], 0
+        for seg in segments:
+            plan = seg.plans["full_attention"]
+            if plan.native_rows is None:
+                plan.native_rows = native_layer.slot_table(plan.rows)
+            t = plan.cos.shape[0]
+            seqs.append((row, t, seg.start, seg.cache.k, seg.cache.v, plan.cos, plan.sin, plan.native_rows))
+            row += t
+        return self.stack(x, seqs)

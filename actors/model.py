@@ -44,6 +44,7 @@ class Transformer(nn.Module):
         self.quant_embedding: nn.Module | None = None  # a GGUF model's embedding blocks (actors.gguf_model)
         self._row_exact: bool | None = None  # decided on first use, once the linears are final
         self._fused: list | None = None  # native layers (actors.fused), likewise decided on first use
+        self._fused_stack = None  # all of them in one call, for row-by-row forwards (actors.fused.FusedStack)
         self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.output = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -236,7 +237,10 @@ class Transformer(nn.Module):
         x = self.quant_embedding(ids) if self.quant_embedding is not None else F.embedding(ids, self.tok_embeddings)
         if self.config.gemma:
             x = x * self.embed_scale
-        for i, blk in enumerate(self.fused_layers() or self.layers):
+        fused = self.fused_layers()
+        if fused and self._fused_stack is not None and self._fused_stack.covers(segs):
+            return self._fused_stack(x, segs)
+        for i, blk in enumerate(fused or self.layers):
             x = blk(x, i, segs)
         return x
 
@@ -246,6 +250,8 @@ class Transformer(nn.Module):
             from actors import fused
 
             self._fused = [fused.FusedBlock(blk) for blk in self.layers] if fused.applies(self) else []
+            self._fused_stack = (fused.FusedStack(self._fused, self.config.intermediate_size)
+                                 if self._fused and fused.stacked() else None)
         return self._fused or None
 
     def final_norm(self, x: Tensor) -> Tensor:

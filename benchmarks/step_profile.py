@@ -1,13 +1,14 @@
-"""Where one decoding step of a quantized model goes: torch layers against fused layers.
+"""Where one decoding step of a quantized model goes: torch layers, fused layers, the stack.
 
     python -m benchmarks.step_profile --model qwen2.5-coder-1.5b --out bench-out/step_profile
 
-The model loads once as its GGUF file; the two layer forms (`SPECRAY_FUSED_LAYERS=0|1`,
-`actors.fused`) alternate, `--rounds` times `--steps` one-token steps each after a
-`--context`-token prefill, in one process. Reported per form: the step (min and median)
-and the time inside each kind of call, per step: the quantized products (per weight
-group), the native layer ops, and for the torch form every ATen op the profiler sees
-(its self time), grouped. The products' bytes give their bandwidth; the machine's own
+The model loads once as its GGUF file; the three layer forms (`SPECRAY_FUSED_LAYERS=0|layers|1`,
+`actors.fused`: torch ops, native calls per layer, all layers in one native call)
+alternate, `--rounds` times `--steps` one-token steps each after a `--context`-token
+prefill, in one process. Reported per form: the step (min and median) and the time inside
+each kind of call, per step: the quantized products (per weight group), the native layer
+ops (or the one stack call), and for the torch form every ATen op the profiler sees (its
+self time), grouped. The products' bytes give their bandwidth; the machine's own
 streaming read bandwidth is measured alongside.
 """
 
@@ -64,6 +65,7 @@ class CallTimer:
             return names[id(prod)]
 
         self.wrap(layer.Products, "__call__", product_name)
+        self.wrap(layer.Stack, "__call__", "layer stack (products and layer ops, one call)")
         self.wrap(QuantLinear, "forward", lambda args: f"product {args[0].qweight.type_name} "
                                                        f"{args[0].out_features}x{args[0].in_features}")
         return self
@@ -73,10 +75,10 @@ class CallTimer:
             setattr(owner, name, fn)
 
 
-def prefill(model, fused_on: bool, context: int, cache) -> None:
+def prefill(model, mode: str, context: int, cache) -> None:
     import torch
 
-    os.environ["SPECRAY_FUSED_LAYERS"] = "1" if fused_on else "0"
+    os.environ["SPECRAY_FUSED_LAYERS"] = mode
     model._fused = None  # decided again on next use
     cache.length = 0
     model.forward_hidden(torch.arange(context) % 1000 + 10, cache, prefill=True)
@@ -95,11 +97,11 @@ def decode_steps(model, context: int, steps: int, cache) -> list[float]:
     return times
 
 
-def profile_form(model, fused_on: bool, context: int, steps: int, cache) -> dict:
+def profile_form(model, mode: str, context: int, steps: int, cache) -> dict:
     """Per-call-kind ms per step: native calls timed by wrapping, ATen ops by the profiler."""
     import torch
 
-    prefill(model, fused_on, context, cache)
+    prefill(model, mode, context, cache)
     timer = CallTimer().install()
     try:
         with torch.profiler.profile() as prof:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not fused.applies(model):
         raise SystemExit(f"{args.model} as GGUF does not run fused layers here (native kernels: {native.variant()})")
     cache = model.new_cache(args.context + 8)
-    forms = {"torch layers": False, "fused layers": True}
+    forms = {"torch layers": "0", "fused layers": "layers", "fused stack": "1"}  # SPECRAY_FUSED_LAYERS
     steps = {name: [] for name in forms}
     rows = {}
     try:
@@ -166,8 +168,11 @@ def render(report: dict) -> str:
              "a step", ""]
     for name, r in report["forms"].items():
         products = sum(v for k, v in r["calls_ms"].items() if k.startswith("product"))
+        stacked = sum(v for k, v in r["calls_ms"].items() if k.startswith("layer stack"))
+        work = (f"products {products:.1f} ms ({c['product_bytes_per_step'] / products / 1e6:.1f} GB/s)" if not stacked
+                else f"all layers {stacked:.1f} ms in one call, lm_head {products:.1f} ms")
         lines += [f"## {name}: step {r['step_ms_min']:.1f} ms min, {r['step_ms_median']:.1f} ms median", "",
-                  f"products {products:.1f} ms ({c['product_bytes_per_step'] / products / 1e6:.1f} GB/s); "
+                  f"{work}; "
                   f"ATen self time {r['aten_self_total_ms']:.1f} ms over {r.get('aten_calls_per_step', 0):.0f} calls "
                   "(the call times come from profiled steps, "
                   "a little slower than the step times above)", "",
@@ -189,11 +194,14 @@ def plot(report: dict, path: Path) -> None:
     for i, name in enumerate(names):
         r = report["forms"][name]
         products = sum(v for k, v in r["calls_ms"].items() if k.startswith("product"))
-        native_ops = sum(v for k, v in r["calls_ms"].items() if not k.startswith("product"))
-        rest = max(0.0, r["step_ms_median"] - products - native_ops)
+        native_ops = sum(v for k, v in r["calls_ms"].items() if not k.startswith("product")
+                         and not k.startswith("layer stack"))
+        stacked = sum(v for k, v in r["calls_ms"].items() if k.startswith("layer stack"))
+        rest = max(0.0, r["step_ms_median"] - products - native_ops - stacked)
         left = 0.0
         for part, width, color in (("quantized products", products, "tab:blue"),
                                    ("native layer ops", native_ops, "tab:green"),
+                                   ("all layers in one call", stacked, "tab:purple"),
                                    ("torch ops + Python", rest, "tab:red")):
             ax.barh(i, width, left=left, color=color, label=part if i == 0 else None)
             left += width

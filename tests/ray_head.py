@@ -8,6 +8,7 @@ tests and the Serve tests.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -66,18 +67,23 @@ def head_env() -> dict[str, str]:
     return env
 
 
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, token: str, timeout: float = 90.0) -> None:
+    """Until the dashboard serves and the head's own node is registered: the dashboard answers
+    a few seconds before the raylet has joined, and a client attaching in that window (`serve
+    run` did, on a loaded CI box) fails with "No node info found matching attributes"."""
     deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url + "/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            urllib.request.urlopen(url + "/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # an answer at all (401 without the token) means the dashboard is serving
-        except OSError:
-            time.sleep(0.3)
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                nodes = json.load(answer)["data"]["result"]["result"]
+            if any(n.get("state") == "ALIVE" for n in nodes):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
     raise RuntimeError(f"Ray head not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
@@ -123,7 +129,7 @@ def ray_head(log: Path, num_cpus: int = 2) -> Iterator[Head]:
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_up(url, proc, log)
+        wait_until_up(url, proc, log, env["RAY_AUTH_TOKEN"])
         yield Head(url, f"127.0.0.1:{gcs}", metrics, env)
     finally:
         stop(proc)

@@ -1,6 +1,7 @@
 """Native kernels for GGUF weight blocks (`ggml_blocks.c`) and the float work around them
-in a decoder layer (`layer_ops.c`, used through `actors.native.layer`), built here, loaded
-with ctypes.
+in a decoder layer (`layer_ops.c`, used through `actors.native.layer`), and the loop over a
+model's fused layers (`stack_ops.c`, `actors.fused.FusedStack`), built here, loaded with
+ctypes.
 
 The C sources are compiled at first use with the machine's C compiler, once per
 instruction-set variant, and cached under `~/.cache/specray/native/`:
@@ -34,7 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("ggml_blocks.c"), Path(__file__).with_name("layer_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("ggml_blocks.c", "layer_ops.c", "stack_ops.c"))
 ISA_ENV = "SPECRAY_NATIVE_ISA"
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-lm"]
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {  # name -> (compiler flags, cpu flags it needs)
@@ -128,6 +129,10 @@ def _load(path: Path, name: str) -> ctypes.CDLL | None:
         lib.specray_attend_rows.restype = ctypes.c_int
         lib.specray_swiglu.argtypes = [ptr, i64, i64, ptr]
         lib.specray_swiglu.restype = None
+        lib.specray_stack_workspace.argtypes = [ptr, i64]
+        lib.specray_stack_workspace.restype = i64
+        lib.specray_stack_forward.argtypes = [ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int, ptr]
+        lib.specray_stack_forward.restype = ctypes.c_int
     except (OSError, AttributeError) as e:
         log.warning("GGUF kernels: the cached %s does not load (%s)", path, e)
         return None

@@ -1,6 +1,7 @@
-"""Python side of `layer_ops.c` and of the many-weight product: the calls a fused decoder
-layer (`actors.fused`) makes. Each takes float32 CPU tensors and checks what it must
-before handing raw pointers to C.
+"""Python side of `layer_ops.c`, of the many-weight product and of `stack_ops.c`: the
+calls a fused decoder layer (`actors.fused`) makes, and `Stack`, all layers of a forward
+in one call. Each takes float32 CPU tensors and checks what it must before handing raw
+pointers to C.
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ def _f32(x: Tensor, name: str) -> Tensor:
     return x.contiguous()
 
 
+class ProductSpec(ctypes.Structure):  # stack_ops.c: Product
+    _fields_ = [("count", ctypes.c_int32), ("has_bias", ctypes.c_int32), ("types", ctypes.c_int32 * 4),
+                ("ws", ctypes.c_void_p * 4), ("ns", ctypes.c_int64 * 4), ("bias", ctypes.c_void_p * 4)]
+
+
+class LayerSpec(ctypes.Structure):  # stack_ops.c: Layer
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("attn_eps", ctypes.c_float),
+                ("mlp_eps", ctypes.c_float), ("qkv", ProductSpec), ("wo", ProductSpec), ("gate_up", ProductSpec),
+                ("down", ProductSpec)]
+
+
+class Dims(ctypes.Structure):  # stack_ops.c: Dims
+    _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("inter", ctypes.c_int64), ("scale", ctypes.c_float)]
+
+
+class SeqSpec(ctypes.Structure):  # stack_ops.c: Seq
+    _fields_ = [(name, ctypes.c_int64) for name in ("row0", "T", "start", "cap", "layer_stride")] + \
+               [(name, ctypes.c_void_p) for name in ("kc", "vc", "cos", "sin", "lo", "n", "off", "idx")]
+
+
 class Products:
     """Weights in GGUF blocks sharing one input, multiplied in one native call: the output
     is [M, sum of their rows], each weight's columns side by side (q|k|v, gate|up). Each
@@ -48,6 +70,18 @@ class Products:
         self._sizes32 = {native.BLOCKS[lin.qweight.qtype][0] for lin in linears}
         lib = _lib()
         self._fn, self._scratch_bytes = lib.specray_matmul_many, lib.specray_scratch_bytes
+
+    def spec(self) -> ProductSpec:
+        """These weights as `stack_ops.c` reads them."""
+        count = len(self.sizes)
+        if count > 4:
+            raise ValueError("a stacked layer's product takes at most 4 weights")
+        spec = ProductSpec(count=count, has_bias=self._bias is not None)
+        for i in range(count):
+            spec.types[i], spec.ws[i], spec.ns[i] = self._types[i], self._ws[i], self._ns[i]
+            if self._bias is not None:
+                spec.bias[i] = self._bias[i]
+        return spec
 
     def __call__(self, x: Tensor, residual: Tensor | None = None, threads: int | None = None) -> Tensor:
         """x [M, k] -> [M, n] (+ residual [M, n], added last, as `residual + y` would)."""
@@ -141,3 +175,53 @@ def swiglu(gate_up: Tensor) -> Tensor:
     out = torch.empty(m, i, dtype=torch.float32)
     _lib().specray_swiglu(gate_up.data_ptr(), m, i, out.data_ptr())
     return out
+
+
+class Stack:
+    """Every layer of a forward in one native call (`stack_ops.c`): the same functions the
+    per-layer calls above make, in the same order, so the same bits. For forwards where
+    every sequence attends row by row (`attend_rows`)."""
+
+    def __init__(self, layers: list[LayerSpec], dims: Dims, keep: list) -> None:
+        """`keep`: what owns the memory the specs point at (weights, norms)."""
+        self.layers = (LayerSpec * len(layers))(*layers)
+        self.dims, self._keep = dims, keep
+        self._work = torch.empty(0, dtype=torch.uint8)
+        lib = _lib()
+        self._fn, self._bytes = lib.specray_stack_forward, lib.specray_stack_workspace
+
+    def __call__(self, x: Tensor, seqs: list[tuple], threads: int | None = None) -> Tensor:
+        """x [M, hidden] (updated in place and returned) through every layer. `seqs`: per
+        sequence (first row, rows, cache start, k cache, v cache [layers, 1, kv_heads, cap,
+        head_dim], cos, sin [rows, head_dim], slot table (`slot_table`)), rows in order."""
+        d = self.dims
+        x = _f32(x, "x")
+        m = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != d.hidden:
+            raise ValueError(f"x must be [M, {d.hidden}], got {list(x.shape)}")
+        specs, row = (SeqSpec * len(seqs))(), 0
+        for spec, (row0, t, start, k, v, cos, sin, (meta, slots)) in zip(specs, seqs):
+            if row0 != row or meta.shape != (3, t) or cos.shape != (t, d.head_dim) or not cos.is_contiguous() \
+                    or not sin.is_contiguous() or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+                raise ValueError("sequences must cover the rows in order, each with its positions and slots")
+            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == torch.float32 and k.shape == v.shape
+                    and k.shape[0] == len(self.layers) and k.shape[2] == d.kv_heads and k.shape[4] == d.head_dim):
+                raise ValueError(f"the KV cache must be contiguous float32 [{len(self.layers)}, 1, {d.kv_heads}, "
+                                 f"cap, {d.head_dim}], got {list(k.shape)} {k.dtype}")
+            if start + t > k.shape[3]:
+                raise ValueError(f"cache slots [{start}, {start + t}) past its {k.shape[3]}")
+            spec.row0, spec.T, spec.start, spec.cap, spec.layer_stride = row0, t, start, k.shape[3], k.stride(0)
+            spec.kc, spec.vc, spec.cos, spec.sin = k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr()
+            spec.lo, spec.n, spec.off, spec.idx = meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), \
+                slots.data_ptr()
+            row += t
+        if row != m:
+            raise ValueError(f"the sequences cover {row} rows of {m}")
+        need = self._bytes(ctypes.byref(d), m)
+        if self._work.numel() < need:
+            self._work = torch.empty(need, dtype=torch.uint8)
+        code = self._fn(self.layers, len(self.layers), ctypes.byref(d), specs, len(seqs), x.data_ptr(), m,
+                        threads or torch.get_num_threads(), self._work.data_ptr())
+        if code != 0:
+            raise ValueError(f"native layer stack refused its arguments (code {code})")
+        return x

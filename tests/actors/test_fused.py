@@ -148,3 +148,34 @@ def test_models_it_cannot_run_keep_the_torch_layers(tmp_path):
     assert not fused.applies(dense)
     int8 = loading.load(str(tmp_path / "q"), "int8", progress=False).build()  # quantized here: fused too
     assert fused.applies(int8)
+
+
+def test_the_layer_stack_gives_the_per_layer_calls_bits(tiny_q4k, monkeypatch):
+    """One native call for all layers (`FusedStack`) against the per-layer calls: decoding
+    steps, a tree verify and a batch of two sequences, bitwise; prompt chunks keep the
+    per-layer path."""
+    from actors.model import BatchItem
+
+    model = loading.load(str(tiny_q4k), "gguf", progress=False).build()
+    prompt = torch.randint(2, 64, (11,), generator=GEN)
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+
+    def run(mode: str) -> list[torch.Tensor]:
+        monkeypatch.setenv(fused.ENV, mode)
+        model._fused = None
+        assert model.fused_layers() and (model._fused_stack is not None) == (mode == "1")
+        a, b = model.new_cache(40), model.new_cache(40)
+        out = [model.forward(prompt, a), model.forward(prompt[:7], b)]
+        for tok in (5, 9):
+            out.append(model.forward(torch.tensor([tok]), a))
+        out.append(model.forward(torch.tensor([3, 4, 8, 2]), a, tree_mask=tree))
+        out += model.forward_batch([BatchItem(torch.tensor([6]), a), BatchItem(torch.tensor([7, 1, 2]), b)])
+        return out + [a.k[:, :, :, :a.length], b.v[:, :, :, :b.length]]
+
+    calls = []
+    monkeypatch.setattr(fused.FusedStack, "__call__", lambda self, x, segs, _f=fused.FusedStack.__call__:
+                        calls.append(len(segs)) or _f(self, x, segs))
+    stacked, layers = run("1"), run("layers")
+    assert calls == [1, 1, 1, 2]  # the two steps, the verify, the batch; not the prompts
+    for got, want in zip(stacked, layers):
+        assert torch.equal(got, want)

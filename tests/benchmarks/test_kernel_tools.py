@@ -21,7 +21,7 @@ def tiny_gguf(tmp_path_factory):
                                intermediate_size=512)
 
 
-def test_step_profile_reports_both_layer_forms(tiny_gguf, tmp_path):
+def test_step_profile_reports_the_three_layer_forms(tiny_gguf, tmp_path):
     from benchmarks.step_profile import main
 
     out = tmp_path / "profile"
@@ -34,6 +34,9 @@ def test_step_profile_reports_both_layer_forms(tiny_gguf, tmp_path):
     assert not {"rmsnorm", "swiglu"} & set(torch_form["calls_ms"])
     assert any(k.startswith("product Q4_K") for k in torch_form["calls_ms"])
     assert torch_form["aten_calls_per_step"] > 3 * fused_form["aten_calls_per_step"]  # 411 vs 114 here
+    stack_form = report["forms"]["fused stack"]  # one call for every layer; the lm_head apart
+    assert [k for k in stack_form["calls_ms"] if not k.startswith("product")] == [
+        "layer stack (products and layer ops, one call)", "rmsnorm"]  # the final norm
 
 
 def test_kernel_ab_finds_a_library_equal_to_itself(tiny_gguf, tmp_path, capsys):
