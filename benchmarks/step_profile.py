@@ -15,6 +15,7 @@ streaming read bandwidth is measured alongside.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -102,6 +103,9 @@ def profile_form(model, mode: str, context: int, steps: int, cache) -> dict:
     import torch
 
     prefill(model, mode, context, cache)
+    stack = model._fused_stack.stack if model._fused_stack is not None else None
+    if stack is not None:  # the stack's own split: its products and its other layer ops, timed in C
+        stack.timing = (ctypes.c_double * 2)()
     timer = CallTimer().install()
     try:
         with torch.profiler.profile() as prof:
@@ -109,6 +113,10 @@ def profile_form(model, mode: str, context: int, steps: int, cache) -> dict:
     finally:
         timer.remove()
     per_step = {k: v / steps * 1e3 for k, v in timer.seconds.items()}
+    if stack is not None:
+        per_step["in the stack: products"] = stack.timing[0] / steps * 1e3
+        per_step["in the stack: layer ops"] = stack.timing[1] / steps * 1e3
+        stack.timing = None
     aten, calls = defaultdict(float), 0
     for ev in prof.key_averages():
         if ev.key.startswith("aten::"):
@@ -169,8 +177,10 @@ def render(report: dict) -> str:
     for name, r in report["forms"].items():
         products = sum(v for k, v in r["calls_ms"].items() if k.startswith("product"))
         stacked = sum(v for k, v in r["calls_ms"].items() if k.startswith("layer stack"))
+        inside = [r["calls_ms"].get(f"in the stack: {k}", 0.0) for k in ("products", "layer ops")]
         work = (f"products {products:.1f} ms ({c['product_bytes_per_step'] / products / 1e6:.1f} GB/s)" if not stacked
-                else f"all layers {stacked:.1f} ms in one call, lm_head {products:.1f} ms")
+                else f"all layers {stacked:.1f} ms in one call (its products {inside[0]:.1f} ms, its other layer ops "
+                     f"{inside[1]:.1f} ms), lm_head {products:.1f} ms")
         lines += [f"## {name}: step {r['step_ms_min']:.1f} ms min, {r['step_ms_median']:.1f} ms median", "",
                   f"{work}; "
                   f"ATen self time {r['aten_self_total_ms']:.1f} ms over {r.get('aten_calls_per_step', 0):.0f} calls "
@@ -189,25 +199,30 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 3.5))
     names = list(report["forms"])
     for i, name in enumerate(names):
         r = report["forms"][name]
         products = sum(v for k, v in r["calls_ms"].items() if k.startswith("product"))
-        native_ops = sum(v for k, v in r["calls_ms"].items() if not k.startswith("product")
-                         and not k.startswith("layer stack"))
+        native_ops = sum(v for k, v in r["calls_ms"].items() if not k.startswith(("product", "layer stack",
+                                                                                   "in the stack")))
         stacked = sum(v for k, v in r["calls_ms"].items() if k.startswith("layer stack"))
-        rest = max(0.0, r["step_ms_median"] - products - native_ops - stacked)
+        inside = [r["calls_ms"].get(f"in the stack: {k}", 0.0) for k in ("products", "layer ops")]
+        glue = max(0.0, stacked - sum(inside))  # inside the stack call, between its ops
+        products, native_ops = products + inside[0], native_ops + inside[1]
+        rest = max(0.0, r["step_ms_median"] - products - native_ops - glue)
         left = 0.0
         for part, width, color in (("quantized products", products, "tab:blue"),
                                    ("native layer ops", native_ops, "tab:green"),
-                                   ("all layers in one call", stacked, "tab:purple"),
+                                   ("stack call, between its ops", glue, "tab:purple"),
                                    ("torch ops + Python", rest, "tab:red")):
             ax.barh(i, width, left=left, color=color, label=part if i == 0 else None)
             left += width
+        ax.plot([r["step_ms_median"]] * 2, [i - 0.45, i + 0.45], color="black", linewidth=2,
+                label="step, unprofiled (median)" if i == 0 else None)
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("ms per decoding step (median)")
-    ax.legend(loc="lower right")
+    ax.set_xlabel("ms per decoding step (bars: calls timed in profiled steps)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(f"{report['config']['model']}: where a step goes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -131,7 +131,8 @@ def _load(path: Path, name: str) -> ctypes.CDLL | None:
         lib.specray_swiglu.restype = None
         lib.specray_stack_workspace.argtypes = [ptr, i64]
         lib.specray_stack_workspace.restype = i64
-        lib.specray_stack_forward.argtypes = [ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int, ptr]
+        lib.specray_stack_forward.argtypes = [ptr, ctypes.c_int, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int, ptr,
+                                              ptr]
         lib.specray_stack_forward.restype = ctypes.c_int
     except (OSError, AttributeError) as e:
         log.warning("GGUF kernels: the cached %s does not load (%s)", path, e)

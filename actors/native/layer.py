@@ -187,6 +187,7 @@ class Stack:
         self.layers = (LayerSpec * len(layers))(*layers)
         self.dims, self._keep = dims, keep
         self._work = torch.empty(0, dtype=torch.uint8)
+        self.timing: ctypes.Array | None = None  # [products, other layer ops] seconds, summed while set
         lib = _lib()
         self._fn, self._bytes = lib.specray_stack_forward, lib.specray_stack_workspace
 
@@ -221,7 +222,7 @@ class Stack:
         if self._work.numel() < need:
             self._work = torch.empty(need, dtype=torch.uint8)
         code = self._fn(self.layers, len(self.layers), ctypes.byref(d), specs, len(seqs), x.data_ptr(), m,
-                        threads or torch.get_num_threads(), self._work.data_ptr())
+                        threads or torch.get_num_threads(), self._work.data_ptr(), self.timing)
         if code != 0:
             raise ValueError(f"native layer stack refused its arguments (code {code})")
         return x

@@ -9,6 +9,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 int specray_matmul_many(int count, const int *types, const uint8_t *const *ws, const int64_t *ns,
                         const float *const *bias, const float *x, int64_t M, int64_t K, const float *residual,
@@ -68,10 +69,25 @@ static int product(const Product *p, const float *x, int64_t M, int64_t K, const
                                out, threads, scratch);
 }
 
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Wall time into seconds[0] (products) or seconds[1] (the other layer ops), when given. */
+#define TIMED(slot, call)                                 \
+    do {                                                  \
+        double t0_ = seconds ? now() : 0.0;               \
+        call;                                             \
+        if (seconds) seconds[slot] += now() - t0_;        \
+    } while (0)
+
 /* x [M, hidden] through n_layers layers, in place. 0, or a negative code naming the layer
- * (-(1000 * layer + 1..4): which product refused, -(1000 * layer + 5): attention). */
+ * (-(1000 * layer + 1..4): which product refused, -(1000 * layer + 5): attention).
+ * `seconds` (NULL, or 2 doubles): where the time went, for benchmarks/step_profile.py. */
 int specray_stack_forward(const Layer *layers, int n_layers, const Dims *d, const Seq *seqs, int n_seqs, float *x,
-                          int64_t M, int threads, void *work) {
+                          int64_t M, int threads, void *work, double *seconds) {
     int64_t f = sizeof(float), hid = d->hidden, hd = d->heads * d->head_dim, nqkv = qkv_width(d);
     int H = (int)d->heads, Hkv = (int)d->kv_heads, D = (int)d->head_dim;
     char *w = (char *)work;
@@ -84,22 +100,26 @@ int specray_stack_forward(const Layer *layers, int n_layers, const Dims *d, cons
     void *scratch = w + up64(M * d->inter * f);
     for (int l = 0; l < n_layers; l++) {
         const Layer *L = layers + l;
-        int code = -1000 * l;
-        specray_rmsnorm(x, M, hid, L->attn_norm, L->attn_eps, xn);
-        if (product(&L->qkv, xn, M, hid, NULL, qkv, threads, scratch)) return code - 1;
+        int code = -1000 * l, rc = 0;
+        TIMED(1, specray_rmsnorm(x, M, hid, L->attn_norm, L->attn_eps, xn));
+        TIMED(0, rc = product(&L->qkv, xn, M, hid, NULL, qkv, threads, scratch));
+        if (rc) return code - 1;
         for (int s = 0; s < n_seqs; s++) {
             const Seq *S = seqs + s;
             float *rows = qkv + S->row0 * nqkv, *kc = S->kc + l * S->layer_stride, *vc = S->vc + l * S->layer_stride;
-            specray_rope_store(rows, S->T, nqkv, H, Hkv, D, S->cos, S->sin, kc, vc, S->cap, S->start);
-            if (specray_attend_rows(rows, S->T, nqkv, H, Hkv, D, kc, vc, S->cap, S->lo, S->n, S->off, S->idx,
-                                    d->scale, o + S->row0 * hd, threads))
-                return code - 5;
+            TIMED(1, specray_rope_store(rows, S->T, nqkv, H, Hkv, D, S->cos, S->sin, kc, vc, S->cap, S->start));
+            TIMED(1, rc = specray_attend_rows(rows, S->T, nqkv, H, Hkv, D, kc, vc, S->cap, S->lo, S->n, S->off,
+                                              S->idx, d->scale, o + S->row0 * hd, threads));
+            if (rc) return code - 5;
         }
-        if (product(&L->wo, o, M, hd, x, x2, threads, scratch)) return code - 2;
-        specray_rmsnorm(x2, M, hid, L->mlp_norm, L->mlp_eps, xn);
-        if (product(&L->gate_up, xn, M, hid, NULL, gu, threads, scratch)) return code - 3;
-        specray_swiglu(gu, M, d->inter, act);
-        if (product(&L->down, act, M, d->inter, x2, x, threads, scratch)) return code - 4;
+        TIMED(0, rc = product(&L->wo, o, M, hd, x, x2, threads, scratch));
+        if (rc) return code - 2;
+        TIMED(1, specray_rmsnorm(x2, M, hid, L->mlp_norm, L->mlp_eps, xn));
+        TIMED(0, rc = product(&L->gate_up, xn, M, hid, NULL, gu, threads, scratch));
+        if (rc) return code - 3;
+        TIMED(1, specray_swiglu(gu, M, d->inter, act));
+        TIMED(0, rc = product(&L->down, act, M, d->inter, x2, x, threads, scratch));
+        if (rc) return code - 4;
     }
     return 0;
 }

@@ -179,3 +179,24 @@ def test_the_layer_stack_gives_the_per_layer_calls_bits(tiny_q4k, monkeypatch):
     assert calls == [1, 1, 1, 2]  # the two steps, the verify, the batch; not the prompts
     for got, want in zip(stacked, layers):
         assert torch.equal(got, want)
+
+
+def test_the_stack_names_what_is_wrong_with_its_arguments(tiny_q4k, monkeypatch):
+    monkeypatch.setenv(fused.ENV, "1")
+    model = loading.load(str(tiny_q4k), "gguf", progress=False).build()
+    assert model.fused_layers()
+    stack, cfg = model._fused_stack.stack, model.config
+    cache = model.new_cache(8)
+    cos, sin = torch.zeros(1, cfg.head_dim), torch.zeros(1, cfg.head_dim)
+    table = layer.slot_table([slice(0, 1)])
+    x = torch.randn(1, cfg.hidden_size)
+    with pytest.raises(ValueError, match="x must be"):
+        stack(torch.randn(1, cfg.hidden_size + 1), [(0, 1, 0, cache.k, cache.v, cos, sin, table)])
+    with pytest.raises(ValueError, match="cover the rows in order"):
+        stack(x, [(1, 1, 0, cache.k, cache.v, cos, sin, table)])
+    with pytest.raises(ValueError, match="KV cache must be contiguous"):
+        stack(x, [(0, 1, 0, cache.k[:, :, :, :4], cache.v[:, :, :, :4], cos, sin, table)])
+    with pytest.raises(ValueError, match="past its 8"):
+        stack(x, [(0, 1, 8, cache.k, cache.v, cos, sin, table)])
+    with pytest.raises(ValueError, match="cover 1 rows of 2"):
+        stack(torch.randn(2, cfg.hidden_size), [(0, 1, 0, cache.k, cache.v, cos, sin, table)])
