@@ -39,6 +39,8 @@ class ModelHome:
     cancelled: set[str] = field(default_factory=set)
     stopped: set[str] = field(default_factory=set)  # end after the current round (a stop string was seen)
     routers: dict[str, RouterChannel] = field(default_factory=dict)  # transport ("ipc"/"tcp") -> bound socket
+    # ensemble members' handshakes that came before their request's leader ran (LeaderLink)
+    early_handshakes: dict[str, tuple] = field(default_factory=dict)
 
     def channel_config(self, endpoint: str, binds: bool) -> ChannelConfig:
         return ChannelConfig(tensor_lib="torch", auth=link_auth(endpoint, self.secret, binds=binds))
@@ -187,7 +189,8 @@ class EnsembleMember:
             return session in home.stopped
 
         cancelled = lambda: session in home.cancelled  # noqa: E731
-        link = LeaderLink(router, home.fingerprint, session, {i: names[i] for i in refs}, opts, alive, cancelled)
+        link = LeaderLink(router, home.fingerprint, session, {i: names[i] for i in refs}, opts, alive, cancelled,
+                          early=home.early_handshakes)
         members = [LocalMember(home.runner, name, i) if i == spec["index"] else RemoteMember(link, i, name, session)
                    for i, name in enumerate(names)]
         with home.session(session):

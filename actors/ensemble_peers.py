@@ -63,6 +63,9 @@ class PeerOptions:
         return asdict(self)
 
 
+MAX_EARLY = 64  # handshakes kept for requests not yet led
+
+
 def member_session(session: str, index: int) -> str:
     return f"{session}.{index}"
 
@@ -72,17 +75,35 @@ class LeaderLink:
 
     def __init__(self, router: RouterChannel, fingerprint: ModelFingerprint, session: str,
                  names: dict[int, str], opts: PeerOptions, alive: Callable[[int], bool],
-                 cancelled: Callable[[], bool]):
+                 cancelled: Callable[[], bool], early: dict[str, tuple] | None = None):
+        """`early`: handshakes that came in on `router` for sessions no link had yet, shared
+        by every request this router serves (`ModelHome.early_handshakes`)."""
         self.router, self.fingerprint, self.opts = router, fingerprint, opts
         self.names, self.alive, self.cancelled = names, alive, cancelled
         self.session = session
         self.index_of = {member_session(session, i): i for i in names}
         self.peers: dict[int, bytes] = {}
         self.inbox: dict[int, Message] = {}
+        self.early = early if early is not None else {}
+
+    def _next(self, timeout_s: float) -> tuple[bytes, Message]:
+        for key in self.index_of:
+            if key in self.early:
+                return self.early.pop(key)
+        return self.router.recv(timeout_s=timeout_s)
+
+    def _keep_early(self, peer: bytes, message: Message) -> None:
+        """A member of the next request can join while this one still holds the actor (its
+        call ran first, under load): its handshake must wait for that request's link, not
+        be dropped, or member and leader each wait out the handshake timeout."""
+        if isinstance(message, Handshake):
+            self.early[message.session_id] = (peer, message)
+            while len(self.early) > MAX_EARLY:  # of requests that never came: the oldest go
+                self.early.pop(next(iter(self.early)))
 
     def _pump(self, timeout_s: float) -> None:
         try:
-            peer, message = self.router.recv(timeout_s=timeout_s)
+            peer, message = self._next(timeout_s)
         except ReceiveTimeout:
             return
         except ProtocolError as exc:
@@ -90,6 +111,7 @@ class LeaderLink:
             return
         index = self.index_of.get(message.session_id)
         if index is None:
+            self._keep_early(peer, message)
             return
         if isinstance(message, Handshake):
             if self.router.answer_handshake(peer, message, role=Role.PEER, fingerprint=self.fingerprint):

@@ -1,6 +1,7 @@
 """The ensemble loops with members behind real ZeroMQ sockets (threads of this process; the
 Ray test puts them in actors): same tokens as in process, greedy and sampled with a seed,
-and a member that stops answering is a clear error, not a hang."""
+and a member that stops answering is a clear error, not a hang; a member that joins before
+the previous request has left the leader is kept for its own request."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from actors.ensemble import CosOptions, CosState, cos_generate, ensemble_generat
 from actors.ensemble_member import LocalMember, MemberLost, local_members
 from actors.ensemble_peers import LeaderLink, PeerOptions, RemoteMember, serve_member
 from actors.model import Transformer
+from actors.pipeline_options import Cancelled
 from actors.runner import ModelRunner
 from decoding.ensemble import parse_combine
 from decoding.request import DecodeConfig
@@ -99,3 +101,42 @@ def test_a_member_that_stops_answering_is_a_clear_error(paths):
     with pytest.raises(MemberLost, match="'m2'"):
         ens.generate(parse_combine("we:1,1,1", 3), [4, 4], cfg, method="ensemble", stop_member_after=0.5)
     assert time.monotonic() - start < 10
+
+
+def test_a_member_that_joins_before_the_previous_request_ends_is_not_lost(paths):
+    """Under load, a member's call for the next request can run while the leader's actor is
+    still in the previous one: its handshake arrives on a link that does not know it. Dropped,
+    leader and member each waited out the handshake timeout (a test saw the request after a
+    cancelled one hang); kept for the next link, the next request just runs."""
+    router, early = RouterChannel(ipc_endpoint(), config=CHANNEL), {}
+    runners = [load_runner(p) for p in paths[:2]]
+    cfg = DecodeConfig(max_new_tokens=8, eos_token_ids=(-1,))
+    quick = PeerOptions(handshake_timeout_s=3, reply_timeout_s=10, idle_timeout_s=10)
+    previous, following = new_session_id(), new_session_id()
+    served = {}
+
+    def serve():
+        with DealerChannel(router.endpoint, config=CHANNEL) as dealer:
+            served["stats"] = serve_member(runners[1], dealer, FINGERPRINT, following, 1, cfg, quick)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    # the previous request's link pumps the socket (its own member never comes: cancelled)
+    stop_at = time.monotonic() + 1.0
+    old = LeaderLink(router, FINGERPRINT, previous, {1: "m1"}, quick, alive=lambda i: True,
+                     cancelled=lambda: time.monotonic() > stop_at, early=early)
+    with pytest.raises(Cancelled):
+        old.accept()
+    assert list(early) == [f"{following}.1"]  # the next request's member, kept
+    link = LeaderLink(router, FINGERPRINT, following, {1: "m1"}, quick, alive=lambda i: thread.is_alive(),
+                      cancelled=lambda: False, early=early)
+    members = [LocalMember(runners[0], "m0", 0), RemoteMember(link, 1, "m1", following)]
+    rule = parse_combine("we:0.5", 2)
+    try:
+        link.accept()
+        got = ensemble_generate(members, rule, [5, 6], cfg).token_ids
+    finally:
+        link.close("done")
+        thread.join(10)
+    assert got == ensemble_generate(local_members(runners), rule, [5, 6], cfg).token_ids
+    assert served["stats"]["calls"] > 0 and not early
