@@ -150,12 +150,14 @@ def test_models_it_cannot_run_keep_the_torch_layers(tmp_path):
     assert fused.applies(int8)
 
 
-def test_the_layer_stack_gives_the_per_layer_calls_bits(tiny_q4k, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_layer_stack_gives_the_per_layer_calls_bits(tiny_q4k, monkeypatch, variant):
     """One native call for all layers (`FusedStack`) against the per-layer calls: decoding
-    steps, a tree verify and a batch of two sequences, bitwise; prompt chunks keep the
-    per-layer path."""
+    steps, a tree verify and a batch of two sequences, bitwise, in every instruction-set
+    variant this CPU runs; prompt chunks keep the per-layer path."""
     from actors.model import BatchItem
 
+    monkeypatch.setenv(native.ISA_ENV, variant)
     model = loading.load(str(tiny_q4k), "gguf", progress=False).build()
     prompt = torch.randint(2, 64, (11,), generator=GEN)
     tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
