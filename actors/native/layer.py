@@ -7,6 +7,7 @@ pointers to C.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 from torch import Tensor
@@ -186,7 +187,7 @@ class Stack:
         """`keep`: what owns the memory the specs point at (weights, norms)."""
         self.layers = (LayerSpec * len(layers))(*layers)
         self.dims, self._keep = dims, keep
-        self._work = torch.empty(0, dtype=torch.uint8)
+        self._work = threading.local()  # per thread: two runners may share one model across threads
         self.timing: ctypes.Array | None = None  # [products, other layer ops] seconds, summed while set
         lib = _lib()
         self._fn, self._bytes = lib.specray_stack_forward, lib.specray_stack_workspace
@@ -219,10 +220,11 @@ class Stack:
         if row != m:
             raise ValueError(f"the sequences cover {row} rows of {m}")
         need = self._bytes(ctypes.byref(d), m)
-        if self._work.numel() < need:
-            self._work = torch.empty(need, dtype=torch.uint8)
+        work = getattr(self._work, "buf", None)
+        if work is None or work.numel() < need:
+            work = self._work.buf = torch.empty(need, dtype=torch.uint8)
         code = self._fn(self.layers, len(self.layers), ctypes.byref(d), specs, len(seqs), x.data_ptr(), m,
-                        threads or torch.get_num_threads(), self._work.data_ptr(), self.timing)
+                        threads or torch.get_num_threads(), work.data_ptr(), self.timing)
         if code != 0:
             raise ValueError(f"native layer stack refused its arguments (code {code})")
         return x

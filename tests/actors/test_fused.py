@@ -202,3 +202,29 @@ def test_the_stack_names_what_is_wrong_with_its_arguments(tiny_q4k, monkeypatch)
         stack(x, [(0, 1, 8, cache.k, cache.v, cos, sin, table)])
     with pytest.raises(ValueError, match="cover 1 rows of 2"):
         stack(torch.randn(2, cfg.hidden_size), [(0, 1, 0, cache.k, cache.v, cos, sin, table)])
+
+
+def test_two_threads_decoding_on_one_model_each_get_their_own_rows(tiny_q4k, monkeypatch):
+    """Two runners may share one model (same weights, own caches) from two threads: the
+    stack's workspace is per thread, so each thread's logits are those it gets alone."""
+    import threading
+
+    monkeypatch.setenv(fused.ENV, "1")
+    model = loading.load(str(tiny_q4k), "gguf", progress=False).build()
+
+    def decode(first: int) -> list[torch.Tensor]:
+        cache = model.new_cache(80)
+        rows = [model.forward(torch.tensor([first, 3, 5]), cache)]
+        for tok in range(40):
+            rows.append(model.forward(torch.tensor([(first + tok) % 60 + 2]), cache))
+        return rows
+
+    alone = {first: decode(first) for first in (7, 11)}
+    together: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda f=f: together.__setitem__(f, decode(f))) for f in (7, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for first in (7, 11):
+        assert all(torch.equal(a, b) for a, b in zip(alone[first], together[first]))
