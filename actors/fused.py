@@ -99,12 +99,12 @@ class FusedStack:
         specs, keep = [], []
         for fb in blocks:
             a, m = fb.blk.attn_norm, fb.blk.mlp_norm
+            if any(w.dtype != torch.float32 or not w.is_contiguous() for w in (a.weight, m.weight)):
+                raise ValueError("fused layers need contiguous float32 norm weights")
             specs.append(native_layer.LayerSpec(
                 attn_norm=a.weight.data_ptr(), mlp_norm=m.weight.data_ptr(), attn_eps=a.eps, mlp_eps=m.eps,
                 qkv=fb.qkv.spec(), wo=fb.wo.spec(), gate_up=fb.gate_up.spec(), down=fb.down.spec()))
             keep += [a.weight, m.weight, fb]
-            if a.weight.dtype != torch.float32 or not a.weight.is_contiguous():
-                raise ValueError("fused layers need float32 norm weights")
         b = blocks[0]
         dims = native_layer.Dims(hidden=b.qkv.k, heads=b.heads, kv_heads=b.kv_heads, head_dim=b.head_dim,
                                  inter=inter, scale=b.scale)
