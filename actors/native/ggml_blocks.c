@@ -10,8 +10,9 @@
  *   eight lane accumulators; lane l gets elements 4l..4l+3 of every 32-group:
  *   32-blocks:  acc_l = fma(d*dx, (float)(sum of w*x over the lane's 4 elements), acc_l);
  *   256-blocks: acc_l = fma(d*dx, (float)(sum over the 8 groups of sc_j * that lane sum), acc_l),
- *               and Q4_K's mins go to one more accumulator, macc = fma(dmin*dx, (float)msum, macc);
- *   the result is ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)) [- macc].
+ *               and Q4_K's mins go to four more, mlane l = fma(dmin*dx, (float)(m_2l*s_2l + m_2l+1*s_2l+1), mlane l)
+ *               (s_j: the activations' sum over 32-group j);
+ *   the result is ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)) [- ((m0+m2) + (m1+m3))].
  * Every variant computes exactly this, so all give bitwise-identical results (the tests
  * check it), and a row's result depends neither on how many rows are multiplied at once
  * nor on the thread count. fma is fused in every variant (fmaf in plain C); build with
@@ -210,6 +211,7 @@ static void signed32(int t, const uint8_t *blk, int g, int8_t *w) {
 }
 
 static float hsum8(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+static float hsum4(const float *a) { return (a[0] + a[2]) + (a[1] + a[3]); }
 
 #if !defined(__AVX2__)
 /* Q4_K: one row of weights against `mc` rows of activations; lanes as at the top. */
@@ -236,9 +238,10 @@ static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
                 }
                 lanes[8 * i + l] = fmaf(d * dx, (float)isum, lanes[8 * i + l]);
             }
-            int32_t msum = 0;
-            for (int j = 0; j < 8; j++) msum += mn[j] * xs[i * (K / 32) + 8 * b + j];
-            macc[i] = fmaf(dmin * dx, (float)msum, macc[i]);
+            const int16_t *s = xs + i * (K / 32) + 8 * b;
+            for (int l = 0; l < 4; l++)
+                macc[4 * i + l] = fmaf(dmin * dx, (float)(mn[2 * l] * s[2 * l] + mn[2 * l + 1] * s[2 * l + 1]),
+                                       macc[4 * i + l]);
         }
     }
 }
@@ -471,21 +474,98 @@ static inline void q4k_scales(const uint8_t *s, uint64_t *sc, uint64_t *m) {
     *m = m0 | (uint64_t)m1 << 32;
 }
 
-static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const int16_t *xs,
-                    int64_t K, int64_t mc, float *lanes, float *macc) {
+/* Q4_K mins of one block against one activation row (s: its 8 sums per 32), into the four
+ * min lanes: lane l gets m_2l*s_2l + m_2l+1*s_2l+1 (exact), scaled by dmin*dx. */
+static inline __m128 q4k_min_step(__m128 macc, __m128i mins, const int16_t *s, float scale) {
+    const __m128i p = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)s));
+    return _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(p), macc);
+}
+
+/* One block's header: d, dmin (exact f16 conversions), its scales and mins as int16. */
+static inline void q4k_head(const uint8_t *blk, float *d, float *dmin, __m128i *sc16, __m128i *mins) {
+    int32_t dpair;
+    memcpy(&dpair, blk, 4);
+    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(dpair));
+    *d = _mm_cvtss_f32(dd);
+    *dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+    uint64_t sc8, mn8;
+    q4k_scales(blk + 4, &sc8, &mn8);
+    *mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)mn8));
+    *sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)sc8));
+}
+
+static inline void q4k_prefetch(const uint8_t *blk) {
+    _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
+    _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
+}
+
+/* Decoding (one activation row): the block's integer lane sums against x. On AVX2 each 64
+ * codes are unpacked, scaled and used at once, so nothing spills (eight codes and eight
+ * scales would take all 16 ymm registers). */
+static inline __m256i q4k_isum_one(const uint8_t *blk, __m128i sc16, const int8_t *x) {
+#ifdef WIDE512
+    const __m512i nib = _mm512_set1_epi8(0x0f), sc512 = _mm512_broadcast_i32x4(sc16);
+    __m512i wide = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c += 2) {
+        const __m512i q = _mm512_loadu_si512(blk + 16 + 32 * c);
+        const __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), nib);
+        const __m512i c0 = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i c1 = _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+        wide = _mm512_dpwssd_epi32(wide, _mm512_maddubs_epi16(c0, _mm512_loadu_si512(x + 64 * c)),
+                                   _mm512_permutexvar_epi16(_mm512_load_si512(Q4K_SCALE_IDX[c]), sc512));
+        wide = _mm512_dpwssd_epi32(wide, _mm512_maddubs_epi16(c1, _mm512_loadu_si512(x + 64 * c + 64)),
+                                   _mm512_permutexvar_epi16(_mm512_load_si512(Q4K_SCALE_IDX[c + 1]), sc512));
+    }
+    return fold512(wide);
+#else
+    const __m256i nib = _mm256_set1_epi8(0x0f), sc256 = _mm256_broadcastsi128_si256(sc16);
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+        const __m256i slo = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16((short)(((4 * c + 1) << 8) | (4 * c))));
+        const __m256i shi = _mm256_shuffle_epi8(sc256, _mm256_set1_epi16((short)(((4 * c + 3) << 8) | (4 * c + 2))));
+        isum = add_scaled(isum, pairs_u8(_mm256_and_si256(q, nib), _mm256_loadu_si256((const __m256i *)(x + 64 * c))),
+                          slo);
+        isum = add_scaled(isum, pairs_u8(_mm256_and_si256(_mm256_srli_epi16(q, 4), nib),
+                                         _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32))), shi);
+    }
+    return isum;
+#endif
+}
+
+/* Decoding: both accumulators stay in registers across blocks, not in memory. */
+static void row_q4k_one(const uint8_t *row, int64_t nb, const int8_t *x, const float *xd, const int16_t *xs,
+                        float *lanes, float *macc) {
+    __m256 acc = _mm256_loadu_ps(lanes);
+    __m128 mac = _mm_loadu_ps(macc);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 144;
-        _mm_prefetch((const char *)blk + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)blk + PREFETCH + 128, _MM_HINT_T0);
-        int32_t dpair;
-        memcpy(&dpair, blk, 4);
-        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(dpair)); /* d, dmin: exact conversions */
-        const float d = _mm_cvtss_f32(dd), dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
-        uint64_t sc8, mn8;
-        q4k_scales(blk + 4, &sc8, &mn8);
-        const __m128i mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)mn8));
-        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((int64_t)sc8));
+        q4k_prefetch(blk);
+        float d, dmin;
+        __m128i sc16, mins;
+        q4k_head(blk, &d, &dmin, &sc16, &mins);
+        const __m256i isum = q4k_isum_one(blk, sc16, x + 256 * b);
+        const float dx = xd[b];
+        acc = lane_step(acc, d * dx, isum);
+        mac = q4k_min_step(mac, mins, xs + 8 * b, dmin * dx);
+    }
+    _mm256_storeu_ps(lanes, acc);
+    _mm_storeu_ps(macc, mac);
+}
+
+static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, const int16_t *xs,
+                    int64_t K, int64_t mc, float *lanes, float *macc) {
+    if (mc == 1) {
+        row_q4k_one(row, nb, xq, xd, xs, lanes, macc);
+        return;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 144;
+        q4k_prefetch(blk);
+        float d, dmin;
+        __m128i sc16, mins;
+        q4k_head(blk, &d, &dmin, &sc16, &mins);
 #ifdef WIDE512
         /* codes2[c]: 32-group 2c's codes (low nibbles of bytes 32c..32c+31), then group
          * 2c + 1's (their high nibbles); scale2[c]: sc[2c] in the low half, sc[2c + 1] in the
@@ -500,7 +580,8 @@ static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
         }
         for (int c = 0; c < 4; c++) scale2[c] = _mm512_permutexvar_epi16(_mm512_load_si512(Q4K_SCALE_IDX[c]), sc512);
 #else
-        /* codes[j]: 32-group j's codes; scale[j]: sc[j] as int16 in every lane (one byte shuffle) */
+        /* verifying: codes[j]: 32-group j's codes; scale[j]: sc[j] as int16 in every lane (one
+         * byte shuffle), unpacked once for all rows */
         __m256i codes[8], scale[8];
         const __m256i nib = _mm256_set1_epi8(0x0f), sc256 = _mm256_broadcastsi128_si256(sc16);
         for (int c = 0; c < 4; c++) {
@@ -524,18 +605,55 @@ static void row_q4k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
             for (int j = 0; j < 8; j++)
                 isum = add_scaled(isum, pairs_u8(codes[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), scale[j]);
 #endif
-            float dx = xd[i * (K / 256) + b];
+            const float dx = xd[i * (K / 256) + b];
             _mm256_storeu_ps(lanes + 8 * i, lane_step(_mm256_loadu_ps(lanes + 8 * i), d * dx, isum));
-            __m128i prod = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(xs + i * (K / 32) + 8 * b)));
-            prod = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
-            int32_t msum = _mm_cvtsi128_si32(_mm_add_epi32(prod, _mm_shuffle_epi32(prod, 1)));
-            macc[i] = fmaf(dmin * dx, (float)msum, macc[i]);
+            _mm_storeu_ps(macc + 4 * i,
+                          q4k_min_step(_mm_loadu_ps(macc + 4 * i), mins, xs + i * (K / 32) + 8 * b, dmin * dx));
         }
     }
 }
 
+#ifndef WIDE512
+/* Q6_K decoding on AVX2 (one activation row): each 32-group's codes and scales are made
+ * and used at once, so nothing spills, and the accumulator stays in a register. */
+static void row_q6k_one(const uint8_t *row, int64_t nb, const int8_t *x, const float *xd, float *lanes) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_loadu_ps(lanes);
+    for (int64_t b = 0; b < nb; b++, x += 256) {
+        const uint8_t *blk = row + b * 210;
+        for (int c = 0; c < 256; c += 64) _mm_prefetch((const char *)blk + PREFETCH + c, _MM_HINT_T0);
+        const __m256i sc8 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        __m256i isum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            for (int r = 0; r < 4; r++) {
+                const int j = 4 * h + r;
+                const __m256i l = r & 1 ? l1 : l0;
+                const __m256i lo = r < 2 ? _mm256_and_si256(l, nib) : _mm256_and_si256(_mm256_srli_epi16(l, 4), nib);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 2 * r), two);
+                const __m256i w = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
+                const __m256i pick = _mm256_setr_m128i(_mm_set1_epi16((short)((2 * j) << 8 | 0x80)),
+                                                       _mm_set1_epi16((short)((2 * j + 1) << 8 | 0x80)));
+                isum = add_scaled(isum, pairs_s8(w, _mm256_loadu_si256((const __m256i *)(x + 32 * j))),
+                                  _mm256_srai_epi16(_mm256_shuffle_epi8(sc8, pick), 8));
+            }
+        }
+        acc = lane_step(acc, rd_f16(blk + 208) * xd[b], isum);
+    }
+    _mm256_storeu_ps(lanes, acc);
+}
+#endif
+
 static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *xd, int64_t K, int64_t mc,
                     float *lanes) {
+#ifndef WIDE512
+    if (mc == 1) {
+        row_q6k_one(row, nb, xq, xd, lanes);
+        return;
+    }
+#endif
     const __m256i nib = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * 210;
@@ -620,14 +738,14 @@ static void product_row(int t, const uint8_t *row, int64_t K, int64_t M, const i
     int64_t nb = K / specray_block_size(t);
     for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
-        float lanes[8 * MCHUNK], macc[MCHUNK];
+        float lanes[8 * MCHUNK], macc[4 * MCHUNK];
         for (int64_t i = 0; i < 8 * mc; i++) lanes[i] = 0.0f;
-        for (int64_t i = 0; i < mc; i++) macc[i] = 0.0f;
+        for (int64_t i = 0; i < 4 * mc; i++) macc[i] = 0.0f;
         const int8_t *xm = xq + m0 * K;
         if (t == Q4_K) row_q4k(row, nb, xm, xd + m0 * nb, xs + m0 * (K / 32), K, mc, lanes, macc);
         else if (t == Q6_K) row_q6k(row, nb, xm, xd + m0 * nb, K, mc, lanes);
         else row_q32(t, row, nb, xm, xd + m0 * nb, K, mc, lanes);
-        for (int64_t i = 0; i < mc; i++) out[(m0 + i) * ldo] = hsum8(lanes + 8 * i) - macc[i];
+        for (int64_t i = 0; i < mc; i++) out[(m0 + i) * ldo] = hsum8(lanes + 8 * i) - hsum4(macc + 4 * i);
     }
 }
 

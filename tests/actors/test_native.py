@@ -133,14 +133,19 @@ def test_the_kernel_computes_its_stated_arithmetic(qtype):
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
-def test_a_row_gets_the_same_bits_alone_or_in_a_batch_on_any_thread_count():
-    qtype, n, k = native.Q4_K, 64, 768
+@pytest.mark.parametrize("qtype", QTYPES, ids=[native.NAMES[q] for q in QTYPES])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch_on_any_thread_count(qtype, variant):
+    # one row takes its own code path (accumulators in registers, codes used as unpacked),
+    # so this is where a decoding step and a verify could part ways
+    n, k = 64, 768
     blocks = torch.from_numpy(random_blocks(qtype, n, k, seed=9))
-    x = torch.randn(70, k, generator=torch.Generator().manual_seed(2))  # > one 64-row chunk
-    batch = native.matmul(qtype, x, blocks, n, k, threads=2)
-    assert torch.equal(native.matmul(qtype, x, blocks, n, k, threads=1), batch)
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(2))  # > one 32-row chunk
+    batch = native.matmul(qtype, x, blocks, n, k, threads=2, name=variant)
+    assert torch.equal(native.matmul(qtype, x, blocks, n, k, threads=1, name=variant), batch)
     for m in (0, 33, 69):
-        assert torch.equal(native.matmul(qtype, x[m:m + 1], blocks, n, k, threads=1)[0], batch[m])
+        assert torch.equal(native.matmul(qtype, x[m:m + 1], blocks, n, k, threads=1, name=variant)[0], batch[m])
+    assert torch.equal(batch, native.matmul(qtype, x, blocks, n, k, name=VARIANTS[0]))
 
 
 def test_bad_shapes_and_forced_variants_are_refused(monkeypatch):
