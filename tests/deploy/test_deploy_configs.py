@@ -46,7 +46,22 @@ def test_cluster_config_is_valid(name):
         assert any("--object-store-memory=" in c for c in start)
 
 
-@pytest.mark.parametrize("name", CLUSTERS)
+def test_local_cluster_config_is_valid_and_names_the_scripts_nodes():
+    import importlib.util
+    import sys
+
+    prepared = ray_up_checks(load("cluster-local.yaml"))
+    spec = importlib.util.spec_from_file_location("local_cluster", DEPLOY / "local_cluster.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["local_cluster"] = script  # its dataclass looks its module up
+    spec.loader.exec_module(script)
+    provider = prepared["provider"]
+    assert [provider["head_ip"], *provider["worker_ips"]] == [node.ip for node in script.NODES]
+    for start in (prepared["head_start_ray_commands"], prepared["worker_start_ray_commands"]):
+        assert any("--object-store-memory=" in c for c in start)
+
+
+@pytest.mark.parametrize("name", [*CLUSTERS, "cluster-local.yaml"])
 @pytest.mark.parametrize(
     "break_it",
     [
