@@ -101,3 +101,74 @@ def test_a_job_places_verifier_and_drafter_on_different_nodes_and_decodes_the_ta
     assert out.returncode == 0, out.stderr[-3000:]
     local = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert remote["token_ids"] == local["token_ids"] and len(remote["token_ids"]) > 0
+
+
+def node_of_each_actor(env: dict) -> dict[str, set[str]]:
+    """Class name -> the addresses of the nodes its live actors run on."""
+    nodes = {n["node_id"]: n["node_ip"] for n in wait_for_nodes(env, 2)}
+    r = subprocess.run([RAY, "list", "actors", "--format", "json", "--detail", "--filter", "state=ALIVE"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    where: dict[str, set[str]] = {}
+    for actor in json.loads(r.stdout):
+        where.setdefault(actor["class_name"], set()).add(nodes.get(actor["node_id"], "?"))
+    return where
+
+
+def test_serve_deploy_answers_the_openai_client_from_the_other_nodes(cluster, tiny_dir, tmp_path):
+    import openai
+    import yaml
+
+    from cluster.engine import EngineConfig, LocalEngine
+    from cluster.local import DecodeConfig
+
+    target, draft = tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3)
+    shipped = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    app = shipped["applications"][0]
+    # the shipped file, on this cluster: served to the network (so with a key), tiny models,
+    # the draft model in its own actor; a replica takes its node's one CPU, so the drafter
+    # must go to the other node
+    shipped["http_options"]["host"] = "0.0.0.0"
+    app["args"].update(target=target, draft=draft, pipeline="sync", served_model_name="tiny", api_key="k-test",
+                       dtype="float32", draft_dtype="float32")
+    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 1
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(shipped))
+    serve = str(Path(sys.executable).with_name("serve"))
+    r = subprocess.run([serve, "deploy", "-a", cluster["RAY_ADDRESS"], str(config)], env=cluster, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    try:
+        client = openai.OpenAI(base_url=f"http://{HEAD_IP}:8000/v1", api_key="k-test", max_retries=0, timeout=120)
+        wait_for_models(client)
+        engine = LocalEngine(EngineConfig(target), progress=False)
+        ids = engine.encode("hello world")
+        expected = engine.decode(engine.generate(ids, DecodeConfig(max_new_tokens=16), speculative=False).token_ids)
+        full = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+        streamed = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0,
+                                             stream=True)
+        assert full.choices[0].text == "".join(c.choices[0].text for c in streamed) == expected
+        assert full.model_extra["specray"]["drafted_tokens"] > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://{HEAD_IP}:8000/v1", api_key="wrong", max_retries=0).models.list()
+        where = node_of_each_actor(cluster)
+        replicas = set().union(*(ips for name, ips in where.items() if name.startswith("ServeReplica")))
+        drafters = where.get("ModelActor", set())
+        assert len(replicas) == 1 and len(drafters) == 1 and replicas != drafters, where
+    finally:
+        subprocess.run([serve, "shutdown", "-a", cluster["RAY_ADDRESS"], "-y"], env=cluster, capture_output=True, text=True, timeout=120)
+
+
+def wait_for_models(client, timeout_s: float = 240.0) -> None:
+    import time
+
+    import openai
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.models.list()
+            return
+        except (openai.APIConnectionError, openai.APIStatusError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
