@@ -31,7 +31,7 @@ RAY_MODULES = frozenset(f"tests/{m}.py" for m in (
     "cluster/test_bench", "cluster/test_cli_heads", "cluster/test_job", "cluster/test_placement",
     "cluster/test_portability", "cluster/test_ray_batched", "cluster/test_ray_ensemble", "cluster/test_ray_linear",
     "cluster/test_ray_long_context", "cluster/test_ray_pipeline", "serve/test_serve_app",
-    "serve/test_serve_batching",
+    "serve/test_serve_batching", "deploy/test_local_cluster",
 ))
 SLOW_FIRST = (
     "builtin",

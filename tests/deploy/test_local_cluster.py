@@ -1,11 +1,12 @@
 """The card's used-by lines on a multi-node Ray cluster, started as users start theirs:
 `deploy/local_cluster.py up` builds two nodes on this machine (network namespaces with
 their own addresses, PID and mount namespaces, SSH servers) and runs `ray up
-deploy/cluster-local.yaml`; then jobs are submitted to the head's address from outside.
+deploy/cluster-local.yaml`; then jobs and a Serve app are deployed to the head's address
+from outside, as from a user's laptop.
 
-Opt-in: SPECRAY_CLUSTER_TESTS=1, as root, where `ip netns` works. Not in the default run
-yet: the single-node tests' `ray stop --force` (tests/ray_head.py) stops every Ray process
-on the machine, these nodes' too, so this module must not run beside them.
+Runs where the machine allows (root, network namespaces, openssh-server and rsync
+installed: `.ci/run` installs them), else skips saying why; SPECRAY_CLUSTER_TESTS=0 skips
+it. In the `ray` group of tests/conftest.py: one cluster at a time on the 2 cores.
 """
 
 from __future__ import annotations
@@ -27,16 +28,26 @@ HEAD_IP, WORKER_IP = "10.77.0.10", "10.77.0.11"  # deploy/cluster-local.yaml
 
 
 def why_not_here() -> str | None:
-    if os.environ.get("SPECRAY_CLUSTER_TESTS") != "1":
-        return "opt-in: set SPECRAY_CLUSTER_TESTS=1 (root, network namespaces, openssh-server)"
+    if os.environ.get("SPECRAY_CLUSTER_TESTS") == "0":
+        return "switched off (SPECRAY_CLUSTER_TESTS=0)"
     if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "needs `ip` and `unshare`"
+        return "needs root (network namespaces, a bridge)"
+    if missing := [t for t in ("ip", "unshare", "rsync", "ssh") if shutil.which(t) is None]:
+        return f"missing {', '.join(missing)} (apt-get install iproute2 util-linux rsync openssh-client)"
+    if not Path("/usr/sbin/sshd").exists():
+        return "no SSH server (apt-get install openssh-server; .ci/run does)"
+    if Path("/run/netns/sp-head").exists():
+        return "a local cluster is up already (deploy/local_cluster.py down)"
+    probe = f"sp-probe-{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"network namespaces unavailable here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
-pytestmark = [pytest.mark.cluster, pytest.mark.skipif(why_not_here() is not None, reason=why_not_here() or "")]
+WHY_NOT = why_not_here()
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
 
 
 @pytest.fixture(scope="module")
@@ -115,47 +126,87 @@ def node_of_each_actor(env: dict) -> dict[str, set[str]]:
     return where
 
 
-def test_serve_deploy_answers_the_openai_client_from_the_other_nodes(cluster, tiny_dir, tmp_path):
-    import openai
+@pytest.fixture(scope="module")
+def served(cluster, tiny_dir, tmp_path_factory) -> Iterator[dict]:
+    """`serve deploy` of the shipped serve.yaml on this cluster: served to the network (so
+    with a key), tiny models, the draft model in its own actor. A replica takes its node's
+    one CPU, so its drafter must go to the other node."""
     import yaml
 
-    from cluster.engine import EngineConfig, LocalEngine
-    from cluster.local import DecodeConfig
-
-    target, draft = tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.3)
+    target = tiny_dir("qwen2", max_position_embeddings=4096)
+    draft = tiny_dir("qwen2", noise=0.3, max_position_embeddings=4096)
     shipped = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     app = shipped["applications"][0]
-    # the shipped file, on this cluster: served to the network (so with a key), tiny models,
-    # the draft model in its own actor; a replica takes its node's one CPU, so the drafter
-    # must go to the other node
     shipped["http_options"]["host"] = "0.0.0.0"
     app["args"].update(target=target, draft=draft, pipeline="sync", served_model_name="tiny", api_key="k-test",
                        dtype="float32", draft_dtype="float32")
-    app["deployments"][0]["ray_actor_options"]["num_cpus"] = 1
-    config = tmp_path / "serve.yaml"
+    # the replica on the head (Ray's own per-node resource), so the drafter goes to the worker
+    app["deployments"][0]["ray_actor_options"].update(num_cpus=1, resources={f"node:{HEAD_IP}": 0.01})
+    config = tmp_path_factory.mktemp("serve") / "serve.yaml"
     config.write_text(yaml.safe_dump(shipped))
     serve = str(Path(sys.executable).with_name("serve"))
-    r = subprocess.run([serve, "deploy", "-a", cluster["RAY_ADDRESS"], str(config)], env=cluster, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([serve, "deploy", "-a", cluster["RAY_ADDRESS"], str(config)], env=cluster, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     try:
-        client = openai.OpenAI(base_url=f"http://{HEAD_IP}:8000/v1", api_key="k-test", max_retries=0, timeout=120)
-        wait_for_models(client)
-        engine = LocalEngine(EngineConfig(target), progress=False)
-        ids = engine.encode("hello world")
-        expected = engine.decode(engine.generate(ids, DecodeConfig(max_new_tokens=16), speculative=False).token_ids)
-        full = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
-        streamed = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0,
-                                             stream=True)
-        assert full.choices[0].text == "".join(c.choices[0].text for c in streamed) == expected
-        assert full.model_extra["specray"]["drafted_tokens"] > 0
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://{HEAD_IP}:8000/v1", api_key="wrong", max_retries=0).models.list()
-        where = node_of_each_actor(cluster)
-        replicas = set().union(*(ips for name, ips in where.items() if name.startswith("ServeReplica")))
-        drafters = where.get("ModelActor", set())
-        assert len(replicas) == 1 and len(drafters) == 1 and replicas != drafters, where
+        yield {"target": target, "base": f"http://{HEAD_IP}:8000/v1"}
     finally:
-        subprocess.run([serve, "shutdown", "-a", cluster["RAY_ADDRESS"], "-y"], env=cluster, capture_output=True, text=True, timeout=120)
+        subprocess.run([serve, "shutdown", "-a", cluster["RAY_ADDRESS"], "-y"], env=cluster, capture_output=True,
+                       text=True, timeout=120)
+
+
+def target_alone(target: str, prompt: str, n: int, ignore_eos: bool = False) -> str:
+    from cluster.engine import EngineConfig, LocalEngine
+    from cluster.local import DecodeConfig
+
+    engine = LocalEngine(EngineConfig(target), progress=False)
+    cfg = DecodeConfig(max_new_tokens=n, eos_token_ids=(-1,) if ignore_eos else ())
+    return engine.decode(engine.generate(engine.encode(prompt), cfg, speculative=False).token_ids)
+
+
+def test_serve_deploy_answers_the_openai_client_from_the_other_nodes(cluster, served):
+    import openai
+
+    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=120)
+    wait_for_models(client)
+    expected = target_alone(served["target"], "hello world", 16)
+    full = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+    streamed = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0, stream=True)
+    assert full.choices[0].text == "".join(c.choices[0].text for c in streamed) == expected
+    assert full.model_extra["specray"]["drafted_tokens"] > 0
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served["base"], api_key="wrong", max_retries=0).models.list()
+    where = node_of_each_actor(cluster)
+    replicas = set().union(*(ips for name, ips in where.items() if name.startswith("ServeReplica")))
+    assert replicas == {HEAD_IP} and where.get("ModelActor") == {WORKER_IP}, where  # the drafter: the other node
+
+
+def test_the_drafters_node_dying_mid_request_keeps_the_output(cluster, served):
+    """Every process of the drafter's node killed while a request streams (the node is gone,
+    its address still answers with resets, as a crashed machine's kernel would not: see the
+    partition test): the request completes target-only with the target's text."""
+    import openai
+
+    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=300)
+    wait_for_models(client)
+    assert node_of_each_actor(cluster).get("ModelActor") == {WORKER_IP}
+    n = 1500
+    expected = target_alone(served["target"], "hello world", n, ignore_eos=True)
+    stream = client.completions.create(model="tiny", prompt="hello world", max_tokens=n, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks, stats = [], {}
+    for i, chunk in enumerate(stream):
+        chunks.append(chunk.choices[0].text if chunk.choices else "")
+        stats = (chunk.model_extra or {}).get("specray") or stats
+        if i == 20:  # under way: the node goes
+            pids = subprocess.run(["ip", "netns", "pids", "sp-w1"], capture_output=True, text=True).stdout.split()
+            assert pids
+            subprocess.run(["kill", "-9", *pids], check=True)
+    assert "".join(chunks) == expected
+    assert stats["drafter_lost"] and stats["drafted_tokens"] > 0, stats  # it speculated, then lost the drafter
+    # the next request: target-only (no node left for a drafter), the same text
+    again = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+    assert again.choices[0].text == target_alone(served["target"], "hello world", 16)
 
 
 def wait_for_models(client, timeout_s: float = 240.0) -> None:
