@@ -181,6 +181,45 @@ def test_serve_deploy_answers_the_openai_client_from_the_other_nodes(cluster, se
     assert replicas == {HEAD_IP} and where.get("ModelActor") == {WORKER_IP}, where  # the drafter: the other node
 
 
+def test_a_partition_that_heals_keeps_the_output_and_speculation_comes_back(cluster, served):
+    """The worker's link down for 3 s while a request streams, then up again: the request
+    ends with the target's text (nothing decoded twice, nothing lost), and the next one
+    drafts again over the healed link."""
+    import time
+
+    import openai
+
+    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=300)
+    wait_for_models(client)
+    n = 1500
+    expected = target_alone(served["target"], "hello world", n, ignore_eos=True)
+    stream = client.completions.create(model="tiny", prompt="hello world", max_tokens=n, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks, stats = [], {}
+    try:
+        for i, chunk in enumerate(stream):
+            chunks.append(chunk.choices[0].text if chunk.choices else "")
+            stats = (chunk.model_extra or {}).get("specray") or stats
+            if i == 20:
+                subprocess.run(["ip", "link", "set", "v-sp-w1", "down"], check=True)
+                cut_at = time.monotonic()
+            if i == 21:
+                time.sleep(max(0.0, 3.0 - (time.monotonic() - cut_at)))
+                subprocess.run(["ip", "link", "set", "v-sp-w1", "up"], check=True)
+    finally:
+        subprocess.run(["ip", "link", "set", "v-sp-w1", "up"], check=False)
+    assert "".join(chunks) == expected
+    assert stats["new_tokens"] == n, stats
+    deadline = time.monotonic() + 60
+    while True:  # a drafter again (the same one over the healed link, or a new one)
+        again = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+        assert again.choices[0].text == target_alone(served["target"], "hello world", 16)
+        if again.model_extra["specray"]["drafted_tokens"] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert again.model_extra["specray"]["drafted_tokens"] > 0, again.model_extra
+
+
 def test_the_drafters_node_dying_mid_request_keeps_the_output(cluster, served):
     """Every process of the drafter's node killed while a request streams (the node is gone,
     its address still answers with resets, as a crashed machine's kernel would not: see the
