@@ -2,8 +2,8 @@
 
 Each node is a set of Linux namespaces: a network namespace with its own address on a
 bridge (10.77.0.0/24; nothing routes out of it), a PID namespace (so `ray stop` on a node
-stops that node's Ray only, as on a real machine) and a mount namespace (its own /proc and
-its own /tmp/ray). Each runs an SSH server on its address, with a key made for the
+stops that node's Ray only, as on a real machine) and a mount namespace (its own /proc,
+/tmp/ray and root home). Each runs an SSH server on its address, with a key made for the
 cluster. Then `ray up deploy/cluster-local.yaml` starts Ray on every node over SSH, as it
 would on machines, and `ray down` stops it.
 
@@ -12,8 +12,9 @@ would on machines, and `ray down` stops it.
     python deploy/local_cluster.py down      # `ray down`, then every node, link and file gone
 
 The nodes share this machine's filesystem, so they run this checkout's `.venv` (through
-the link `~/.specray-local/repo`, which the YAML names) and need no install. Needs root,
-`ip`, `unshare` and Debian's openssh-server (installed with apt-get if missing).
+the link `~/.specray-local/repo` in each node's home, which the YAML names) and need no
+install. Needs root, `ip`, `unshare`, `ssh`, and Debian's openssh-server and rsync
+(installed with apt-get if missing).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def sh(*cmd: str, check: bool = True, quiet: bool = False) -> subprocess.Complet
 
 
 def missing_tools() -> list[str]:
-    return [t for t in ("ip", "unshare", "nsenter", "ssh-keygen", "rsync") if shutil.which(t) is None]
+    return [t for t in ("ip", "unshare", "ssh", "ssh-keygen") if shutil.which(t) is None]
 
 
 def check_machine() -> None:
@@ -65,7 +66,7 @@ def check_machine() -> None:
         problems.append("run as root (namespaces and a bridge need it)")
     if missing := missing_tools():
         problems.append(f"missing commands: {', '.join(missing)} (apt-get install iproute2 util-linux "
-                        "openssh-client rsync)")
+                        "openssh-client)")
     if not (REPO / ".venv" / "bin" / "ray").exists():
         problems.append(f"no {REPO}/.venv with Ray: run `make install` first")
     if problems:
@@ -73,13 +74,14 @@ def check_machine() -> None:
 
 
 def install_sshd() -> Path:
+    """The SSH server the nodes run, and rsync, which `ray up` copies files with."""
     sshd = Path("/usr/sbin/sshd")
-    if not sshd.exists():
-        print("installing openssh-server ...", flush=True)
+    packages = [p for p, there in (("openssh-server", sshd.exists()), ("rsync", shutil.which("rsync"))) if not there]
+    if packages:
+        print(f"installing {' '.join(packages)} ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server"], check=True,
-                       env=env)
-        # the package starts a system-wide sshd on port 22; the nodes run their own
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], check=True, env=env)
+        # the package may start a system-wide sshd on port 22; the nodes run their own
         subprocess.run(["sh", "-c", "service ssh stop || true"], check=False)
     return sshd
 
@@ -212,19 +214,17 @@ def down(args: argparse.Namespace) -> None:
         sys.exit("local_cluster: run as root")
     if Path(f"/run/netns/{NODES[0].name}").exists() and not args.no_ray:
         sh(ray_cli(), "down", "-y", str(CONFIG), check=False)
-    for node in NODES:
-        pid = STATE / f"sshd_{node.name}.pid"
-        # killing each node's sshd (its namespace's PID 1 child) ends every process in it
+    for node in NODES:  # every process left in a node (sshd and what its sessions started)
         r = sh("ip", "netns", "pids", node.name, check=False, quiet=True)
         for p in (r.stdout or "").split():
             sh("kill", "-9", p, check=False, quiet=True)
-        pid.unlink(missing_ok=True)
         sh("ip", "link", "del", node.veth, check=False, quiet=True)
         sh("ip", "netns", "del", node.name, check=False, quiet=True)
     sh("ip", "link", "del", BRIDGE, check=False, quiet=True)
     shutil.rmtree(STATE, ignore_errors=True)
     shutil.rmtree(LINK, ignore_errors=True)
-    # what `ray up` leaves on the client: the local provider's node list, its SSH sockets
+    # what `ray up` leaves on the client: the local provider's node list (its SSH control
+    # sockets under /tmp/ray_ssh_* may serve other clusters too: left)
     for suffix in (".state", ".lock"):
         Path(f"/tmp/ray/cluster-specray-local{suffix}").unlink(missing_ok=True)
     print("local cluster gone", flush=True)
