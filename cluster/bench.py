@@ -138,12 +138,13 @@ def bench_from_args(args: argparse.Namespace) -> dict:
 def runtime_of(decoders: dict[str, Decoder]) -> dict:
     """What the methods ran on, resolved (dtypes, devices, kernel per shape class): the
     target and draft as the engine's methods saw them, every heads set, and the pipelines'
-    drafter actor."""
+    verifier and drafter actors (with the nodes they ran on)."""
     runtime: dict = {}
     heads: dict = {}
     for name, decoder in decoders.items():
         info = decoder.runtime_info()
         if name in PIPELINE_METHODS:
+            runtime.setdefault("pipeline_target", info.get("target"))
             runtime.setdefault("pipeline_draft", info.get("draft"))
             continue
         if "heads" in info:

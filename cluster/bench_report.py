@@ -144,11 +144,12 @@ def render_runtime(runtime: dict) -> list[str]:
     cpu = runtime.get("cpu") or {}
     lines = ["", f"CPU: {cpu.get('name', '?')} ({cpu.get('isa', '?')}, native bf16: {cpu.get('native_bf16', '?')}); "
              f"threads: {(runtime.get('threading') or {}).get('threads', '?')}", ""]
-    for role in ("target", "draft", "pipeline_draft"):
+    for role in ("target", "draft", "pipeline_target", "pipeline_draft"):
         info = runtime.get(role)
         if not info:
             continue
-        lines.append(f"- {role}: {info.get('dtype')} on {info.get('device')}")
+        node = f" on node {info['node_ip']}" if info.get("node_ip") else ""  # an actor's: where Ray placed it
+        lines.append(f"- {role}: {info.get('dtype')} on {info.get('device')}{node}")
         lines += [f"  - `{shape}`: {kernels}" for shape, kernels in (info.get("kernels") or {}).items()]
     return lines
 

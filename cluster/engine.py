@@ -9,6 +9,7 @@ only proposes, so its precision cannot change the output.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 from actors import hardware, loading, threads
@@ -132,6 +133,15 @@ def check_prompt(n_prompt: int, max_new_tokens: int, context: int, max_len: int 
         )
 
 
+def node_of_this_process() -> dict:
+    """{"node_ip": ...} in a process joined to a Ray cluster (a Serve replica, a job's driver
+    whose drafter runs on another node), else {}: reports say where each model ran."""
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {"node_ip": ray.util.get_node_ip_address()}
+
+
 class LocalEngine:
     """Draft and target in this process, sharing weights with their Hugging Face models."""
 
@@ -182,7 +192,7 @@ class LocalEngine:
     def runtime_info(self) -> dict:
         """Resolved dtypes, devices, kernels per shape class, threading: for stats and reports."""
         info = {"cpu": hardware.probe("cpu").to_dict(), "threading": threads.describe(),
-                "target": self.target_runner.runtime_info()}
+                "target": {**self.target_runner.runtime_info(), **node_of_this_process()}}
         if self.target_runner.attention is not None:
             info["target"]["attention"] = self.target_runner.attention.describe() + ", approximate"
         if self.self_draft is not None:

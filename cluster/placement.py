@@ -32,6 +32,9 @@ class PlacementConfig:
     cpus_per_actor: int = 1
     spread: bool = False  # True: one actor per node (STRICT_SPREAD); False: PACK
     timeout_s: float = 120.0  # how long to wait for the group to be ready
+    # With spread: a node (its Ray node ID) none of the actors may share, e.g. the caller's
+    # own: a Serve replica holding the target places its drafter on another node.
+    apart_from: str | None = None
 
     def __post_init__(self) -> None:
         # bool is an int subclass: reject it explicitly so `n_actors=True` is not "1".
@@ -53,6 +56,10 @@ class PlacementConfig:
             or self.timeout_s <= 0
         ):
             raise ValueError(f"timeout_s must be a finite number > 0, got {self.timeout_s!r}")
+        if self.apart_from is not None and (not self.spread or not isinstance(self.apart_from, str)
+                                            or not self.apart_from):
+            raise ValueError(f"apart_from (a node ID) needs spread=True, got apart_from={self.apart_from!r}, "
+                             f"spread={self.spread!r}")
 
 
 class PlacementError(RuntimeError):
@@ -92,8 +99,10 @@ def plan_bundles(
     else:
         use_gpus = False
 
-    if cfg.spread and nodes < cfg.n_actors:
-        raise PlacementError(f"asked {asked}: spread needs {cfg.n_actors} node(s), {has}")
+    apart = 0 if cfg.apart_from is None else 1
+    if cfg.spread and nodes < cfg.n_actors + apart:
+        besides = f" besides node {cfg.apart_from[:12]}'s" if apart else ""
+        raise PlacementError(f"asked {asked}: spread needs {cfg.n_actors} node(s){besides}, {has}")
     if cfg.cpus_per_actor * cfg.n_actors > cpus:
         raise PlacementError(
             f"asked {asked}: needs {cfg.cpus_per_actor * cfg.n_actors} CPU(s), {has}"
@@ -108,7 +117,7 @@ def plan_bundles(
 @dataclass(frozen=True)
 class Placement:
     group: PlacementGroup
-    bundles: tuple[dict[str, float], ...]
+    bundles: tuple[dict[str, float], ...]  # one per actor
     use_gpus: bool
 
     def actor_options(self, index: int, capture_child_tasks: bool = False) -> dict:
@@ -144,14 +153,17 @@ def place(cfg: PlacementConfig) -> Placement:
     nodes = _alive_nodes()
     bundles, use_gpus = plan_bundles(cfg, ray.cluster_resources(), len(nodes))
     strategy = "STRICT_SPREAD" if cfg.spread else "PACK"
-    group = placement_group(bundles, strategy=strategy)
+    # every node carries its ID as the label ray.io/node-id; "!ID" selects the others
+    avoid = [{"ray.io/node-id": f"!{cfg.apart_from}"}] * len(bundles) if cfg.apart_from is not None else None
+    group = placement_group(bundles, strategy=strategy, bundle_label_selector=avoid)
+    placed = Placement(group=group, bundles=tuple(bundles), use_gpus=use_gpus)
     try:
         ready = group.wait(timeout_seconds=cfg.timeout_s)
     except BaseException:  # Ctrl-C or a lost connection: do not leave a group pending
-        release(Placement(group=group, bundles=tuple(bundles), use_gpus=use_gpus))
+        release(placed)
         raise
     if ready:
-        return Placement(group=group, bundles=tuple(bundles), use_gpus=use_gpus)
+        return placed
 
     try:
         state = placement_group_table(group).get("stats", {}).get("scheduling_state", "?")
@@ -167,6 +179,7 @@ def place(cfg: PlacementConfig) -> Placement:
         if missing
         else "enough in total, but no node has room for a bundle"
         + (" (STRICT_SPREAD: each on its own node)" if cfg.spread else "")
+        + (f", none on node {cfg.apart_from[:12]}" if cfg.apart_from else "")
     )
     per_node = ", ".join(_fmt(n.get("Resources", {})) for n in nodes)
     raise PlacementError(

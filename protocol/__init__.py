@@ -4,7 +4,7 @@ Imports neither Ray nor torch (torch only when a channel decodes into torch tens
 model code. See docs/protocol.md.
 """
 
-from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret, link_auth
+from protocol.auth import CurveClient, CurveKeypair, CurveServer, SharedSecret, describe_link, link_auth
 from protocol.batch_messages import DraftCall, EnsembleCall, EnsembleRows
 from protocol.channel import DealerChannel, RouterChannel
 from protocol.channel_core import ChannelConfig, ChannelStats
@@ -72,6 +72,7 @@ __all__ = [
     "RouterChannel",
     "SessionTable",
     "SharedSecret",
+    "describe_link",
     "link_auth",
     "Shutdown",
     "TensorMismatch",

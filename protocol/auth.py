@@ -136,6 +136,14 @@ def link_auth(endpoint: str, secret_hex: str | None, *, binds: bool) -> Auth | N
     return CurveServer(server, allowed_clients=[client.public]) if binds else CurveClient(client, server.public)
 
 
+def describe_link(endpoint: str, auth: Auth | None) -> dict:
+    """Where a link goes and how it is protected, for /health and reports (never a key)."""
+    how = {CurveServer: "curve", CurveClient: "curve", SharedSecret: "hmac-sha256"}.get(type(auth))
+    if how is None:
+        how = "private ipc directory" if endpoint.startswith("ipc://") else "none"
+    return {"endpoint": endpoint, "auth": how}
+
+
 def require_curve() -> None:
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq has no CURVE support; use SharedSecret instead")

@@ -141,7 +141,11 @@ class RemoteDrafter:
     def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
         self._resume()
         calls = [s for s in seqs if s.remaining > 1 and s.draft is not None]
-        if not calls or self.lost:
+        if self.lost:  # not back yet: these rounds go target-only, and their stats say why
+            for s in calls:
+                s.stats.drafter_lost = True
+            return {}
+        if not calls:
             return {}
         try:
             self._introduce(calls)

@@ -70,8 +70,11 @@ def placed_ensemble_engine(cfg: EnsembleConfig, batch: BatchConfig, placement: P
     max_len = min(cfg.max_len, here.context_length)
     room = max_len + 2 * batch.max_draft + 3  # what BatchEngine gives each sequence: max_len, the drafts, the tree
     ensure_ray()
+    # spread: each member on a node of its own, none on this one (where the proposer decodes)
+    this_node = ray.get_runtime_context().get_node_id()
     group = place(PlacementConfig(n_actors=len(others), accelerator=placement.accelerator,
-                                  cpus_per_actor=placement.cpus_per_actor, spread=placement.spread))
+                                  cpus_per_actor=placement.cpus_per_actor, spread=placement.spread,
+                                  apart_from=this_node if placement.spread else None))
     secret = secrets.token_hex(32)  # authenticates the tcp links (protocol.link_auth) across nodes
     actors: list = []
     try:

@@ -25,7 +25,7 @@ from actors.drafters.remote_heads import RemoteHeadsDrafter
 from cluster.batching.engine import BatchEngine
 from cluster.engine import EngineConfig, LocalEngine, heads_dir
 from cluster.models import ModelPool
-from protocol import ChannelConfig, DealerChannel, link_auth, model_fingerprint
+from protocol import ChannelConfig, DealerChannel, describe_link, link_auth, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,16 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
         local.verify_costs = {**local.verify_costs, **local.target_runner.measure_verify_costs(sizes)}
     max_len = min(local.cfg.max_len or local.context_length, local.context_length)
     ensure_ray()
+    # spread: the drafter on a node of its own, not this one (where the target decodes)
+    this_node = ray.get_runtime_context().get_node_id()
     placement = place(PlacementConfig(n_actors=1, accelerator=spec.accelerator, cpus_per_actor=spec.cpus_per_actor,
-                                      spread=spec.spread))
+                                      spread=spec.spread, apart_from=this_node if spec.spread else None))
     secret = secrets.token_hex(32)  # authenticates the tcp link (protocol.link_auth) across nodes
     actor = None
     # one actor method blocks for the actor's life: its reference resolves (with an error)
     # once the actor's process is gone, which is how a crash is seen at once
     watch: list = []
+    link: dict = {}  # the drafter's endpoint and how it authenticates: for /health
     try:
         cfg, here = spec.batch, ray.util.get_node_ip_address()
         options = {**placement.actor_options(0), "max_concurrency": 4, "max_restarts": DRAFTER_RESTARTS}
@@ -83,6 +86,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
             watch[:] = [actor.watch.remote()]
             endpoint = served["endpoint"]
             auth = link_auth(endpoint, secret, binds=False)
+            link.update(describe_link(endpoint, auth))
             return DealerChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth)), served
 
         def alive() -> bool:
@@ -94,7 +98,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
                 ray.kill(actor, no_restart=False)
             ray.wait(watch)
             channel = connect()[0]
-            info.update(ray.get(actor.info.remote(), timeout=60))  # /health: the new process
+            info.update(ray.get(actor.info.remote(), timeout=60), link=dict(link))  # /health: the new process
             return channel
 
         def stop() -> None:
@@ -105,7 +109,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
         sizing = {"max_draft": cfg.max_draft} if spec.draft is not None else {
             "max_draft": served["n_heads"], "n_heads": served["n_heads"], "max_nodes": served["max_nodes"]}
         fingerprint = model_fingerprint(local.target_runner.vocab_size, local.tokenizer.get_vocab())
-        info = ray.get(actor.info.remote(), timeout=60)
+        info = {**ray.get(actor.info.remote(), timeout=60), "link": dict(link)}
         kind = RemoteDrafter if spec.draft is not None else RemoteHeadsDrafter
         drafter = kind(channel, fingerprint, on_close=stop, info=info, reconnect=reconnect, alive=alive, **sizing)
         engine = BatchEngine(local, cfg, drafter=drafter)

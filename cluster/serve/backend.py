@@ -9,6 +9,14 @@ from cluster.factory import make_decoder
 from cluster.serve.config import ServeArgs
 
 
+def replica_place() -> dict:
+    import os
+
+    import ray
+
+    return {"node_ip": ray.util.get_node_ip_address() if ray.is_initialized() else None, "pid": os.getpid()}
+
+
 class Backend:
     def __init__(self, args: ServeArgs):
         self.args = args
@@ -22,8 +30,8 @@ class Backend:
         self.decoder = make_decoder(spec)
         self.tokenizer, self.context = self.decoder.tokenizer, self.decoder.context_length
         self.vocab_size = len(self.tokenizer)
-        # what the models resolved to where they run (dtypes, kernels, devices): for /health
-        self.runtime = self.decoder.runtime_info()
+        # what the models resolved to where they run (dtypes, kernels, devices, nodes): for /health
+        self.runtime = {"replica": replica_place(), **self.decoder.runtime_info()}
 
     def encode_text(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat=False)

@@ -38,7 +38,7 @@ class ServeArgs(BaseModel):
     lookahead: int = Field(8, ge=1)
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
     cpus_per_actor: int = Field(1, ge=1)
-    spread: bool = False
+    spread: bool = False  # the drafter (ensembles: each other member) on a node of its own, not the replica's
     # Requests one replica holds (decoding + waiting) before it answers 503.
     max_pending: int = Field(32, ge=1)
     # Continuous batching (pipeline local): sequences decoding at once, and the KV entries

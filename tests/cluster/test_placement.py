@@ -114,6 +114,17 @@ def test_spread_needs_a_node_per_actor():
         plan_bundles(PlacementConfig(spread=True), TWO_GPUS, nodes=1)
     bundles, _ = plan_bundles(PlacementConfig(spread=True), TWO_GPUS, nodes=2)
     assert len(bundles) == 2
+    apart = PlacementConfig(n_actors=1, spread=True, apart_from="a1b2c3d4e5f6a7b8")
+    with pytest.raises(PlacementError, match=r"spread needs 1 node\(s\) besides node a1b2c3d4e5f6's.*on 1 alive node"):
+        plan_bundles(apart, TWO_GPUS, nodes=1)
+    assert plan_bundles(apart, TWO_GPUS, nodes=2)[0] == [{"CPU": 1.0, "GPU": 1.0}]  # the actors' bundles only
+
+
+@pytest.mark.parametrize("kwargs", [dict(apart_from="a1b2c3d4e5f6a7b8"), dict(spread=True, apart_from=""),
+                                    dict(spread=True, apart_from=7)])
+def test_apart_from_needs_spread_and_a_node_id(kwargs):
+    with pytest.raises(ValueError, match=r"apart_from \(a node ID\) needs spread=True"):
+        PlacementConfig(n_actors=1, **kwargs)
 
 
 def test_more_cpus_than_the_cluster_has_fails():
@@ -271,6 +282,16 @@ class TestTwoNodes:
             assert [len(i["gpu_ids"]) for i in infos] == [1, 1]
             assert [i["device"] for i in infos] == ["cpu", "cpu"]
             assert placement_group_table(placement.group)["strategy"] == "STRICT_SPREAD"
+        finally:
+            release(placement)
+
+    def test_apart_from_keeps_the_actors_off_that_node(self):
+        here = ray.get_runtime_context().get_node_id()  # the driver's
+        placement = place(PlacementConfig(n_actors=1, accelerator="cpu", spread=True, apart_from=here, timeout_s=30))
+        try:
+            assert placement.bundles == ({"CPU": 1.0},)
+            [info] = probe_all(placement)
+            assert info["node_id"] != here
         finally:
             release(placement)
 

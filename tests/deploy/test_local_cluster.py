@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,11 +94,14 @@ def wait_for_nodes(env: dict, n: int, timeout_s: float = 180.0) -> list[dict]:
     raise AssertionError(f"{len(alive)} of {n} nodes joined in {timeout_s:.0f} s")
 
 
-def submit(env: dict, args: list[str], timeout: float = 400) -> dict:
+def submit(env: dict, args: list[str], timeout: float = 400, parse: bool = True) -> dict | str:
+    """Run `cluster.job ARGS` on the cluster; its last JSON line (or, parse=False, its output)."""
     cmd = [RAY, "job", "submit", "--working-dir", str(REPO), "--runtime-env", str(REPO / "deploy" / "runtime_env.yaml"),
            "--", "python", "-m", "cluster.job", *args]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"job failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    if not parse:
+        return r.stdout
     for line in reversed(r.stdout.splitlines()):
         if line.strip().startswith("{"):
             return json.loads(line)
@@ -125,6 +129,17 @@ def test_a_job_places_verifier_and_drafter_on_different_nodes_and_decodes_the_ta
     assert remote["token_ids"] == local["token_ids"] and len(remote["token_ids"]) > 0
 
 
+def test_a_bench_job_reports_where_each_actor_ran(cluster, tiny_dir):
+    target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.3)
+    out = submit(cluster, ["bench", "--target", target, "--draft", draft, "--prompts",
+                           "benchmarks/prompts/spec_bench_coding.jsonl", "--limit", "2", "--max-new-tokens", "8",
+                           "--methods", "ar,spec-sync", "--draft-dtype", "float32", "--spread", "--out", "bench-out"],
+                 parse=False)
+    placed = dict(re.findall(r"^- (pipeline_target|pipeline_draft): .* on node (\S+)$", out, re.M))
+    assert set(placed.values()) == {HEAD_IP, WORKER_IP}, out[-3000:]  # the report says which node each ran on
+    assert re.search(r"^\| spec-sync \|.*\| (yes|True) \|$", out, re.M), out[-3000:]  # identical to the target
+
+
 def node_of_each_actor(env: dict) -> dict[str, set[str]]:
     """Class name -> the addresses of the nodes its live actors run on."""
     nodes = {n["node_id"]: n["node_ip"] for n in wait_for_nodes(env, 2)}
@@ -140,8 +155,9 @@ def node_of_each_actor(env: dict) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def served(cluster, tiny_dir, tmp_path_factory) -> Iterator[dict]:
     """`serve deploy` of the shipped serve.yaml on this cluster: served to the network (so
-    with a key), tiny models, the draft model in its own actor. A replica takes its node's
-    one CPU, so its drafter must go to the other node."""
+    with a key), tiny models, two replicas (one a node) each with its draft model in an
+    actor on the other node (`spread`). Each node's Serve proxy sends requests to its own
+    node's replica (Serve's default), so a client picks the replica by the address it uses."""
     import yaml
 
     target = tiny_dir("qwen2", max_position_embeddings=4096)
@@ -150,9 +166,12 @@ def served(cluster, tiny_dir, tmp_path_factory) -> Iterator[dict]:
     app = shipped["applications"][0]
     shipped["http_options"]["host"] = "0.0.0.0"
     app["args"].update(target=target, draft=draft, pipeline="sync", served_model_name="tiny", api_key="k-test",
-                       dtype="float32", draft_dtype="float32")
-    # the replica on the head (Ray's own per-node resource), so the drafter goes to the worker
-    app["deployments"][0]["ray_actor_options"].update(num_cpus=1, resources={f"node:{HEAD_IP}": 0.01})
+                       dtype="float32", draft_dtype="float32", spread=True,
+                       draft_length=3)  # drafts every round (the cost model may not, on 2 shared cores)
+    deployment = app["deployments"][0]
+    del deployment["autoscaling_config"]
+    deployment.update(num_replicas=2, max_replicas_per_node=1)
+    deployment["ray_actor_options"].update(num_cpus=1)  # a node's other CPU: the other replica's drafter
     config = tmp_path_factory.mktemp("serve") / "serve.yaml"
     config.write_text(yaml.safe_dump(shipped))
     serve = str(Path(sys.executable).with_name("serve"))
@@ -160,9 +179,26 @@ def served(cluster, tiny_dir, tmp_path_factory) -> Iterator[dict]:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     try:
-        yield {"target": target, "base": f"http://{HEAD_IP}:8000/v1"}
+        yield {"target": target, "base": f"http://{HEAD_IP}:8000/v1", "worker_base": f"http://{WORKER_IP}:8000/v1"}
     finally:
         teardown([serve, "shutdown", "-a", cluster["RAY_ADDRESS"], "-y"], 120, env=cluster)
+
+
+def runtimes(timeout_s: float = 240.0) -> dict[str, dict]:
+    """Each replica's /health runtime, by the replica's node, asked through each node's proxy
+    (once the replica is up)."""
+    import time
+
+    import requests
+
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    for ip in (HEAD_IP, WORKER_IP):
+        while (r := requests.get(f"http://{ip}:8000/health", timeout=30)).status_code != 200:
+            assert time.monotonic() < deadline, f"{ip}:8000/health answered {r.status_code}: {r.text[:300]}"
+            time.sleep(2)
+        seen[r.json()["runtime"]["replica"]["node_ip"]] = r.json()["runtime"]
+    return seen
 
 
 def target_alone(target: str, prompt: str, n: int, ignore_eos: bool = False) -> str:
@@ -188,7 +224,51 @@ def test_serve_deploy_answers_the_openai_client_from_the_other_nodes(cluster, se
         openai.OpenAI(base_url=served["base"], api_key="wrong", max_retries=0).models.list()
     where = node_of_each_actor(cluster)
     replicas = set().union(*(ips for name, ips in where.items() if name.startswith("ServeReplica")))
-    assert replicas == {HEAD_IP} and where.get("ModelActor") == {WORKER_IP}, where  # the drafter: the other node
+    assert replicas == {HEAD_IP, WORKER_IP} and where.get("ModelActor") == {HEAD_IP, WORKER_IP}, where
+    assert set(runtimes()) == {HEAD_IP, WORKER_IP}  # each proxy answers from its node's replica
+    for node, runtime in runtimes().items():  # each replica's drafter: on the other node, over CURVE
+        link = runtime["draft"]["link"]
+        assert runtime["draft"]["node_ip"] != node and link["auth"] == "curve", runtime["draft"]
+        assert link["endpoint"].startswith(f"tcp://{runtime['draft']['node_ip']}:"), link
+
+
+def test_a_peer_without_the_pipelines_secret_is_refused_at_the_drafters_link(cluster, served):
+    """A process on the network (this machine, outside both nodes) that connects to a
+    drafter's link, with no CURVE keys or with keys of its own, never completes the
+    handshake and gets no answer; the pipeline decodes on, speculating."""
+    import openai
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    endpoint = runtimes()[HEAD_IP]["draft"]["link"]["endpoint"]  # on the worker
+    ctx = zmq.Context()
+    try:
+        for keys in (None, zmq.curve_keypair()):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            if keys is not None:  # CURVE, but not the pipeline's keys (it cannot know them)
+                sock.curve_publickey, sock.curve_secretkey = keys
+                sock.curve_serverkey = zmq.curve_keypair()[0]
+            monitor = sock.get_monitor_socket()
+            sock.connect(endpoint)
+            sock.send_multipart([b"\x00" * 16, b"hello"])
+            events = []
+            while monitor.poll(3000):
+                events.append(recv_monitor_message(monitor)["event"])
+                if len(events) > 20:
+                    break
+            assert zmq.EVENT_CONNECTED in events, events  # it reached the port...
+            assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, events  # ...and was refused there
+            assert not sock.poll(1000), "the drafter answered an unauthenticated peer"
+            sock.disable_monitor()
+            monitor.close()
+            sock.close()
+    finally:
+        ctx.term()
+    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=120)
+    again = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+    assert again.choices[0].text == target_alone(served["target"], "hello world", 16)
+    assert again.model_extra["specray"]["drafted_tokens"] > 0
 
 
 def test_a_partition_that_heals_keeps_the_output_and_speculation_comes_back(cluster, served):
@@ -230,30 +310,57 @@ def test_a_partition_that_heals_keeps_the_output_and_speculation_comes_back(clus
     assert again.model_extra["specray"]["drafted_tokens"] > 0, again.model_extra
 
 
-def test_the_drafters_node_dying_mid_request_keeps_the_output(cluster, served):
-    """Every process of the drafter's node killed while a request streams (the node is gone,
-    its address still answers with resets, as a crashed machine's kernel would not: see the
-    partition test): the request completes target-only with the target's text."""
+def test_a_node_dying_mid_request_keeps_the_text_and_the_endpoint_answers_on(cluster, served):
+    """Every process of the worker node killed while a request streams on each replica (one
+    through each node's address): the head's completes target-only with the target's text
+    (its drafter was on the worker: lost); the worker's ends in an error at once, not a
+    hang; the head's address answers on, from its own replica, target-only (no node left
+    for a drafter)."""
+    import threading
+    import time
+
     import openai
 
-    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=300)
-    wait_for_models(client)
-    assert node_of_each_actor(cluster).get("ModelActor") == {WORKER_IP}
     n = 1500
     expected = target_alone(served["target"], "hello world", n, ignore_eos=True)
-    stream = client.completions.create(model="tiny", prompt="hello world", max_tokens=n, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
-    chunks, stats = [], {}
-    for i, chunk in enumerate(stream):
-        chunks.append(chunk.choices[0].text if chunk.choices else "")
-        stats = (chunk.model_extra or {}).get("specray") or stats
-        if i == 20:  # under way: the node goes
-            kill_node("sp-w1")
-    assert "".join(chunks) == expected
-    assert stats["drafter_lost"] and stats["drafted_tokens"] > 0, stats  # it speculated, then lost the drafter
-    # the next request: target-only (no node left for a drafter), the same text
-    again = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
-    assert again.choices[0].text == target_alone(served["target"], "hello world", 16)
+    streams = [{"base": base, "chunks": [], "stats": {}, "error": None, "ended": None, "going": threading.Event()}
+               for base in (served["base"], served["worker_base"])]
+
+    def read(stream: dict) -> None:
+        client = openai.OpenAI(base_url=stream["base"], api_key="k-test", max_retries=0, timeout=120)
+        try:
+            wait_for_models(client)
+            for chunk in client.completions.create(model="tiny", prompt="hello world", max_tokens=n, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True}):
+                stream["chunks"].append(chunk.choices[0].text if chunk.choices else "")
+                stream["stats"] = (chunk.model_extra or {}).get("specray") or stream["stats"]
+                if len(stream["chunks"]) == 20:
+                    stream["going"].set()
+        except Exception as e:  # the replica's node died under it: what its client saw
+            stream["error"] = e
+        finally:
+            stream["ended"] = time.monotonic()
+            stream["going"].set()
+
+    threads = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    assert all(s["going"].wait(240) for s in streams)
+    assert not any(s["error"] for s in streams), [repr(s["error"]) for s in streams]
+    kill_node("sp-w1")
+    killed = time.monotonic()
+    for t in threads:
+        t.join(240)
+    head, worker = streams
+    assert head["error"] is None and "".join(head["chunks"]) == expected
+    assert head["stats"]["drafter_lost"] and head["stats"]["drafted_tokens"] > 0, head["stats"]
+    assert worker["error"] is not None and not isinstance(worker["error"], openai.APITimeoutError), worker["stats"]
+    assert worker["ended"] - killed < 30, f"the worker's client waited {worker['ended'] - killed:.0f} s"
+    client = openai.OpenAI(base_url=served["base"], api_key="k-test", max_retries=0, timeout=60)
+    short = target_alone(served["target"], "hello world", 16)
+    for _ in range(3):
+        again = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+        assert again.choices[0].text == short
 
 
 def kill_node(netns: str) -> None:
