@@ -35,6 +35,7 @@ from protocol import (
     Verdict,
     bind_endpoint,
     decode,
+    describe_link,
     ipc_endpoint,
     is_zero_copy,
     link_auth,
@@ -445,6 +446,17 @@ def test_actor_links_sign_messages_where_libzmq_has_no_curve(monkeypatch):
     monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve")
     signed = link_auth("tcp://127.0.0.1:5555", secret, binds=True)
     assert signed == link_auth("tcp://127.0.0.1:5555", secret, binds=False) == SharedSecret(bytes.fromhex(secret))
+    assert describe_link("tcp://127.0.0.1:5555", signed) == {"endpoint": "tcp://127.0.0.1:5555", "auth": "hmac-sha256"}
+
+
+def test_a_link_says_how_it_authenticates_and_never_its_key():
+    secret = secrets.token_hex(32)
+    for binds in (True, False):
+        described = describe_link("tcp://10.0.0.2:5555", link_auth("tcp://10.0.0.2:5555", secret, binds=binds))
+        assert described["auth"] == ("curve" if zmq.has("curve") else "hmac-sha256")
+        assert secret not in repr(described)
+    assert describe_link("ipc:///tmp/d/x", None)["auth"] == "private ipc directory"
+    assert describe_link("tcp://10.0.0.2:5555", None)["auth"] == "none"
 
 
 def test_a_binding_socket_queues_fewer_messages_per_peer():
