@@ -295,7 +295,9 @@ static void row_q32(int t, const uint8_t *row, int64_t nb, const int8_t *xq, con
 
 /* Bytes ahead in the weight stream. 2048 measured 6-7% faster than 1024 for the 1.5B's
  * products at 1 and 4 rows, AVX2 and AVX-512 alike (512 slower, 3072 the same; BENCHMARKS.md). */
+#ifndef PREFETCH
 #define PREFETCH 2048
+#endif
 
 static inline __m256i nibbles32(const uint8_t *qs) { /* 16 bytes -> 32 codes: low nibbles, then high */
     __m128i b = _mm_loadu_si128((const __m128i *)qs);
