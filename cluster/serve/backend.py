@@ -4,17 +4,11 @@ thread (the handler awaits it), so a huge prompt never stalls the event loop."""
 
 from __future__ import annotations
 
-from cluster.engine import encode_prompt
+import os
+
+from cluster.engine import encode_prompt, node_of_this_process
 from cluster.factory import make_decoder
 from cluster.serve.config import ServeArgs
-
-
-def replica_place() -> dict:
-    import os
-
-    import ray
-
-    return {"node_ip": ray.util.get_node_ip_address() if ray.is_initialized() else None, "pid": os.getpid()}
 
 
 class Backend:
@@ -31,7 +25,7 @@ class Backend:
         self.tokenizer, self.context = self.decoder.tokenizer, self.decoder.context_length
         self.vocab_size = len(self.tokenizer)
         # what the models resolved to where they run (dtypes, kernels, devices, nodes): for /health
-        self.runtime = {"replica": replica_place(), **self.decoder.runtime_info()}
+        self.runtime = {"replica": {"pid": os.getpid(), **node_of_this_process()}, **self.decoder.runtime_info()}
 
     def encode_text(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, chat=False)
