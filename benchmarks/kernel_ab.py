@@ -4,7 +4,7 @@
 
 Build each library from a version of `actors/native/*.c` first, e.g.
 
-    gcc -O3 -std=gnu11 -fPIC -shared -fopenmp -ffp-contract=off -mavx2 -mfma -mf16c \\
+    gcc -O3 -std=gnu11 -fPIC -shared -pthread -ffp-contract=off -mavx2 -mfma -mf16c \\
         -mavx512f -mavx512bw -mavx512vl -mavx512vnni actors/native/*.c -o new.so -lm
 
 (drop the -mavx512* flags for the AVX2 variant). Every quantized product of one forward

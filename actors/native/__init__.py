@@ -1,7 +1,8 @@
 """Native kernels for GGUF weight blocks (`ggml_blocks.c`) and the float work around them
 in a decoder layer (`layer_ops.c`, used through `actors.native.layer`), and the loop over a
-model's fused layers (`stack_ops.c`, `actors.fused.FusedStack`), built here, loaded with
-ctypes.
+model's fused layers (`stack_ops.c`, `actors.fused.FusedStack`), with their parallel loops on
+one process-wide team of threads (`pool.c`, not OpenMP: its comment says why), built here,
+loaded with ctypes.
 
 The C sources are compiled at first use with the machine's C compiler, once per
 instruction-set variant, and cached under `~/.cache/specray/native/`:
@@ -35,9 +36,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("ggml_blocks.c", "layer_ops.c", "stack_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("ggml_blocks.c", "layer_ops.c", "stack_ops.c", "pool.c"))
 ISA_ENV = "SPECRAY_NATIVE_ISA"
-COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-lm"]
+COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-lm"]
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {  # name -> (compiler flags, cpu flags it needs)
     "scalar": ([], set()),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),

@@ -721,17 +721,32 @@ static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
 
 int64_t specray_scratch_bytes(int64_t M, int64_t K);
 
+typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
+void specray_parallel(int64_t n, int threads, specray_range_fn fn, void *ctx); /* pool.c */
+
+struct quantize_job {
+    const float *x;
+    int64_t K;
+    int bs;
+    int8_t *q;
+    float *d;
+    int16_t *s;
+};
+
+static void quantize_range(void *ctx, int64_t begin, int64_t end) {
+    const struct quantize_job *j = ctx;
+    for (int64_t m = begin; m < end; m++)
+        quantize_x(j->x + m * j->K, j->K, j->bs, j->q + m * j->K, j->d + m * (j->K / j->bs), j->s + m * (j->K / 32));
+}
+
 /* Rows x[M, K] -> int8 codes [M, K], scales [M, K/bs] and sums per 32 [M, K/32] in `scratch`. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int bs, void *scratch, int threads,
                           int8_t **xq, float **xd, int16_t **xs) {
     *xq = (int8_t *)scratch;
     *xd = (float *)(*xq + ((M * K + 63) / 64) * 64);
     *xs = (int16_t *)(*xd + M * (K / 32));
-    int8_t *q = *xq;
-    float *d = *xd;
-    int16_t *s = *xs;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M > 4)
-    for (int64_t m = 0; m < M; m++) quantize_x(x + m * K, K, bs, q + m * K, d + m * (K / bs), s + m * (K / 32));
+    struct quantize_job job = {.x = x, .K = K, .bs = bs, .q = *xq, .d = *xd, .s = *xs};
+    specray_parallel(M, M > 4 ? threads : 1, quantize_range, &job);
 }
 
 /* One weight row against every activation row: out[m * ldo] for m < M. */
@@ -757,6 +772,40 @@ static void product_row(int t, const uint8_t *row, int64_t K, int64_t M, const i
         else if (t == Q6_K) row_q6k(row, nb, xm, xd + m0 * nb, K, mc, lanes);
         else row_q32(t, row, nb, xm, xd + m0 * nb, K, mc, lanes);
         for (int64_t i = 0; i < mc; i++) out[(m0 + i) * ldo] = hsum8(lanes + 8 * i) - hsum4(macc + 4 * i);
+    }
+}
+
+struct product_job {
+    int count;
+    const int *types;
+    const uint8_t *const *ws;
+    const float *const *bias;
+    const int64_t *first; /* weight i's rows are output columns first[i] .. first[i + 1] - 1 */
+    int64_t K, M;
+    const int8_t *q32, *q256;
+    const float *d32, *d256;
+    const int16_t *s32, *s256;
+    const float *residual;
+    float *out;
+};
+
+/* Output columns [begin, end) of specray_matmul_many: one weight row each. */
+static void product_range(void *ctx, int64_t begin, int64_t end) {
+    const struct product_job *j = ctx;
+    const int64_t K = j->K, M = j->M, total = j->first[j->count];
+    int i = 0;
+    for (int64_t n = begin; n < end; n++) {
+        while (n >= j->first[i + 1]) i++;
+        int t = j->types[i], bs = specray_block_size(t);
+        int64_t r = n - j->first[i], rb = K / bs * specray_block_bytes(t);
+        if (bs == 32) product_row(t, j->ws[i] + r * rb, K, M, j->q32, j->d32, j->s32, j->out + n, total);
+        else product_row(t, j->ws[i] + r * rb, K, M, j->q256, j->d256, j->s256, j->out + n, total);
+        if (j->bias && j->bias[i]) {
+            float b = j->bias[i][r];
+            for (int64_t m = 0; m < M; m++) j->out[m * total + n] = j->out[m * total + n] + b;
+        }
+        if (j->residual)
+            for (int64_t m = 0; m < M; m++) j->out[m * total + n] = j->residual[m * total + n] + j->out[m * total + n];
     }
 }
 
@@ -789,21 +838,10 @@ int specray_matmul_many(int count, const int *types, const uint8_t *const *ws, c
     if (need32) quantize_rows(x, M, K, 32, scratch, threads, &q32, &d32, &s32);
     if (need256) quantize_rows(x, M, K, 256, (uint8_t *)scratch + one * need32, threads, &q256, &d256, &s256);
 
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < total; n++) {
-        int i = 0;
-        while (n >= first[i + 1]) i++;
-        int t = types[i], bs = specray_block_size(t);
-        int64_t r = n - first[i], rb = K / bs * specray_block_bytes(t);
-        if (bs == 32) product_row(t, ws[i] + r * rb, K, M, q32, d32, s32, out + n, total);
-        else product_row(t, ws[i] + r * rb, K, M, q256, d256, s256, out + n, total);
-        if (bias && bias[i]) {
-            float b = bias[i][r];
-            for (int64_t m = 0; m < M; m++) out[m * total + n] = out[m * total + n] + b;
-        }
-        if (residual)
-            for (int64_t m = 0; m < M; m++) out[m * total + n] = residual[m * total + n] + out[m * total + n];
-    }
+    struct product_job job = {.count = count, .types = types, .ws = ws, .bias = bias, .first = first, .K = K, .M = M,
+                              .q32 = q32, .q256 = q256, .d32 = d32, .d256 = d256, .s32 = s32, .s256 = s256,
+                              .residual = residual, .out = out};
+    specray_parallel(total, threads, product_range, &job);
     return 0;
 }
 

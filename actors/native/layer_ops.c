@@ -9,6 +9,7 @@
  * verify pass still gives each row the bits of decoding it alone.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,6 +110,57 @@ static void axpy(float *o, float w, const float *v, int D) {
 #endif
 }
 
+typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
+void specray_parallel(int64_t n, int threads, specray_range_fn fn, void *ctx); /* pool.c */
+
+struct attend_job {
+    const float *q, *kc, *vc;
+    int64_t ldq, cap;
+    int Hkv, D, g;
+    const int64_t *lo, *n, *off, *idx;
+    float scale;
+    float *out;
+    atomic_int fail;
+};
+
+/* Tasks [begin, end) of specray_attend_rows: task = row t's KV head kv, t * Hkv + kv. */
+static void attend_range(void *ctx, int64_t begin, int64_t end) {
+    struct attend_job *j = ctx;
+    const int g = j->g, D = j->D, H = j->Hkv * g;
+    for (int64_t task = begin; task < end; task++) {
+        int64_t t = task / j->Hkv;
+        int kv = (int)(task % j->Hkv);
+        int64_t len = j->n[t], lo = j->lo[t], off = j->off[t];
+        float *p = malloc(sizeof(float) * (size_t)(g * len > 0 ? g * len : 1));
+        if (!p) {
+            atomic_store(&j->fail, 1);
+            continue;
+        }
+        const float *qs = j->q + t * j->ldq + (int64_t)kv * g * D;
+        const float *kh = j->kc + (int64_t)kv * j->cap * D, *vh = j->vc + (int64_t)kv * j->cap * D;
+        for (int64_t s = 0; s < len; s++) {
+            int64_t slot = off < 0 ? lo + s : j->idx[off + s];
+            for (int i = 0; i < g; i++) p[i * len + s] = dot(qs + i * D, kh + slot * D, D) * j->scale;
+        }
+        for (int i = 0; i < g; i++) {
+            float *pi = p + i * len, mx = -INFINITY, sum = 0.0f;
+            for (int64_t s = 0; s < len; s++) mx = pi[s] > mx ? pi[s] : mx;
+            for (int64_t s = 0; s < len; s++) {
+                pi[s] = exp_f(pi[s] - mx);
+                sum = sum + pi[s];
+            }
+            float *o = j->out + t * (int64_t)H * D + ((int64_t)kv * g + i) * D;
+            for (int d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t s = 0; s < len; s++) {
+                int64_t slot = off < 0 ? lo + s : j->idx[off + s];
+                axpy(o, pi[s], vh + slot * D, D);
+            }
+            for (int d = 0; d < D; d++) o[d] = o[d] / sum;
+        }
+        free(p);
+    }
+}
+
 /* Attention of T rows, each alone over its own cache slots. q rows [T, ldq] hold heads
  * [H, D]; query head h reads KV head h / (H / Hkv). Row t sees n[t] slots: lo[t] .. lo[t] +
  * n[t] - 1 when off[t] < 0, else idx[off[t] .. off[t] + n[t] - 1]. out [T, H * D]. */
@@ -116,43 +168,13 @@ int specray_attend_rows(const float *q, int64_t T, int64_t ldq, int H, int Hkv, 
                         const float *vc, int64_t cap, const int64_t *lo, const int64_t *n, const int64_t *off,
                         const int64_t *idx, float scale, float *out, int threads) {
     if (D % 8 || H % Hkv) return -1;
-    int g = H / Hkv, fail = 0;
     int64_t work = 0; /* multiply-adds: threads only where they pay for their start */
     for (int64_t t = 0; t < T; t++) work += n[t] * H * D;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (T * Hkv > 1 && work > (1 << 20))
-    for (int64_t task = 0; task < T * Hkv; task++) {
-        int64_t t = task / Hkv;
-        int kv = (int)(task % Hkv);
-        int64_t len = n[t];
-        float *p = malloc(sizeof(float) * (size_t)(g * len > 0 ? g * len : 1));
-        if (!p) {
-            fail = 1;
-            continue;
-        }
-        const float *qs = q + t * ldq + (int64_t)kv * g * D;
-        const float *kh = kc + (int64_t)kv * cap * D, *vh = vc + (int64_t)kv * cap * D;
-        for (int64_t j = 0; j < len; j++) {
-            int64_t slot = off[t] < 0 ? lo[t] + j : idx[off[t] + j];
-            for (int i = 0; i < g; i++) p[i * len + j] = dot(qs + i * D, kh + slot * D, D) * scale;
-        }
-        for (int i = 0; i < g; i++) {
-            float *pi = p + i * len, mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < len; j++) mx = pi[j] > mx ? pi[j] : mx;
-            for (int64_t j = 0; j < len; j++) {
-                pi[j] = exp_f(pi[j] - mx);
-                sum = sum + pi[j];
-            }
-            float *o = out + t * (int64_t)H * D + ((int64_t)kv * g + i) * D;
-            for (int d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t j = 0; j < len; j++) {
-                int64_t slot = off[t] < 0 ? lo[t] + j : idx[off[t] + j];
-                axpy(o, pi[j], vh + slot * D, D);
-            }
-            for (int d = 0; d < D; d++) o[d] = o[d] / sum;
-        }
-        free(p);
-    }
-    return fail ? -2 : 0;
+    struct attend_job job = {.q = q, .kc = kc, .vc = vc, .ldq = ldq, .cap = cap, .Hkv = Hkv, .D = D, .g = H / Hkv,
+                             .lo = lo, .n = n, .off = off, .idx = idx, .scale = scale, .out = out};
+    atomic_init(&job.fail, 0);
+    specray_parallel(T * Hkv, work > (1 << 20) ? threads : 1, attend_range, &job);
+    return atomic_load(&job.fail) ? -2 : 0;
 }
 
 /* out[m, i] = silu(gu[m, i]) * gu[m, I + i]: gate and up side by side, as one product gives them. */
