@@ -17,7 +17,6 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -38,17 +37,19 @@ typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
 
 static struct {
     pthread_mutex_t call; /* held by the thread whose loop runs */
-    pthread_mutex_t mu;   /* guards sleepers, pairs with wake */
-    pthread_cond_t wake;
+    pthread_mutex_t mu;   /* guards sleepers, pairs with wake and finished */
+    pthread_cond_t wake, finished;
     atomic_uint gen;      /* bumped once per loop: the workers' signal to start */
-    atomic_int done;      /* workers finished with the current loop */
+    atomic_uint done;     /* workers finished with the current loop */
+    atomic_int caller_sleeps; /* the caller gave up spinning: the last worker done wakes it */
     int workers, sleepers;
     unsigned start_gen[MAX_WORKERS + 1];
     specray_range_fn fn; /* the current loop, written before gen is bumped */
     void *ctx;
     int64_t n;
     int threads;
-} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .finished = PTHREAD_COND_INITIALIZER};
 
 static _Thread_local int in_loop;
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
@@ -70,18 +71,24 @@ static void run_share(int id) {
     }
 }
 
-/* The generation after `seen`: spin for SPIN_NS, then sleep until it comes. */
-static unsigned next_gen(unsigned seen) {
-    unsigned g;
+/* *word once it differs from `value`, or `value` after SPIN_NS of spinning. */
+static unsigned spin_while(atomic_uint *word, unsigned value) {
     int64_t until = 0;
-    for (int spins = 0; (g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen; spins++) {
+    for (int spins = 0;; spins++) {
+        unsigned v = atomic_load(word);
+        if (v != value) return v;
         if ((spins & 63) == 63) {
             int64_t t = now_ns();
             if (!until) until = t + SPIN_NS;
-            else if (t > until) break;
+            else if (t > until) return v;
         }
         RELAX();
     }
+}
+
+/* The generation after `seen`: spin for SPIN_NS, then sleep until it comes. */
+static unsigned next_gen(unsigned seen) {
+    unsigned g = spin_while(&pool.gen, seen);
     if (g != seen) return g;
     pthread_mutex_lock(&pool.mu);
     pool.sleepers++;
@@ -97,7 +104,13 @@ static void *worker_main(void *arg) {
     for (;;) {
         seen = next_gen(seen);
         run_share(id);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        /* seq_cst with the caller's caller_sleeps store and done load: the last worker either
+         * sees it asleep and wakes it (under mu, so not before it waits) or it sees all done */
+        if (atomic_fetch_add(&pool.done, 1) + 1 == (unsigned)pool.workers && atomic_load(&pool.caller_sleeps)) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.finished);
+            pthread_mutex_unlock(&pool.mu);
+        }
     }
     return NULL;
 }
@@ -107,6 +120,8 @@ static void after_fork_in_child(void) {
     pthread_mutex_init(&pool.call, NULL);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.finished, NULL);
+    atomic_store(&pool.caller_sleeps, 0);
     pool.workers = pool.sleepers = 0;
     in_loop = 0;
 }
@@ -148,19 +163,50 @@ void specray_parallel(int64_t n, int threads, specray_range_fn fn, void *ctx) {
     pool.ctx = ctx;
     pool.n = n;
     pool.threads = threads;
-    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.done, 0);
     pthread_mutex_lock(&pool.mu);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
     run_share(0);
-    /* every worker counts itself done, its range empty or not, before the loop's fields change */
-    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.workers; spins++) {
-        if (spins < 4096) RELAX();
-        else sched_yield();
+    /* every worker counts itself done, its range empty or not, before the loop's fields change;
+     * the caller spins as the workers do, then sleeps (a worker that lost its core to a
+     * neighbour process should get it back, not see it spun away) */
+    const unsigned all = (unsigned)pool.workers;
+    unsigned done = atomic_load(&pool.done);
+    while (done < all) {
+        const unsigned before = done;
+        done = spin_while(&pool.done, before);
+        if (done != before) continue; /* progress: spin on */
+        pthread_mutex_lock(&pool.mu);
+        atomic_store(&pool.caller_sleeps, 1);
+        while ((done = atomic_load(&pool.done)) < all) pthread_cond_wait(&pool.finished, &pool.mu);
+        atomic_store(&pool.caller_sleeps, 0);
+        pthread_mutex_unlock(&pool.mu);
     }
     pthread_mutex_unlock(&pool.call);
 }
 
 /* Worker threads started so far (for tests). */
 int specray_pool_workers(void) { return pool.workers; }
+
+/* For tests: `loops` loops of n indices on `threads` threads, where every range but the
+ * caller's sleeps 200 us per index (so the caller outlasts its spin and sleeps) and the
+ * caller pauses `pause_us` between loops (so the workers sleep too). The sum of every
+ * index seen: loops * n * (n - 1) / 2 when no range was lost or run twice. */
+static void selftest_range(void *ctx, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+        if (begin > 0) nanosleep(&(struct timespec){0, 200000}, NULL);
+        atomic_fetch_add((atomic_llong *)ctx, i);
+    }
+}
+
+int64_t specray_pool_selftest(int loops, int threads, int64_t n, int pause_us) {
+    atomic_llong sum;
+    atomic_init(&sum, 0);
+    for (int l = 0; l < loops; l++) {
+        specray_parallel(n, threads, selftest_range, &sum);
+        if (pause_us > 0) nanosleep(&(struct timespec){0, pause_us * 1000L}, NULL);
+    }
+    return atomic_load(&sum);
+}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import select
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -84,3 +86,27 @@ def test_a_forked_child_starts_a_team_of_its_own():
             pass
         os.waitpid(pid, 0)
     assert np.array_equal(np.frombuffer(got, dtype=np.float32).reshape(want.shape), want.numpy())
+
+
+SELFTEST = """
+import ctypes, threading
+from actors import native
+selftest = native.library(native.variant()).specray_pool_selftest
+selftest.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+selftest.restype = ctypes.c_int64
+sums = []
+callers = [threading.Thread(target=lambda t=t: sums.append(selftest(40, t, 6, 100))) for t in (2, 3, 2)]
+for c in callers:
+    c.start()
+for c in callers:
+    c.join()
+print(sorted(sums))
+"""
+
+
+def test_sleeping_callers_and_workers_lose_no_range():
+    # workers slower than the caller's spin, pauses longer than the workers': both sleep
+    # paths, from three threads at once; in a child, so a lost wake-up fails, not hangs
+    proc = subprocess.run([sys.executable, "-c", SELFTEST], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == str([40 * 15] * 3)
