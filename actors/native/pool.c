@@ -32,7 +32,7 @@ typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
 
 #define MAX_WORKERS 255
 #ifndef SPIN_NS
-#define SPIN_NS 30000 /* a worker spins this long for the next loop, then sleeps */
+#define SPIN_NS 30000 /* a thread spins this long for the next loop (a worker) or its end (the caller), then sleeps */
 #endif
 
 static struct {
