@@ -37,6 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("ggml_blocks.c", "layer_ops.c", "stack_ops.c", "pool.c"))
+HEADERS = (Path(__file__).with_name("pool.h"),)  # in the cache key too: a changed header builds anew
 ISA_ENV = "SPECRAY_NATIVE_ISA"
 COMMON_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-lm"]
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {  # name -> (compiler flags, cpu flags it needs)
@@ -168,7 +169,7 @@ def library(name: str) -> ctypes.CDLL | None:
     if version is None:
         return None
     flags = COMMON_FLAGS + VARIANTS[name][0]
-    text = [*(src.read_text() for src in SOURCES), " ".join(flags), *version.stdout.splitlines()[:1]]
+    text = [*(src.read_text() for src in (*SOURCES, *HEADERS)), " ".join(flags), *version.stdout.splitlines()[:1]]
     key = hashlib.sha1("\n".join(text).encode()).hexdigest()[:16]
     out = cache_root() / "native" / key / f"ggml_blocks_{name}.so"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "pool.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -721,8 +722,6 @@ static void row_q6k(const uint8_t *row, int64_t nb, const int8_t *xq, const floa
 
 int64_t specray_scratch_bytes(int64_t M, int64_t K);
 
-typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
-void specray_parallel(int64_t n, int threads, specray_range_fn fn, void *ctx); /* pool.c */
 
 struct quantize_job {
     const float *x;

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "pool.h"
 
 /* e^x for the softmax and SiLU: Cephes' expf (range reduction by ln 2, a degree-6
  * polynomial, ~1 ulp), written as plain float operations (rounding by the 1.5 * 2^23
@@ -110,8 +111,6 @@ static void axpy(float *o, float w, const float *v, int D) {
 #endif
 }
 
-typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
-void specray_parallel(int64_t n, int threads, specray_range_fn fn, void *ctx); /* pool.c */
 
 struct attend_job {
     const float *q, *kc, *vc;

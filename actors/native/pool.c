@@ -21,6 +21,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
+#include "pool.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define RELAX() _mm_pause()
@@ -28,7 +29,6 @@
 #define RELAX() ((void)0)
 #endif
 
-typedef void (*specray_range_fn)(void *ctx, int64_t begin, int64_t end);
 
 #define MAX_WORKERS 255
 #ifndef SPIN_NS
