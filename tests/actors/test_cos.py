@@ -4,7 +4,6 @@ r enumerated from the models; chi-squared over whole sequences, 10,000 samples).
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -83,18 +82,30 @@ def test_streaming_and_stop_tokens(trio):
     assert got.token_ids == full[: full.index(stop) + 1] == seen
 
 
-class SlowDrafts:
-    """A member whose every draft call takes `delay` seconds longer: real, measured time."""
+class StepClock:
+    """A clock that moves 1 ms per reading plus whatever a member's work is declared to cost:
+    the fallback's choice then depends on the costs the test sets, not on the box's load."""
 
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay, self.name, self.local = inner, delay, inner.name, inner.local
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1e-3
+        return self.now
+
+
+class SlowDrafts:
+    """A member whose every draft call costs `delay` seconds more on `clock`."""
+
+    def __init__(self, inner, delay: float, clock: StepClock):
+        self.inner, self.delay, self.clock, self.name, self.local = inner, delay, clock, inner.name, inner.local
 
     def begin(self, *args) -> None:
         self.inner.begin(*args)
 
     def submit(self, kind: str, context: list[int], count: int) -> None:
         if kind == "draft":
-            time.sleep(self.delay)
+            self.clock.now += self.delay
         self.inner.submit(kind, context, count)
 
     def result(self):
@@ -105,12 +116,14 @@ def test_adaptive_cos_falls_back_when_speculation_does_not_pay(trio):
     """With drafting made slow, CoS rounds deliver fewer tokens/s than baseline steps: the
     loop measures both and takes baseline steps, probing now and then; same output."""
     fast = local_members(trio[:2])
-    # 0.15 s a draft: a baseline step would have to take > ~0.1 s (a loaded CI box) to look
-    # slower than a round
-    members = [SlowDrafts(fast[0], 0.15), fast[1]]
+    clock = StepClock()
+    # a round costs a draft (0.15 s) and delivers at most a few tokens; a baseline step
+    # costs two clock readings and delivers one
+    members = [SlowDrafts(fast[0], 0.15, clock), fast[1]]
     rule = parse_combine("we:0.5", 2)
     cfg = DecodeConfig(max_new_tokens=40, eos_token_ids=(-1,))
-    got = cos_generate(members, rule, [3, 4], cfg, CosOptions(default_proposer=0, probe_every=16), state=CosState())
+    state = CosState(clock=clock)
+    got = cos_generate(members, rule, [3, 4], cfg, CosOptions(default_proposer=0, probe_every=16), state=state)
     assert got.token_ids == ensemble_generate(fast, rule, [3, 4], cfg).token_ids
     assert got.stats.verify_rounds <= 6  # the first round and probes (and the carried bonus they may leave)
 
