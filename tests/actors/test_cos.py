@@ -4,7 +4,6 @@ r enumerated from the models; chi-squared over whole sequences, 10,000 samples).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
