@@ -1,4 +1,4 @@
-"""What both ends of a Ray pipeline agree on for a request: the mode (sync or async), how
+"""What both ends of a Ray pipeline agree on for a request: the mode (sync, async or ssd), how
 far an async drafter may run ahead, and a bound on every wait; and `Cancelled`, how a
 caller giving up reaches whichever loop is running. Its own module so the drafter's side
 (`actors.proposing`) and the ensembles need not import the verifier's.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-MODES = ("sync", "async")
+MODES = ("sync", "async", "ssd")
 
 
 @dataclass(frozen=True)

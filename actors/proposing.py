@@ -3,6 +3,9 @@
 sync: per round, draft a tree from the committed tokens (`ModelRunner.propose`, adaptive
 length), send it, wait for the verdict.
 
+ssd: sync's rounds, but while waiting, draft the next round for the verdict's likeliest
+outcomes (`actors.ssd`); a verdict that names one gets its draft at once.
+
 async: keep drafting one chain ahead of the committed tokens, at most `lookahead` drafts
 beyond them, sending each draft as it is made (a two-node tree whose root is the token
 before it, with its position and, when sampling, the distribution it was drawn from). A
@@ -21,6 +24,7 @@ import torch
 
 from actors.pipeline_options import Cancelled, PipelineOptions
 from actors.runner import ModelRunner
+from actors.ssd import draft_ssd
 from decoding.draft_length import DraftLengthPolicy
 from decoding.request import DecodeConfig, make_generator
 from decoding.sampling import logits_to_probs, sample
@@ -83,7 +87,12 @@ class _Session:
     def round_trip(self, tree: CandidateTree) -> Verdict | None:
         """sync: send a tree, wait for its verdict, commit what it accepted (None: shutdown)."""
         self.channel.send(tree)
-        message = self.recv(block=True)
+        return self.verdict_for(tree)
+
+    def verdict_for(self, tree: CandidateTree, received: Message | None = None) -> Verdict | None:
+        """Wait for the verdict on `tree` (`received`: a message already taken off the
+        socket) and commit what it accepted (None: shutdown)."""
+        message = received if received is not None else self.recv(block=True)
         while not isinstance(message, (Verdict, Shutdown)):
             message = self.recv(block=True)
         if isinstance(message, Shutdown):
@@ -124,6 +133,8 @@ def propose_request(
         runner.feed(s.prompt)  # prefill while the target does the same
     if opts.mode == "sync":
         _draft_sync(runner, s, cfg, policy, gen, stats)
+    elif opts.mode == "ssd":
+        draft_ssd(runner, s, cfg, policy, gen, stats)
     else:
         _draft_async(runner, s, cfg, opts, gen, stats)
     channel.sessions.close(session)

@@ -29,6 +29,9 @@ class Proposal:
     predicted: float  # expected number of accepted drafts, from the draft's confidence
     depth: int  # drafted chain length
     seconds: float
+    # `keep_rows`: row i is the draft's distribution the chain's token at depth i + 1 came
+    # from (its confidence and its runners-up: where SSD guesses the verdict's outcomes)
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -248,6 +251,8 @@ class ModelRunner:
         width: int = 1,
         generator: torch.Generator | None = None,
         self_draft: TidalConfig | None = None,
+        stop: Callable[[], bool] | None = None,
+        keep_rows: bool = False,
     ) -> Proposal:
         """Draft a chain from `context`, with `width - 1` extra sibling leaves per depth.
 
@@ -259,6 +264,9 @@ class ModelRunner:
         over its own cache (no second cache): committed tokens are fed with full attention,
         the drafts sparsely, and the drafts' entries are dropped afterwards, so the verify
         recomputes them exactly.
+
+        `stop`: asked after each depth; True ends the chain there (SSD: the verdict it was
+        pre-drafting for has arrived). A chain cut short is still a valid draft.
         """
         start = time.perf_counter()
         pending = self.sync(context[:-1])
@@ -269,14 +277,19 @@ class ModelRunner:
         # Always re-feed the newest token: its logits are where drafting starts.
         logits = self.feed(pending + [context[-1]], sparse=self_draft)
         tokens, parents, q_rows = [context[-1]], [-1], {}
-        chain_node, accept_probs = 0, []
+        chain_node, accept_probs, rows = 0, [], []
         while True:
             if params.greedy:
                 top = torch.topk(logits, width)
                 picks = top.indices.tolist()
-                confidence = torch.softmax(logits.float(), -1)[picks[0]].item()
+                probs = torch.softmax(logits.float(), -1)
+                confidence = probs[picks[0]].item()
+                if keep_rows:
+                    rows.append(probs)
             else:
                 q = logits_to_probs(logits, params)
+                if keep_rows:
+                    rows.append(q)
                 # `sample` draws on the generator's device: a CPU generator with CUDA logits works
                 picks = sample(q.expand(width, -1), generator).tolist()
                 q_rows[chain_node] = q
@@ -287,7 +300,7 @@ class ModelRunner:
             parents += [chain_node] * width
             chain_node = first_child
             depth = len(accept_probs)
-            if depth >= max_depth or not policy.keep_drafting(depth, accept_probs):
+            if depth >= max_depth or not policy.keep_drafting(depth, accept_probs) or (stop is not None and stop()):
                 break
             logits = self.feed([picks[0]], sparse=self_draft)
         if self_draft is not None:
@@ -299,4 +312,5 @@ class ModelRunner:
             draft_probs = torch.zeros(len(tokens), logits.shape[-1])
             for node, q in q_rows.items():
                 draft_probs[node] = q
-        return Proposal(tree, draft_probs, sum(accept_probs), depth, time.perf_counter() - start)
+        return Proposal(tree, draft_probs, sum(accept_probs), depth, time.perf_counter() - start,
+                        torch.stack(rows) if keep_rows else None)

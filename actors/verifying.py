@@ -13,6 +13,8 @@ The verifier owns the request. It talks to one drafter over a ROUTER socket:
                                      <-      Shutdown
 
 sync: one tree per round; the drafter waits for each verdict before drafting again.
+ssd: the same rounds, as the verifier sees them; the drafter drafts the next round for the
+verdict's likeliest outcomes while the target verifies (`actors.ssd`).
 async: the drafter streams its speculation (bounded by `lookahead`) while the target
 verifies; the verifier verifies whatever has arrived (`decoding.draft_stream`).
 
@@ -102,7 +104,7 @@ def verify_request(
                 stats.target_forwards += 1
                 continue
             try:
-                if opts.mode == "sync":
+                if opts.mode != "async":  # sync and ssd: one tree per round
                     tree, q = next_tree(link, committed, step, opts)
                 else:
                     tree, q = ready_chain(link, stream, committed,

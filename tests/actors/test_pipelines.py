@@ -4,6 +4,8 @@ target's own, sampled output follows the target's distribution."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from actors.model import Transformer
 from actors.pipeline_options import PipelineOptions
 from actors.proposing import propose_request
 from actors.runner import ModelRunner
+from actors.ssd import likely_outcomes
 from cluster.local import autoregressive_generate
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
@@ -41,6 +44,8 @@ OPTIONS = [
     ("async-1", PipelineOptions(mode="async", lookahead=1), {}),
     ("async-3", PipelineOptions(mode="async", lookahead=3), {}),
     ("async-8", PipelineOptions(mode="async", lookahead=8), {}),
+    ("ssd", PipelineOptions(mode="ssd"), {}),
+    ("ssd-fixed3", PipelineOptions(mode="ssd"), {"draft_length": 3}),
 ]
 
 
@@ -70,7 +75,49 @@ def test_async_with_a_perfect_drafter_never_rolls_back(tiny_dir):
     assert result.token_ids == autoregressive_generate(pair.target, [5, 6, 7], cfg).token_ids
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+class SlowVerify:
+    """The target, each verify `delay` s slower (a bigger target's verify): real time for a
+    drafter to pre-draft in."""
+
+    def __init__(self, runner: ModelRunner, delay: float):
+        self.runner, self.delay = runner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def score_tree_hidden(self, context, tree):
+        time.sleep(self.delay)
+        return self.runner.score_tree_hidden(context, tree)
+
+
+def test_ssd_with_a_perfect_drafter_answers_from_its_pre_drafts(tiny_dir):
+    """The draft is the target: every draft is kept, and the likeliest outcome the drafter
+    pre-drafts for ("all kept, then the draft's own next token") is what the target commits,
+    so rounds after the first are answered from pre-drafts."""
+    same = tiny_dir("llama")
+    target = tiny_runner(same)
+    pair = drafting_pair(SlowVerify(target, 0.2), tiny_runner(same))
+    cfg = DecodeConfig(max_new_tokens=24, eos_token_ids=(-1,), draft_length=3)
+    result, box = pair.generate([5, 6, 7], cfg, PipelineOptions(mode="ssd"))
+    assert result.token_ids == autoregressive_generate(target, [5, 6, 7], cfg).token_ids
+    stats = box["stats"]
+    assert stats["hits"] >= 3 and stats["hit_ranks"][0] >= 2, stats
+    assert stats["misses"] <= 1  # at most the last round, when the request ends
+    assert result.stats.accepted_tokens == result.stats.drafted_tokens
+
+
+def test_ssd_outcomes_are_ranked_by_the_keep_rate_and_the_drafts_runners_up():
+    chain = [1, 2]
+    rows = torch.tensor([[0.1, 0.6, 0.3, 0.0], [0.5, 0.0, 0.5, 0.0]])  # q1(d1) = 0.6, q2(d2) = 0.5
+    after = torch.tensor([0.0, 0.0, 0.2, 0.8])
+    got = [(o.kept, o.bonus, round(o.prob, 3)) for o in likely_outcomes(chain, rows, after, 0.5, guesses=2, limit=5)]
+    # kept 0: 0.5 x q1's runners-up renormalised (0.75, 0.25); kept 1: 0.5 x 0.5 x q2's
+    # runner-up (1.0, token 0); all kept: 0.25 x q3
+    assert got == [(0, 2, 0.375), (1, 0, 0.25), (2, 3, 0.2), (0, 0, 0.125), (2, 2, 0.05)]
+    assert likely_outcomes(chain, rows, after, 0.95, limit=1)[0].kept == 2  # a draft the target agrees with
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssd"])
 def test_a_drafter_that_stops_mid_request_leaves_the_output_unchanged(tiny_dir, mode):
     pair = drafting_pair(tiny_runner(tiny_dir("llama"), 1024), tiny_runner(tiny_dir("llama", noise=0.3), 1024))
     cfg = DecodeConfig(max_new_tokens=600, eos_token_ids=(-1,))
@@ -95,7 +142,7 @@ class Corrupting:
         return self.dealer.send(message)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ssd"])
 @pytest.mark.parametrize("corrupt", ["token past the vocabulary", "probabilities of the wrong width"])
 def test_a_bad_tree_loses_the_drafter_and_the_request_finishes_with_the_target(tiny_dir, mode, corrupt):
     """The verifier checks every tree before the target reads it (an id past the vocabulary
@@ -128,7 +175,7 @@ def sample_sequences(pair: WirePair, params: SamplingParams, opts: PipelineOptio
     return [tuple(result.token_ids) for result in results]
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ssd"])
 def test_sampling_follows_the_target_distribution(tiny_dir, mode):
     target, draft = runners(tiny_dir)
     params = SamplingParams(temperature=1.0)
@@ -137,11 +184,12 @@ def test_sampling_follows_the_target_distribution(tiny_dir, mode):
     assert chi2_pvalue(samples, probs) > 1e-3
 
 
-def test_broken_residual_is_caught_async(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("mode", ["async", "ssd"])
+def test_broken_residual_is_caught(tiny_dir, monkeypatch, mode):
     """Power check: the distribution test above fails when the rejection rule is wrong."""
     target, draft = runners(tiny_dir)
     params = SamplingParams(temperature=1.0)
     probs = exact_sequence_probs(target, params)
     monkeypatch.setattr(acceptance, "residual_distribution", lambda p, q: p / p.sum(-1, keepdim=True))
-    pair, opts = drafting_pair(target, draft), PipelineOptions(mode="async", lookahead=NEW - 1)
+    pair, opts = drafting_pair(target, draft), PipelineOptions(mode=mode, lookahead=NEW - 1)
     assert caught_pvalue(lambda start, n: sample_sequences(pair, params, opts, n, start), probs) < 1e-6
