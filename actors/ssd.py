@@ -137,8 +137,11 @@ def draft_ssd(runner: ModelRunner, s, cfg: DecodeConfig, policy: DraftLengthPoli
             stats["hit_ranks"][rank] += 1
 
 
+Branches = dict[tuple[int, int], tuple[int, Proposal]]  # (kept, bonus) -> (rank, the draft after it)
+
+
 def _pre_draft(runner: ModelRunner, context: list[int], proposal: Proposal, remaining: int, cfg: DecodeConfig,
-               policy: DraftLengthPolicy, gen, inbox: _Inbox, keep: float, stats: dict) -> dict[tuple[int, int], tuple[int, Proposal]]:
+               policy: DraftLengthPolicy, gen, inbox: _Inbox, keep: float, stats: dict) -> Branches:
     """Drafts for the likeliest outcomes of the round in flight, until its verdict arrives:
     {(kept, bonus): (rank, draft)}."""
     chain = proposal.tree.tokens[1:].tolist()
