@@ -118,15 +118,18 @@ class DraftService:
         self.home = home
         self.served: list[tuple[RouterChannel, threading.Thread]] = []
 
-    def serve(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, ahead: bool = False) -> str:
+    def serve(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, mode: str = "sync") -> str:
         """Draft for a batched verifier on `peer_node_ip` from now on: many sequences, one
-        batched draft forward per depth (`actors/draft_server.py`), on a thread of its own.
-        Returns where to connect."""
+        batched draft forward per depth (`actors/draft_server.py`), on a thread of its own;
+        `mode` async drafts ahead on the bet that all is kept, ssd pre-drafts the likeliest
+        outcomes (`actors/ssd_server.py`). Returns where to connect."""
         from actors.draft_server import DraftServer, serve_rounds
+        from actors.ssd_server import SsdDraftServer
 
         home = self.home
-        server = DraftServer(home.runner, slots, home.max_len, max_draft,
-                             {int(k): float(v) for k, v in verify_s.items()}, ahead=ahead)
+        kind = SsdDraftServer if mode == "ssd" else DraftServer
+        server = kind(home.runner, slots, home.max_len, max_draft, {int(k): float(v) for k, v in verify_s.items()},
+                      ahead=mode == "async")
         router, thread = serve_rounds(server, home.node_ip, peer_node_ip, f"drafts-{os.getpid()}-{len(self.served)}",
                                       home.secret, home.fingerprint)
         self.served.append((router, thread))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.drafters.draft_model import DraftModelDrafter
@@ -75,6 +76,7 @@ class RoundServer:
 
     def __init__(self):
         self.pending: dict[tuple[bytes, int], list] = {}  # (peer, step) -> the round's calls so far
+        self.interrupted: Callable[[], bool] = lambda: False  # a call is waiting (set by `serve_rounds`)
 
     def handle(self, peer: bytes, message: Message) -> list[Message] | None:
         """`RouterChannel.serve`'s handler."""
@@ -118,6 +120,7 @@ def serve_rounds(server: RoundServer, node_ip: str, peer_node_ip: str, name: str
     endpoint = bind_endpoint(node_ip, peer_node_ip, name=name)
     auth = link_auth(endpoint, secret, binds=True)
     router = RouterChannel(endpoint, config=ChannelConfig(tensor_lib="torch", auth=auth))
+    server.interrupted = router.waiting  # work between rounds yields to the next call
     thread = threading.Thread(target=router.serve, args=(server.handle,), name=name, daemon=True,
                               kwargs=dict(role=role, fingerprint=fingerprint,
                                           after_replies=server.after_replies))
@@ -140,6 +143,8 @@ class DraftServer(RoundServer):
         self.mirrors: dict[str, _Mirror] = {}
         self.answered: list[str] = []  # the sessions of the round just answered: to draft ahead for
         self.hits = self.misses = 0  # drafts ahead used, and thrown away
+        self.keep_rows = False  # ssd: drafts keep their distributions (the next outcomes' guesses)
+        self.ranks: dict[str, int] = {}  # ssd: the session's answer was pre-drafted, for this outcome rank
 
     def answer(self, calls: list[DraftCall]) -> list[CandidateTree]:
         drafts: dict[str, Draft] = {}
@@ -152,7 +157,7 @@ class DraftServer(RoundServer):
                 self._keep_what_was_kept(self.mirrors[call.session_id])
                 by_kind.setdefault((call.depth, call.alone), []).append(seq)
         for (depth, alone), group in by_kind.items():  # alone: the draft's per-token policy stops it
-            drafts.update(self.drafter.propose(group, None if alone else depth))
+            drafts.update(self.drafter.propose(group, None if alone else depth, keep_rows=self.keep_rows))
         out = []
         for call in calls:
             mirror, draft = self.mirrors[call.session_id], drafts.get(call.session_id)
@@ -162,7 +167,7 @@ class DraftServer(RoundServer):
             probs = draft.q if draft is not None and draft.q is not None else None
             out.append(CandidateTree(session_id=call.session_id, step=call.step, token_ids=tokens,
                                      parents=[-1, *range(len(tokens) - 1)], draft_probs=probs,
-                                     position=mirror.root))
+                                     position=mirror.root, pre_drafted=self.ranks.pop(call.session_id, None)))
         self.answered = [call.session_id for call in calls if drafts.get(call.session_id) is not None]
         return out
 

@@ -130,10 +130,10 @@ class ModelActor:
     def draft(self, session: str, endpoint: str, decode: dict, options: dict) -> dict:
         return self.proposer.draft(session, endpoint, decode, options)
 
-    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, ahead: bool = False) -> str:
-        """`verify_s`: the target's verify seconds by tokens; `ahead`: draft each sequence's
-        next round while the verifier verifies (`pipeline: async`)."""
-        return self.drafts.serve(peer_node_ip, slots, max_draft, verify_s, ahead)
+    def serve_drafts(self, peer_node_ip: str, slots: int, max_draft: int, verify_s: dict, mode: str = "sync") -> str:
+        """`verify_s`: the target's verify seconds by tokens; `mode`: the pipeline (async,
+        ssd: draft each sequence's next round while the verifier verifies)."""
+        return self.drafts.serve(peer_node_ip, slots, max_draft, verify_s, mode)
 
     def serve_member(self, peer_node_ip: str, slots: int, max_len: int) -> str:
         """Score for a batched ensemble leader on `peer_node_ip` (CoS in actors, batched)."""

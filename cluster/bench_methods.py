@@ -30,7 +30,7 @@ class Method:
 
 
 HEAD_METHODS = {f"{kind}-{tree}": (kind, tree) for kind in ("medusa", "amphista") for tree in ("static", "dynamic")}
-PIPELINE_METHODS = ("spec-sync", "spec-async")  # the draft model in its own Ray actor
+PIPELINE_METHODS = ("spec-sync", "spec-async", "spec-ssd")  # the draft model in its own Ray actor
 METHODS: dict[str, Method] = {
     "hf": Method({"backend": "hf"}, speculative=False),
     "hf-assisted": Method({"backend": "hf", "draft": DRAFT}),
@@ -40,6 +40,7 @@ METHODS: dict[str, Method] = {
     **{name: Method({"heads": kind, "tree": tree}) for name, (kind, tree) in HEAD_METHODS.items()},
     "spec-sync": Method({"draft": DRAFT, "pipeline": "sync"}),
     "spec-async": Method({"draft": DRAFT, "pipeline": "async"}),
+    "spec-ssd": Method({"draft": DRAFT, "pipeline": "ssd"}),
     "llamacpp": Method({"backend": "llamacpp"}, speculative=False, by_text=True),
     "llamacpp-spec": Method({"backend": "llamacpp", "draft": DRAFT}, by_text=True),
 }
@@ -78,6 +79,9 @@ class MethodTotals:
     drafted: int = 0
     build_s: float = 0.0
     verify_s: float = 0.0  # draft heads: target forwards over the trees
+    wait_s: float = 0.0  # the pipelines: the verifier waiting for a draft
+    hits: int = 0  # ssd: rounds answered from a pre-draft, and drafted afresh
+    misses: int = 0
     per_prompt: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds), in prompt order
 
     def add(self, result: GenerationResult, speculative: bool) -> None:
@@ -94,3 +98,6 @@ class MethodTotals:
         self.drafted += s.drafted_tokens
         self.build_s += s.tree_build_s
         self.verify_s += s.verify_s
+        self.wait_s += s.wait_s
+        self.hits += s.predraft_hits
+        self.misses += s.predraft_misses

@@ -61,6 +61,9 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             # included): what async's drafting ahead cuts.
             rows[m]["verifier_wait_seconds"] = round(t.draft_s, 3)
             rows[m]["verifier_wait_share"] = round(t.draft_s / t.seconds, 4) if t.seconds else 0.0
+            rows[m]["verifier_idle_seconds"] = round(t.wait_s, 3)  # its own clock: waiting for a draft
+            if t.hits + t.misses:
+                rows[m]["predraft_hit_rate"] = round(t.hits / (t.hits + t.misses), 4)
         if m in HEAD_METHODS and t.rounds:
             rows[m]["mean_tree_nodes"] = round(t.drafted / t.rounds, 2)  # drafted nodes verified per step
             rows[m]["tree_build_ms"] = round(1e3 * t.build_s / t.rounds, 4)

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Sequence
 
-PIPELINES = ("local", "sync", "async")
+PIPELINES = ("local", "sync", "async", "ssd")
 # actors.hardware.DTYPE_CHOICES, without importing torch
 DTYPE_CHOICES = ("file", "auto", "float32", "bfloat16", "float16", "int8", "int4", "gguf")
 DTYPE_HELP = ("target precision, which defines the target; file (default): as its files store it, so a GGUF "

@@ -26,8 +26,8 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
 
 
 def pipeline_options(args: argparse.Namespace, mode: str) -> PipelineOptions:
-    if mode == "async" and getattr(args, "tree_width", 1) != 1:
-        raise ValueError("--pipeline async drafts a chain; --tree-width must be 1")
+    if mode in ("async", "ssd") and getattr(args, "tree_width", 1) != 1:
+        raise ValueError(f"--pipeline {mode} drafts a chain; --tree-width must be 1")
     return PipelineOptions(mode=mode, lookahead=args.lookahead)
 
 
@@ -73,8 +73,8 @@ def generate_from_args(args: argparse.Namespace) -> dict:
     cfg = decode_config(args)  # bad numbers fail here, before anything loads
     if spec.ensemble is not None:
         return _generate_ensemble(args, spec, cfg)
-    if spec.pipeline == "async":
-        pipeline_options(args, spec.pipeline)  # the async pipeline drafts chains
+    if spec.pipeline in ("async", "ssd"):
+        pipeline_options(args, spec.pipeline)  # these pipelines draft chains
     engine_cfg = EngineConfig(target=spec.target, draft=spec.draft, dtype=spec.dtype, draft_dtype=spec.draft_dtype,
                               heads=spec.heads, tree=spec.tree, max_len=spec.max_len, attention=spec.attention,
                               draft_attention=spec.draft_attention)

@@ -279,6 +279,9 @@ class RayPipeline:
         stats.draft_s = drafted.get("draft_s", 0.0)
         stats.rollbacks = drafted.get("rollbacks", 0)
         stats.tree_build_s = drafted.get("build_s", 0.0)
+        stats.predraft_hits, stats.predraft_misses = drafted.get("hits", 0), drafted.get("misses", 0)
+        stats.predraft_hit_ranks = list(drafted.get("hit_ranks", []))
+        stats.predrafted_tokens, stats.predraft_wasted = drafted.get("predrafted", 0), drafted.get("wasted", 0)
 
     def close(self) -> None:
         import ray

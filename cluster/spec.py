@@ -19,7 +19,7 @@ from actors.tidal import check_spec
 SELF = "self"  # `--draft self`: the target drafts for itself with sparse attention
 NGRAM = "ngram"  # `--draft ngram`: prompt lookup, drafts copied from earlier tokens (no model)
 MODEL_FREE_DRAFTS = (SELF, NGRAM)  # `--draft` values that name no model
-PIPELINES = ("local", "sync", "async")
+PIPELINES = ("local", "sync", "async", "ssd")
 # Who decodes: our engine, or a peer on the same model (the bench's baselines):
 # transformers' `generate` (with the draft as assistant model) or llama.cpp's binaries.
 BACKENDS = ("specray", "hf", "llamacpp")
@@ -70,7 +70,7 @@ def check_drafting(draft: str | None, heads: str | None, pipeline: str, names: O
     n = names
     if heads is not None and draft is not None:
         raise ValueError(f"{n('heads')} and {n.value('draft', draft)} are two ways to draft; give one")
-    if heads is not None and pipeline == "async":
+    if heads is not None and pipeline in ("async", "ssd"):
         raise ValueError(f"{n('heads')} run with {n.value('pipeline', 'local')} (heads in the target's process) "
                          "or sync (heads in their own actor): each tree needs the hidden state of the previous verify")
     if draft == NGRAM and pipeline != "local":
@@ -103,7 +103,7 @@ def check_ensemble(spec: DecoderSpec, names: OptionNames) -> None:
     if spec.attention or spec.draft_attention:
         raise ValueError(f"{n('attention')} and {n('draft_attention')} apply to a target and its draft, "
                          f"not to an ensemble ({n('ensemble')})")
-    if spec.pipeline == "async":
+    if spec.pipeline in ("async", "ssd"):
         raise ValueError(f"ensembles run {n.value('pipeline', 'local')} (one process) or sync (one Ray actor per "
                          "member); CoS rounds are synchronous, there is no async variant")
 
@@ -173,7 +173,7 @@ class DecoderSpec:
     def __post_init__(self) -> None:
         n = self.names
         if self.pipeline not in PIPELINES:
-            raise ValueError(f"{n('pipeline')} must be local, sync or async, got {self.pipeline!r}")
+            raise ValueError(f"{n('pipeline')} must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         for option in ("dtype", "draft_dtype"):
             check_dtype_name(getattr(self, option), n(option))
         if self.tree not in TREES:
@@ -207,6 +207,6 @@ class DecoderSpec:
             return "local"
         # batched, the draft model or heads in an actor of their own, async: drafting ahead
         drafter = self.draft is not None or self.heads is not None
-        if self.pipeline in ("sync", "async") and self.batch is not None and drafter:
+        if self.pipeline in ("sync", "async", "ssd") and self.batch is not None and drafter:
             return "remote-drafter"
         return "ray-pipeline"

@@ -60,6 +60,13 @@ class GenerationStats:
     rollbacks: int = 0  # async: times the drafter threw its speculation away
     drafter_lost: bool = False  # the drafter died or went silent; the rest was target-only
     tree_build_s: float = 0.0  # draft heads: time spent choosing trees (inside draft_s)
+    # ssd: rounds answered from a draft made while the target verified (by the outcome's
+    # rank among those pre-drafted), rounds drafted afresh, tokens pre-drafted and never sent
+    predraft_hits: int = 0
+    predraft_hit_ranks: list = field(default_factory=list)
+    predraft_misses: int = 0
+    predrafted_tokens: int = 0
+    predraft_wasted: int = 0
     # How the models attended (`attention`, `approximate`, `draft_attention`): set by the engine
     labels: dict = field(default_factory=dict)
 

@@ -37,6 +37,9 @@ class Draft:
     # sampling then verifies each as a point-mass proposal, which is exact too.
     q: torch.Tensor | None = None
     predicted: float = 0.0  # expected accepted drafts, by the drafter's own confidence
+    # `keep_rows`: row i = the draft's distribution the chain's token at depth i + 1 came
+    # from, sampling or not (where SSD guesses the verdict's outcomes)
+    rows: torch.Tensor | None = None
 
     @property
     def drafted(self) -> int:

@@ -187,6 +187,10 @@ class ChannelCore:
     def closed(self) -> bool:
         return self._closed
 
+    def waiting(self) -> bool:
+        """A message is ready to be received (it stays queued). From the socket's own thread."""
+        return not self._closed and bool(self._socket.poll(0, zmq.POLLIN))
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -17,7 +17,9 @@ from protocol.errors import InvalidMessage, InvalidTree
 # 2: CandidateTree carries the root's `position`
 # 3: ContextUpdate and Verdict may carry the target's last hidden state (`hidden`) for draft heads
 # 4: EnsembleCall carries `batch` (a member scoring a batched leader's round) and kind "prefill"
-PROTOCOL_VERSION = 4
+# 5: CandidateTree says whether it was pre-drafted for its verdict's outcome (`pre_drafted`, ssd)
+PROTOCOL_VERSION = 5
+MAX_PRE_DRAFT_RANK = 1023
 MAX_HIDDEN_SIZE = 65536
 
 MAX_SESSION_ID_CHARS = 128

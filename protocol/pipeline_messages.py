@@ -16,6 +16,7 @@ import numpy as np
 
 from protocol.errors import InvalidMessage, InvalidTree
 from protocol.fields import (
+    MAX_PRE_DRAFT_RANK,
     MAX_STEP,
     MAX_TOKEN_ID,
     as_int,
@@ -71,13 +72,16 @@ class CandidateTree(Message):
     last token of the previous tree when an asynchronous drafter streams its speculation in
     pieces. `draft_probs`, if given, is a float32 numpy array or torch tensor of shape [N]
     (probability of each node's token) or [N, V] (row i: the draft distribution node i's
-    children were drawn from); it travels as a tensor frame.
+    children were drawn from); it travels as a tensor frame. `pre_drafted` (ssd): the rank,
+    among the outcomes the drafter pre-drafted for, of the one this tree continues (0: its
+    likeliest guess); None: drafted after the verdict. For the verifier's stats only.
     """
 
     token_ids: tuple[int, ...]
     parents: tuple[int, ...]
     draft_probs: Any = None
     position: int | None = None
+    pre_drafted: int | None = None
 
     TYPE_ID: ClassVar[int] = 3
     TENSOR_FIELDS: ClassVar[tuple[int, ...]] = (2,)
@@ -94,6 +98,8 @@ class CandidateTree(Message):
         check_tree_parents(self.parents)
         if self.position is not None:
             self.position = as_int("position", self.position, 0, MAX_STEP)
+        if self.pre_drafted is not None:
+            self.pre_drafted = as_int("pre_drafted", self.pre_drafted, 0, MAX_PRE_DRAFT_RANK)
         if self.draft_probs is not None:
             self._check_draft_probs()
 

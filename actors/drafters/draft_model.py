@@ -11,6 +11,7 @@ as the single-request loop does); in a batch the scheduler picks one k for all.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,9 +82,11 @@ class DraftModelDrafter:
                 s.draft.tokens.extend(c)
                 s.draft.verified = len(s.draft.tokens)
 
-    def propose(self, seqs: list[Sequence], k: int | None) -> dict[str, Draft]:
+    def propose(self, seqs: list[Sequence], k: int | None, keep_rows: bool = False,
+                stop: Callable[[], bool] | None = None) -> dict[str, Draft]:
+        """`keep_rows`, `stop`: as `draft_chains` (SSD's pre-drafting)."""
         self._catch_up([s for s in seqs if min(self.policy.max_len if k is None else k, s.remaining - 1) > 0])
-        return draft_chains(seqs, k, self.policy, self._step, self.step)
+        return draft_chains(seqs, k, self.policy, self._step, self.step, keep_rows, stop)
 
     def _step(self, seqs: list[Sequence], feed: list[int]) -> torch.Tensor:
         hidden = self.model.forward_batch([BatchItem(long_tensor([t]), s.draft.cache, sparse=self.sparse)

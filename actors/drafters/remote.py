@@ -75,6 +75,7 @@ class RemoteDrafter:
         self.step = CostModel()  # one draft step for B sequences, round trip included
         self.step.verify_s.update(step_s or {1: 0.01})
         self.rounds = 0
+        self.pre_drafts = False  # the server pre-drafts (ssd): a tree that was not is a miss
         self.lost: str | None = None  # why the server stopped answering; then the target decodes alone
         self.link = 0  # bumped at each new server: sequences are introduced to it again
         self.restarts = 0  # servers reconnected to after a loss
@@ -179,11 +180,21 @@ class RemoteDrafter:
             s = by_id[tree.session_id]
             self._check(tree, s)
             out[s.id] = self._draft(tree)
+            self._count_pre_draft(tree, s)
         elapsed = time.perf_counter() - began
         self._observe_cost(elapsed, out, len(calls), alone)
         for s in calls:
             s.stats.draft_s += elapsed
         return out
+
+    def _count_pre_draft(self, tree: CandidateTree, seq: Sequence) -> None:
+        if tree.pre_drafted is not None:
+            seq.stats.predraft_hits += 1
+            ranks = seq.stats.predraft_hit_ranks
+            ranks.extend([0] * (tree.pre_drafted + 1 - len(ranks)))
+            ranks[tree.pre_drafted] += 1
+        elif self.pre_drafts and seq.stats.verify_rounds > 0:  # the first round has nothing to pre-draft from
+            seq.stats.predraft_misses += 1
 
     def _check(self, tree: CandidateTree, seq: Sequence) -> None:
         """Nothing from the server reaches the target unchecked (`draft_fault`; a tree past

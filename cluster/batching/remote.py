@@ -69,7 +69,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
 
             def serve() -> dict:
                 return {"endpoint": ray.get(actor.serve_drafts.remote(
-                    here, cfg.max_seqs, cfg.max_draft, local.verify_costs, ahead=spec.pipeline == "async"),
+                    here, cfg.max_seqs, cfg.max_draft, local.verify_costs, mode=spec.pipeline),
                     timeout=900)}
         else:
             path = heads_dir(EngineConfig(spec.target, heads=spec.heads, tree=spec.tree))
@@ -112,6 +112,7 @@ def remote_drafter_engine(spec, progress: bool = False, models: ModelPool | None
         info = {**ray.get(actor.info.remote(), timeout=60), "link": dict(link)}
         kind = RemoteDrafter if spec.draft is not None else RemoteHeadsDrafter
         drafter = kind(channel, fingerprint, on_close=stop, info=info, reconnect=reconnect, alive=alive, **sizing)
+        drafter.pre_drafts = spec.pipeline == "ssd"
         engine = BatchEngine(local, cfg, drafter=drafter)
         engine.attends = (spec.attention, spec.draft, spec.draft_attention)
         return engine

@@ -25,7 +25,7 @@ class ServeArgs(BaseModel):
     # round while the target verifies. Ensembles: local = every member in the replica,
     # batched (CoS, cluster/batching/ensemble.py); sync = one actor per member, one request
     # at a time. Default: local for a target (+ draft or heads), sync for an ensemble.
-    pipeline: Literal["local", "sync", "async"] | None = None
+    pipeline: Literal["local", "sync", "async", "ssd"] | None = None
     served_model_name: str | None = None  # the `model` clients name; default: the target's
     dtype: str = "file"  # the target as its files store it (a GGUF file: its own blocks), resolved where it loads
     draft_dtype: str = "auto"  # resolved in each actor: bf16 where its device runs it natively

@@ -28,6 +28,13 @@ class Metrics:
         self.per_token = Histogram("specray_time_per_output_token_seconds",
                                    "Decode time per generated token after the first, per request",
                                    boundaries=_LATENCY_S, tag_keys=tags)
+        self.predraft = Counter("specray_predraft_rounds",
+                                "ssd: verify rounds answered from a pre-draft (hit, by its outcome's rank) or not",
+                                tag_keys=tags + ("result", "rank"))
+        self.predraft_wasted = Counter("specray_predraft_wasted_tokens", "ssd: tokens pre-drafted and never sent",
+                                       tag_keys=tags)
+        self.verifier_wait = Counter("specray_verifier_wait_seconds",
+                                     "Time the verifier waited for its drafter's drafts", tag_keys=tags)
         self.pending = Gauge("specray_pending_requests", "Requests decoding or waiting on this replica",
                              tag_keys=("model",))
 
@@ -55,6 +62,15 @@ class Metrics:
             self.accepted.inc(stats.accepted_tokens, tags=tags)
         if stats.verify_rounds:
             self.mean_accepted.observe(stats.mean_accepted, tags=tags)
+        for rank, hits in enumerate(stats.predraft_hit_ranks):
+            if hits:
+                self.predraft.inc(hits, tags={**tags, "result": "hit", "rank": str(rank)})
+        if stats.predraft_misses:
+            self.predraft.inc(stats.predraft_misses, tags={**tags, "result": "miss", "rank": "-"})
+        if stats.predraft_wasted:
+            self.predraft_wasted.inc(stats.predraft_wasted, tags=tags)
+        if stats.wait_s > 0:
+            self.verifier_wait.inc(stats.wait_s, tags=tags)
         if ttft_s is not None:
             self.ttft.observe(ttft_s, tags=tags)
         if stats.new_tokens > 1:

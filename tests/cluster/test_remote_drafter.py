@@ -17,6 +17,7 @@ import torch
 import decoding.round as spec_round
 from actors.draft_server import DraftServer
 from actors.drafters.remote import RemoteDrafter
+from actors.ssd_server import SsdDraftServer
 from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
 from cluster.decoder import Request, wait_idle
@@ -62,33 +63,44 @@ class Served:
 
 
 class ServedDraft(Served):
-    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4, ahead: bool = False,
-                 secret: str | None = None):
+    def __init__(self, draft: LocalEngine, verify_s: dict[int, float], max_draft: int = 4, mode: str = "sync",
+                 secret: str | None = None, yields: bool = False):
+        """`mode`: async drafts ahead, ssd pre-drafts the likeliest outcomes; `yields`: ssd's
+        pre-drafting stops when the next call is waiting, as in the actor (else it finishes
+        every wave first: hits then do not hang on timing)."""
         runner = draft.target_runner
-        server = DraftServer(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s, ahead=ahead)
+        kind = SsdDraftServer if mode == "ssd" else DraftServer
+        server = kind(runner, slots=8, max_len=256, max_draft=max_draft, verify_s=verify_s, ahead=mode == "async")
         super().__init__(server, model_fingerprint(runner.vocab_size, draft.tokenizer.get_vocab()), secret)
-        self.max_draft = max_draft
+        if yields:
+            server.interrupted = self.router.waiting
+        self.max_draft, self.mode = max_draft, mode
 
     def drafter(self, timeout_s: float = 60.0) -> RemoteDrafter:
-        return RemoteDrafter(self.channel(), self.fingerprint, self.max_draft, timeout_s=timeout_s)
+        drafter = RemoteDrafter(self.channel(), self.fingerprint, self.max_draft, timeout_s=timeout_s)
+        drafter.pre_drafts = self.mode == "ssd"
+        return drafter
 
 
-def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256, ahead: bool = False,
-                             secret: str | None = None):
+def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len: int = 256, mode: str = "sync",
+                             secret: str | None = None, yields: bool = False):
     local = LocalEngine(EngineConfig(target, max_len=max_len), False)
-    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs, ahead=ahead,
-                         secret=secret)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=max_len), False), local.verify_costs, mode=mode,
+                         secret=secret, yields=yields)
     return local, served, BatchEngine(local, cfg, drafter=served.drafter())
 
 
-@pytest.mark.parametrize("draft_length,ahead,tcp", [(None, False, False), (3, False, False), (None, True, False),
-                                                    (2, True, False), (3, True, True)])
-def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, ahead, tcp):
-    """`ahead`: the server drafts each next round while this side verifies (`pipeline: async`).
+@pytest.mark.parametrize("draft_length,mode,tcp,yields", [
+    (None, "sync", False, False), (3, "sync", False, False), (None, "async", False, False),
+    (2, "async", False, False), (3, "async", True, False),
+    (None, "ssd", False, False), (3, "ssd", False, False), (3, "ssd", False, True)])
+def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, mode, tcp, yields):
+    """async: the server drafts each next round while this side verifies, betting all is
+    kept; ssd: it pre-drafts the likeliest outcomes (`yields`: until the next call comes).
     `tcp`: the link two nodes use, authenticated by keys derived from the pipeline's secret."""
     cfg = BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length)
-    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg,
-                                                    ahead=ahead, secret=secrets.token_hex(32) if tcp else None)
+    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg, mode=mode,
+                                                    secret=secrets.token_hex(32) if tcp else None, yields=yields)
     try:
         reqs = mixed_requests(7, 8)
         cancel = {reqs[4].id: 3}
@@ -104,8 +116,13 @@ def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_len
             accepted += last[r.id].result.stats.accepted_tokens
         if draft_length:
             assert 0 < accepted < drafted  # drafts were kept and drafts were refused, over the wire
-        if ahead:  # drafts made ahead were used (and, at a fixed depth, some thrown away)
+        if mode == "async":  # drafts made ahead were used (and, at a fixed depth, some thrown away)
             assert served.server.hits > 0 and (served.server.misses > 0 or not draft_length)
+        if mode == "ssd" and not yields:  # every wave drafted: pre-drafts were used, and counted here too
+            stats = [last[r.id].result.stats for r in reqs if r.id not in cancel]
+            assert served.server.hits > 0 and served.server.predrafted > 0
+            assert sum(s.predraft_hits for s in stats) > 0
+            assert sum(s.predraft_misses for s in stats) > 0 or not draft_length
         wait_idle(batch)
         assert batch.pool.available == 3 and not served.server.mirrors  # every session released there too
     finally:
@@ -239,7 +256,7 @@ def vocab4_remote(tiny_dir):
     target, draft = tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3)
     local = LocalEngine(EngineConfig(target, max_len=64), False)
     served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs,
-                         max_draft=NEW - 1, ahead=True)
+                         max_draft=NEW - 1, mode="async")
     yield local, served, (NEW + 1, 1)
     served.close()
 
@@ -264,6 +281,48 @@ def test_remote_draft_batched_sampling_follows_the_target(vocab4_remote):
     assert chi2_pvalue(remote_samples(local, served, 10_000, new, k), probs) > 1e-3
     # many requests took a draft made ahead, many had theirs drafted fresh
     assert served.server.hits - hits > 500 and served.server.misses - misses > 500
+
+
+@pytest.fixture(scope="module")
+def vocab4_ssd(tiny_dir):
+    """A server pre-drafting (ssd), chains of 2: from the second round on a request takes
+    a pre-draft when its verdict's outcome was among those covered (kept drafts and the
+    bonus guessed right), else a fresh one; both paths are judged."""
+    target, draft = tiny_dir("qwen2", **MODEL), tiny_dir("qwen2", **MODEL, noise=0.3)
+    local = LocalEngine(EngineConfig(target, max_len=64), False)
+    served = ServedDraft(LocalEngine(EngineConfig(draft, max_len=64), False), local.verify_costs,
+                         max_draft=NEW - 1, mode="ssd")
+    yield local, served
+    served.close()
+
+
+def test_ssd_batched_sampling_follows_the_target(vocab4_ssd):
+    local, served = vocab4_ssd
+    new = NEW + 1
+    probs = exact_sequence_probs(local.target_runner, SamplingParams(temperature=1.0), new=new)
+    hits, misses = served.server.hits, served.server.misses
+    assert chi2_pvalue(remote_samples(local, served, 10_000, new, 2), probs) > 1e-3
+    assert served.server.hits - hits > 500 and served.server.misses - misses > 500
+
+
+def test_ssd_seeded_sampling_reproduces_whatever_the_timing(tiny_dir):
+    """Pre-drafting stops when the next call comes, so how much of it is done varies from
+    run to run; a seeded request's output must not."""
+    cfg = BatchConfig(max_seqs=2, prefill_tokens=16, draft_length=3)
+    local, served, batch = engine_with_remote_draft(tiny_dir("qwen2"), tiny_dir("qwen2", noise=0.2), cfg, mode="ssd",
+                                                    yields=True)
+    params = SamplingParams(temperature=1.0)
+    try:
+        runs = []
+        for _ in range(3):
+            reqs = [Request([5, 6, 7], DecodeConfig(max_new_tokens=24, sampling=params, seed=s, eos_token_ids=NO_EOS))
+                    for s in (11, 12)]
+            got, _ = collect(batch, reqs)
+            runs.append([got[r.id] for r in reqs])
+        assert runs[0] == runs[1] == runs[2]
+    finally:
+        batch.close()
+        served.close()
 
 
 def test_remote_draft_sampling_check_catches_a_broken_acceptance(vocab4_remote, monkeypatch):

@@ -207,6 +207,16 @@ def test_tree_position_is_a_non_negative_int():
             tree(position=bad)
 
 
+def test_tree_pre_drafted_rank_is_bounded_and_crosses_the_wire():
+    assert tree().pre_drafted is None
+    from protocol import decode, encode
+
+    assert decode([bytes(f) for f in encode(tree(pre_drafted=3))]).pre_drafted == 3
+    for bad in (-1, 1024, 1.5):
+        with pytest.raises(InvalidMessage):
+            tree(pre_drafted=bad)
+
+
 def test_hidden_states_cross_the_wire_intact_and_bad_ones_are_refused():
     import torch
 

@@ -96,7 +96,7 @@ def test_two_processes(transport, tmp_path):
             raw.linger = 0
             raw.connect(endpoint)
             # a CandidateTree of this version whose parents (0, 5) are no tree
-            body = b"\x03\xa1s\x00\x94\x92\x01\x02\x92\x00\x05\xc0\xc0\x90"
+            body = b"\x03\xa1s\x00\x95\x92\x01\x02\x92\x00\x05\xc0\xc0\xc0\x90"
             raw.send_multipart([bytes([0x96, PROTOCOL_VERSION]) + body])
             assert raw.poll(20_000)
             error = decode(raw.recv_multipart())
