@@ -61,9 +61,10 @@ def test_ray_pipeline_without_a_draft_is_refused(capsys, no_model_loads, tiny_di
     assert code != 0 and "--pipeline async needs --draft" in err
 
 
-def test_async_pipeline_with_a_tree_is_refused(capsys, no_model_loads, tiny_dir):
+@pytest.mark.parametrize("pipeline", ["async", "ssd"])
+def test_chain_pipelines_with_a_tree_are_refused(capsys, no_model_loads, tiny_dir, pipeline):
     code, err = run(["generate", "--target", tiny_dir("llama"), "--draft", tiny_dir("llama"), "--prompt", "hi",
-                     "--pipeline", "async", "--tree-width", "2"], capsys)
+                     "--pipeline", pipeline, "--tree-width", "2"], capsys)
     assert code != 0 and "--tree-width" in err
 
 

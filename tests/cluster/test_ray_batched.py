@@ -27,10 +27,10 @@ import tiny
 from test_batching import NO_EOS, collect, mixed_requests
 
 
-@pytest.mark.parametrize("draft_length", [3, None])
-def test_a_draft_actor_drafts_for_the_batch_and_outputs_are_the_targets(local_ray, tiny_dir, draft_length):
+@pytest.mark.parametrize("draft_length,pipeline", [(3, "sync"), (None, "sync"), (3, "ssd")])
+def test_a_draft_actor_drafts_for_the_batch_and_outputs_are_the_targets(local_ray, tiny_dir, draft_length, pipeline):
     target, draft = tiny_dir("llama"), tiny_dir("llama", noise=0.2)
-    spec = DecoderSpec(target=target, draft=draft, pipeline="sync", draft_dtype="float32", max_len=256,
+    spec = DecoderSpec(target=target, draft=draft, pipeline=pipeline, draft_dtype="float32", max_len=256,
                        batch=BatchConfig(max_seqs=3, prefill_tokens=16, draft_length=draft_length))
     assert spec.kind == "remote-drafter"
     alone = LocalEngine(EngineConfig(target, max_len=256), False)

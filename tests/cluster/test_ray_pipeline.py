@@ -57,7 +57,7 @@ def test_actors_take_their_devices_from_ray(pipeline):
     assert v["pid"] != d["pid"]
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ssd"])
 def test_greedy_output_is_the_targets_own(pipeline, reference, mode):
     for prompt in PROMPTS:
         for lookahead in (2, 8):
@@ -91,7 +91,7 @@ def _kill_during(pipeline, actor_info, run):
     return box
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ssd"])
 def test_drafter_death_mid_request_keeps_the_output(pipeline, reference, mode):
     prompt, n = [4, 4, 2], 3000
     cfg = DecodeConfig(max_new_tokens=n, eos_token_ids=(-1,))
