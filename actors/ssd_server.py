@@ -9,8 +9,8 @@ After answering a round, for every sequence it drafted for:
    is drafted in one batched pass (a wave), r = 0, 1, ...: each sequence's draft cache is
    cropped to where the outcome's context leaves the one it holds, and catches up from there;
 3. the waves stop as soon as the verifier's next call is waiting (`interrupted`, asked
-   after every draft step), so they delay an answer by at most one draft step; a chain
-   cut short there is dropped (drafted afresh it would be longer).
+   after every draft step), so they delay an answer by at most one draft step; when
+   sampling, a chain cut short there is dropped (drafted afresh it would be longer).
 The next call names what was committed; a pre-draft for exactly that is the answer (a
 hit: its rank goes back in `CandidateTree.pre_drafted`), else the round is drafted as sync.
 
@@ -156,9 +156,11 @@ class SsdDraftServer(DraftServer):
                 if d is None:
                     continue
                 self.predrafted += d.drafted
-                # A chain the next call cut short is dropped: drafted afresh it would be
-                # longer, and a seeded request must not hang on timing.
-                if any(cut) and (alone or d.drafted < min(depth, s.remaining - 1)):
+                # Sampling: a chain the next call cut short is dropped (drafted afresh it
+                # would be longer, and a seeded request must not hang on timing). Greedy
+                # output is the target's whatever the drafts: a short chain still saves a round's drafting.
+                sampled = not s.cfg.sampling.greedy
+                if sampled and any(cut) and (alone or d.drafted < min(depth, s.remaining - 1)):
                     self.wasted += d.drafted
                     continue
                 p, key = keys[s.id]
