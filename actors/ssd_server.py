@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from actors.draft_server import DraftServer, _Mirror
 from actors.ssd import FANOUT, likely_outcomes
 from decoding.request import make_generator
@@ -38,7 +40,8 @@ class _Pending:
     keep: float = 0.6  # measured rate at which the target keeps a draft whose predecessors it kept
     depth: int = 1  # the last call's depth and mode: what the next call will most likely ask
     alone: bool = False
-    branches: dict[tuple[int, ...], tuple[int, Draft]] = field(default_factory=dict)  # tokens after the root
+    # tokens after the root -> (rank, the draft, whether the next call cut it short)
+    branches: dict[tuple[int, ...], tuple[int, Draft, bool]] = field(default_factory=dict)
 
 
 def round_generator(seed: int, committed: int):
@@ -73,19 +76,35 @@ class SsdDraftServer(DraftServer):
         if not branches:
             return None
         found = branches.pop(tuple(committed), None)
-        self.wasted += sum(d.drafted for _, d in branches.values())
+        self.wasted += sum(d.drafted for _, d, _ in branches.values())
         if found is None or found[1].drafted == 0:
             self.misses += 1
             return None
-        rank, draft = found
+        rank, draft, cut = found
         self.hits += 1
         self.hit_ranks[rank] += 1
         self.ranks[call.session_id] = rank
         self._keep_what_was_kept(mirror)  # the cache may hold another branch: crop to what is committed
-        depth = min(draft.drafted, call.depth, call.remaining - 1)
+        want = min(call.depth, call.remaining - 1)
+        depth = min(draft.drafted, want)
+        tokens, rows = draft.tree.tokens[:depth + 1].tolist(), draft.rows[:depth]
         q = draft.q[:depth + 1] if draft.q is not None else None
-        rows = draft.rows[:depth] if draft.rows is not None else None
-        return Draft(TokenTree.chain(draft.tree.tokens[0].item(), draft.tree.tokens[1:depth + 1]), q, rows=rows)
+        if cut and q is None and depth < want:  # greedy, cut short by this call: draft the rest now
+            more = self._extend(seq, tokens[1:], None if call.alone else want - depth)
+            if more is not None:
+                tokens += more.tree.tokens[1:].tolist()
+                rows = torch.cat([rows, more.rows])
+        return Draft(TokenTree.chain(tokens[0], tokens[1:]), q, rows=rows)
+
+    def _extend(self, seq: Sequence, chain: list[int], k: int | None) -> Draft | None:
+        """Draft on from the end of `chain` (drafted after the committed tokens)."""
+        base, cfg = seq.prompt, seq.cfg
+        self._enter(seq, base + chain, len(chain))
+        try:
+            return self.drafter.propose([seq], k, keep_rows=True).get(seq.id)
+        finally:
+            seq.prompt, seq.cfg = base, cfg
+            seq.draft.verified = min(seq.draft.verified, len(base) - 1)
 
     # ---- while the target verifies
     def after_replies(self) -> None:
@@ -164,7 +183,7 @@ class SsdDraftServer(DraftServer):
                     self.wasted += d.drafted
                     continue
                 p, key = keys[s.id]
-                p.branches[key] = (rank, d)
+                p.branches[key] = (rank, d, any(cut))
 
     @staticmethod
     def _enter(seq: Sequence, context: list[int], added: int) -> None:

@@ -61,7 +61,8 @@ def make_report(args, methods: list[str], prompts: list[str], totals: dict[str, 
             # included): what async's drafting ahead cuts.
             rows[m]["verifier_wait_seconds"] = round(t.draft_s, 3)
             rows[m]["verifier_wait_share"] = round(t.draft_s / t.seconds, 4) if t.seconds else 0.0
-            rows[m]["verifier_idle_seconds"] = round(t.wait_s, 3)  # its own clock: waiting for a draft
+            if t.wait_s:  # the per-request pipeline's own clock (the batched one's is draft_s above)
+                rows[m]["verifier_idle_seconds"] = round(t.wait_s, 3)
             if t.hits + t.misses:
                 rows[m]["predraft_hit_rate"] = round(t.hits / (t.hits + t.misses), 4)
         if m in HEAD_METHODS and t.rounds:
