@@ -90,10 +90,10 @@ class SsdDraftServer(DraftServer):
         tokens, rows = draft.tree.tokens[:depth + 1].tolist(), draft.rows[:depth]
         q = draft.q[:depth + 1] if draft.q is not None else None
         if cut and q is None and depth < want:  # greedy, cut short by this call: draft the rest now
-            more = self._extend(seq, tokens[1:], None if call.alone else want - depth)
-            if more is not None:
-                tokens += more.tree.tokens[1:].tolist()
-                rows = torch.cat([rows, more.rows])
+            more = self._extend(seq, tokens[1:], want - depth)
+            if more is not None:  # never past the call's depth: the verifier checks the tree's room
+                tokens += more.tree.tokens[1:want - depth + 1].tolist()
+                rows = torch.cat([rows, more.rows[:want - depth]])
         return Draft(TokenTree.chain(tokens[0], tokens[1:]), q, rows=rows)
 
     def _extend(self, seq: Sequence, chain: list[int], k: int | None) -> Draft | None:

@@ -93,7 +93,7 @@ def engine_with_remote_draft(target: str, draft: str, cfg: BatchConfig, max_len:
 @pytest.mark.parametrize("draft_length,mode,tcp,yields", [
     (None, "sync", False, False), (3, "sync", False, False), (None, "async", False, False),
     (2, "async", False, False), (3, "async", True, False),
-    (None, "ssd", False, False), (3, "ssd", False, False), (3, "ssd", False, True)])
+    (None, "ssd", False, False), (3, "ssd", False, False), (3, "ssd", False, True), (None, "ssd", False, True)])
 def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_length, mode, tcp, yields):
     """async: the server drafts each next round while this side verifies, betting all is
     kept; ssd: it pre-drafts the likeliest outcomes (`yields`: until the next call comes).
@@ -112,6 +112,7 @@ def test_remote_draft_batched_greedy_equals_the_target_alone(tiny_dir, draft_len
                 assert got[r.id] == alone[:len(got[r.id])]
                 continue
             assert got[r.id] == alone, r
+            assert not last[r.id].result.stats.drafter_lost  # every tree the server sent passed the checks
             drafted += last[r.id].result.stats.drafted_tokens
             accepted += last[r.id].result.stats.accepted_tokens
         if draft_length:
