@@ -22,10 +22,21 @@ from cluster.batching.engine import BatchEngine
 from cluster.batching.scheduler import BatchConfig
 from cluster.decoder import Request, wait_idle
 from cluster.engine import EngineConfig, LocalEngine
+from cluster.local import autoregressive_generate
 from decoding.acceptance import Verdict
 from decoding.request import DecodeConfig
 from decoding.sampling import SamplingParams
-from protocol import ChannelConfig, DealerChannel, Role, RouterChannel, ipc_endpoint, link_auth, model_fingerprint
+from protocol import (
+    CandidateTree,
+    ChannelConfig,
+    DealerChannel,
+    DraftCall,
+    Role,
+    RouterChannel,
+    ipc_endpoint,
+    link_auth,
+    model_fingerprint,
+)
 
 from sampling_check import MODEL, NEW, PROMPT, chi2_pvalue, exact_sequence_probs
 from test_batching import NO_EOS, collect, mixed_requests
@@ -282,6 +293,47 @@ def test_remote_draft_batched_sampling_follows_the_target(vocab4_remote):
     assert chi2_pvalue(remote_samples(local, served, 10_000, new, k), probs) > 1e-3
     # many requests took a draft made ahead, many had theirs drafted fresh
     assert served.server.hits - hits > 500 and served.server.misses - misses > 500
+
+
+class Countdown:
+    """`interrupted` that turns True after `n` questions: the next call arriving mid-wave."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_ssd_server_answers_a_covered_outcome_with_the_draft_a_fresh_round_would_make(tiny_dir, alone):
+    """Driven call by call (no timing): a round is answered, the next call interrupts the
+    pre-drafting after a few steps, and commits the likeliest outcome. The answer is the
+    pre-draft (rank 0), completed to the call's depth, token for token the draft's own
+    greedy chain from there, and never past the depth the verifier's checks allow."""
+    draft = LocalEngine(EngineConfig(tiny_dir("qwen2", noise=0.2), max_len=256), False)
+    server = SsdDraftServer(draft.target_runner, slots=2, max_len=256, max_draft=4, verify_s={1: 0.01, 4: 0.02})
+    prompt, depth = [5, 6, 7, 8], 4
+
+    def call(step: int, tokens: list[int], position: int) -> CandidateTree:
+        (tree,) = server.handle(b"p", DraftCall(session_id="s", step=step, token_ids=tokens, position=position,
+                                                depth=depth, remaining=40 - position, batch=1, alone=alone))
+        return tree
+
+    first = call(1, prompt, 0)
+    server.interrupted = Countdown(3)  # the "after" step, then two steps into the rank-0 branch
+    server.after_replies()
+    (rank, branch, cut), = [v for v in server.pending_of["s"].branches.values() if v[0] == 0]
+    assert cut
+    outcome = [k for k, v in server.pending_of["s"].branches.items() if v[0] == 0][0]
+    committed = prompt + list(outcome)
+    tree = call(2, list(outcome), len(prompt))
+    assert tree.pre_drafted == 0 and server.hits == 1
+    assert len(tree.token_ids) - 1 <= depth
+    own = autoregressive_generate(draft.target_runner, committed, DecodeConfig(max_new_tokens=len(tree.token_ids) - 1))
+    assert list(tree.token_ids) == [committed[-1], *own.token_ids]
+    assert first.pre_drafted is None
 
 
 @pytest.fixture(scope="module")
